@@ -1,0 +1,284 @@
+//! The frame codec spoken between an agent and each Python worker over a Unix socket.
+//!
+//! ```text
+//! frame   = length:u32be kind:u8 body          length counts kind + body
+//! READY   kind 1  pid:u32be                    worker -> agent, after __init__ and warm-up
+//! BATCH   kind 2  id:u64be count:u32be (len:u32be bytes){count}            agent -> worker
+//! RESULTS kind 3  id:u64be count:u32be (status:u8 len:u32be bytes){count}   worker -> agent
+//! ```
+//!
+//! Item status: 0 ok, 1 validation error, 2 client error, 3 server error. The declared
+//! length is checked against a maximum before anything is allocated, and every inner
+//! length against what is left of the frame. `tests/golden/frames.json` holds byte vectors
+//! that both this codec and the Python one are tested against.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::Outcome;
+
+pub const KIND_READY: u8 = 1;
+pub const KIND_BATCH: u8 = 2;
+pub const KIND_RESULTS: u8 = 3;
+
+/// Largest frame accepted by default: big enough for a batch of large NATS payloads.
+pub const DEFAULT_MAX_FRAME: usize = 256 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemResult {
+    pub outcome: Outcome,
+    pub body: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Ready { pid: u32 },
+    Batch { id: u64, items: Vec<Bytes> },
+    Results { id: u64, items: Vec<ItemResult> },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("empty frame")]
+    Empty,
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("unknown item status {0}")]
+    UnknownStatus(u8),
+    #[error("malformed frame: {0}")]
+    Malformed(&'static str),
+}
+
+impl Frame {
+    /// Checks whether `buf` starts with a whole frame: `Ok(Some(n))` with its total size,
+    /// `Ok(None)` when more bytes are needed. Rejects an oversized declared length before
+    /// the caller allocates room for it.
+    pub fn check(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
+        if buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        if len > max {
+            return Err(FrameError::TooLarge { len, max });
+        }
+        if len == 0 {
+            return Err(FrameError::Empty);
+        }
+        Ok((buf.len() >= 4 + len).then_some(4 + len))
+    }
+
+    /// Parses one whole frame (length prefix included), as sized by [`Frame::check`].
+    pub fn parse(frame: &[u8]) -> Result<Frame, FrameError> {
+        let mut body = Bytes::copy_from_slice(&frame[4..]);
+        let kind = body.get_u8();
+        match kind {
+            KIND_READY => {
+                let pid = take_u32(&mut body)?;
+                finish(&body, Frame::Ready { pid })
+            }
+            KIND_BATCH => {
+                let id = take_u64(&mut body)?;
+                let count = take_count(&mut body, 4)?;
+                let mut items = Vec::with_capacity(count);
+                for _ in 0..count {
+                    items.push(take_bytes(&mut body)?);
+                }
+                finish(&body, Frame::Batch { id, items })
+            }
+            KIND_RESULTS => {
+                let id = take_u64(&mut body)?;
+                let count = take_count(&mut body, 5)?;
+                let mut items = Vec::with_capacity(count);
+                for _ in 0..count {
+                    if body.is_empty() {
+                        return Err(FrameError::Malformed("truncated item"));
+                    }
+                    let code = body.get_u8();
+                    let outcome =
+                        Outcome::from_item_status(code).ok_or(FrameError::UnknownStatus(code))?;
+                    items.push(ItemResult {
+                        outcome,
+                        body: take_bytes(&mut body)?,
+                    });
+                }
+                finish(&body, Frame::Results { id, items })
+            }
+            other => Err(FrameError::UnknownKind(other)),
+        }
+    }
+
+    /// Appends the encoded frame to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let start = out.len();
+        out.put_u32(0); // patched below, once the body's size is known
+        match self {
+            Frame::Ready { pid } => {
+                out.put_u8(KIND_READY);
+                out.put_u32(*pid);
+            }
+            Frame::Batch { id, items } => {
+                out.put_u8(KIND_BATCH);
+                out.put_u64(*id);
+                out.put_u32(items.len() as u32);
+                for item in items {
+                    out.put_u32(item.len() as u32);
+                    out.put_slice(item);
+                }
+            }
+            Frame::Results { id, items } => {
+                out.put_u8(KIND_RESULTS);
+                out.put_u64(*id);
+                out.put_u32(items.len() as u32);
+                for item in items {
+                    out.put_u8(item.outcome.item_status());
+                    out.put_u32(item.body.len() as u32);
+                    out.put_slice(&item.body);
+                }
+            }
+        }
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    pub fn to_bytes(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        self.encode(&mut out);
+        out.freeze()
+    }
+}
+
+fn finish(rest: &Bytes, frame: Frame) -> Result<Frame, FrameError> {
+    if rest.is_empty() {
+        Ok(frame)
+    } else {
+        Err(FrameError::Malformed("trailing bytes"))
+    }
+}
+
+fn take_u32(buf: &mut Bytes) -> Result<u32, FrameError> {
+    if buf.remaining() < 4 {
+        return Err(FrameError::Malformed("truncated u32"));
+    }
+    Ok(buf.get_u32())
+}
+
+fn take_u64(buf: &mut Bytes) -> Result<u64, FrameError> {
+    if buf.remaining() < 8 {
+        return Err(FrameError::Malformed("truncated u64"));
+    }
+    Ok(buf.get_u64())
+}
+
+/// Reads an item count and rejects one that could not fit in what is left, so a lying
+/// count cannot make `Vec::with_capacity` allocate.
+fn take_count(buf: &mut Bytes, min_item_size: usize) -> Result<usize, FrameError> {
+    let count = take_u32(buf)? as usize;
+    if count.saturating_mul(min_item_size) > buf.remaining() {
+        return Err(FrameError::Malformed("item count exceeds frame"));
+    }
+    Ok(count)
+}
+
+fn take_bytes(buf: &mut Bytes) -> Result<Bytes, FrameError> {
+    let len = take_u32(buf)? as usize;
+    if len > buf.remaining() {
+        return Err(FrameError::Malformed("item length exceeds frame"));
+    }
+    Ok(buf.split_to(len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn golden() -> Value {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/golden/frames.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn frame_from_json(v: &Value) -> Frame {
+        let text = |x: &Value| Bytes::from(x.as_str().unwrap().as_bytes().to_vec());
+        match v["kind"].as_str().unwrap() {
+            "ready" => Frame::Ready {
+                pid: v["pid"].as_u64().unwrap() as u32,
+            },
+            "batch" => Frame::Batch {
+                id: v["id"].as_u64().unwrap(),
+                items: v["items"].as_array().unwrap().iter().map(text).collect(),
+            },
+            "results" => Frame::Results {
+                id: v["id"].as_u64().unwrap(),
+                items: v["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|it| ItemResult {
+                        outcome: it["status"].as_str().unwrap().parse().unwrap(),
+                        body: text(&it["body"]),
+                    })
+                    .collect(),
+            },
+            other => panic!("unknown kind {other}"),
+        }
+    }
+
+    #[test]
+    fn golden_vectors_encode_and_decode() {
+        let g = golden();
+        for case in g["valid"].as_array().unwrap() {
+            let bytes = hex(case["hex"].as_str().unwrap());
+            let frame = frame_from_json(&case["frame"]);
+            assert_eq!(frame.to_bytes().as_ref(), &bytes[..], "{}", case["name"]);
+            assert_eq!(Frame::check(&bytes, DEFAULT_MAX_FRAME), Ok(Some(bytes.len())));
+            assert_eq!(Frame::parse(&bytes).unwrap(), frame, "{}", case["name"]);
+        }
+    }
+
+    #[test]
+    fn golden_invalid_vectors_are_rejected() {
+        let g = golden();
+        let max = g["max_frame"].as_u64().unwrap() as usize;
+        for case in g["invalid"].as_array().unwrap() {
+            let bytes = hex(case["hex"].as_str().unwrap());
+            let name = case["name"].as_str().unwrap();
+            let result = Frame::check(&bytes, max).and_then(|n| match n {
+                Some(n) => Frame::parse(&bytes[..n]).map(|_| ()),
+                None => Err(FrameError::Malformed("incomplete")),
+            });
+            assert!(result.is_err(), "{name} was accepted");
+        }
+    }
+
+    #[test]
+    fn partial_frames_need_more_bytes() {
+        let bytes = Frame::Batch {
+            id: 7,
+            items: vec![Bytes::from_static(b"abc")],
+        }
+        .to_bytes();
+        for cut in 0..bytes.len() {
+            assert_eq!(Frame::check(&bytes[..cut], DEFAULT_MAX_FRAME), Ok(None));
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_rejected_before_allocation() {
+        let bytes = [0xff, 0xff, 0xff, 0xff];
+        assert_eq!(
+            Frame::check(&bytes, 1024),
+            Err(FrameError::TooLarge {
+                len: 0xffff_ffff,
+                max: 1024
+            })
+        );
+    }
+}

@@ -1,0 +1,27 @@
+//! natserve's wire contract, shared by the ingress and the worker agent.
+//!
+//! Everything two natserve processes must agree on lives here and nowhere else:
+//! NATS subject and stream names, message headers, the registration records kept in
+//! KV buckets, the outcome a reply carries, and the frame codec spoken over each
+//! Python worker's Unix socket. The README's "Wire protocol" section documents the same.
+
+pub mod connection;
+pub mod frame;
+pub mod headers;
+pub mod names;
+pub mod outcome;
+pub mod records;
+
+pub use connection::{Connection, ConnectionError};
+pub use frame::{Frame, FrameError, ItemResult};
+pub use names::{route_slug, NameError, Names, CONSUMER};
+pub use outcome::Outcome;
+pub use records::{AgentRecord, RouteRecord, StageLoad};
+
+/// Unix milliseconds now, the unit of every deadline on the wire.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

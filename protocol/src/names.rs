@@ -1,0 +1,102 @@
+//! Names derived from a namespace and a route: subjects, streams, consumers, buckets.
+//!
+//! A route such as `/v1/embed` becomes the slug `v1_embed`; stage `i` of it is served from
+//! the work-queue stream `<ns>_work_<slug>_<i>` bound to the subject `<ns>.work.<slug>.<i>`.
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NameError {
+    #[error("namespace {0:?} must be non-empty and use only letters, digits, '_' and '-'")]
+    Namespace(String),
+    #[error("route {0:?} must look like /name or /a/b, using only letters, digits, '_' and '-'")]
+    Route(String),
+}
+
+/// The durable pull consumer every agent of a stage shares.
+pub const CONSUMER: &str = "workers";
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// The slug of a route: its path without the leading `/`, with `/` turned into `_`.
+pub fn route_slug(route: &str) -> Result<String, NameError> {
+    let rest = route
+        .strip_prefix('/')
+        .ok_or_else(|| NameError::Route(route.to_owned()))?;
+    if !rest.split('/').all(is_token) {
+        return Err(NameError::Route(route.to_owned()));
+    }
+    Ok(rest.replace('/', "_"))
+}
+
+/// All names of one natserve deployment, which a namespace keeps apart from others
+/// sharing the same NATS server.
+#[derive(Debug, Clone)]
+pub struct Names {
+    namespace: String,
+}
+
+impl Names {
+    pub fn new(namespace: &str) -> Result<Self, NameError> {
+        if !is_token(namespace) {
+            return Err(NameError::Namespace(namespace.to_owned()));
+        }
+        Ok(Self {
+            namespace: namespace.to_owned(),
+        })
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    pub fn work_subject(&self, slug: &str, stage: u32) -> String {
+        format!("{}.work.{slug}.{stage}", self.namespace)
+    }
+
+    pub fn stream(&self, slug: &str, stage: u32) -> String {
+        format!("{}_work_{slug}_{stage}", self.namespace)
+    }
+
+    pub fn routes_bucket(&self) -> String {
+        format!("{}_routes", self.namespace)
+    }
+
+    pub fn agents_bucket(&self) -> String {
+        format!("{}_agents", self.namespace)
+    }
+
+    /// Prefix of one ingress's reply subjects; it subscribes to `<prefix>.*`.
+    pub fn reply_prefix(&self, ingress_id: &str) -> String {
+        format!("{}.reply.{ingress_id}", self.namespace)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs_routes() {
+        assert_eq!(route_slug("/inference").unwrap(), "inference");
+        assert_eq!(route_slug("/v1/embed-text").unwrap(), "v1_embed-text");
+        for bad in ["", "/", "inference", "/a//b", "/a.b", "/a b", "/a/*", "/a/"] {
+            assert_eq!(route_slug(bad), Err(NameError::Route(bad.into())), "{bad}");
+        }
+    }
+
+    #[test]
+    fn derives_names() {
+        let n = Names::new("prod").unwrap();
+        assert_eq!(n.work_subject("inference", 1), "prod.work.inference.1");
+        assert_eq!(n.stream("inference", 1), "prod_work_inference_1");
+        assert_eq!(n.routes_bucket(), "prod_routes");
+        assert_eq!(n.agents_bucket(), "prod_agents");
+        assert_eq!(n.reply_prefix("abc"), "prod.reply.abc");
+        assert!(Names::new("a.b").is_err());
+        assert!(Names::new("").is_err());
+    }
+}

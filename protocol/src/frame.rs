@@ -238,7 +238,10 @@ mod tests {
             let bytes = hex(case["hex"].as_str().unwrap());
             let frame = frame_from_json(&case["frame"]);
             assert_eq!(frame.to_bytes().as_ref(), &bytes[..], "{}", case["name"]);
-            assert_eq!(Frame::check(&bytes, DEFAULT_MAX_FRAME), Ok(Some(bytes.len())));
+            assert_eq!(
+                Frame::check(&bytes, DEFAULT_MAX_FRAME),
+                Ok(Some(bytes.len()))
+            );
             assert_eq!(Frame::parse(&bytes).unwrap(), frame, "{}", case["name"]);
         }
     }

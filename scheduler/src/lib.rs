@@ -1,1 +1,19 @@
-//! placeholder
+//! The per-stage scheduler: pulls a stage's work from JetStream sized to free worker
+//! slots, forms batches dynamically, runs them on idle local workers, hands each result
+//! on (next stage or the requester's reply subject), and only then acks.
+//!
+//! The agent owns processes; this crate owns what happens to messages. The two meet at
+//! [`WorkerPool`]: the agent puts ready worker connections in, the scheduler takes an idle
+//! one out for each batch and puts it back when the batch is done.
+
+pub mod batcher;
+pub mod handoff;
+pub mod metrics;
+pub mod pool;
+pub mod spec;
+pub mod stage;
+
+pub use metrics::{AgentMetrics, StageMetrics};
+pub use pool::{PoolSender, WorkerConn, WorkerPool, WorkerStats};
+pub use spec::StageSpec;
+pub use stage::{ensure_stage, run_stage, StageError};

@@ -1,0 +1,187 @@
+//! Dynamic batching: wait for a first item, then top up until the batch is full or
+//! `max_wait` has passed since that first item.
+//!
+//! The source is abstract so the timing rules are tested with tokio's paused clock; the
+//! JetStream source in [`crate::stage`] maps `pull` onto pull requests, which the server
+//! holds open for `wait` and completes early once `max` messages were delivered.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+pub trait Source {
+    type Item;
+    type Error;
+
+    /// Returns up to `max` items, waiting at most `wait` for them to arrive; a zero `wait`
+    /// returns what is available now. An empty result means nothing arrived in time.
+    fn pull(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> impl Future<Output = Result<Vec<Self::Item>, Self::Error>> + Send;
+}
+
+/// Batching limits of one stage.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_batch: usize,
+    pub max_wait: Duration,
+    /// How long one wait for a first item lasts before the caller gets control back (to
+    /// notice shutdown); an idle stage pays one pull request per `idle_poll`.
+    pub idle_poll: Duration,
+}
+
+/// Collects one batch. `Ok(None)` when no first item arrived within `idle_poll`.
+pub async fn collect_batch<S: Source>(
+    source: &mut S,
+    limits: Limits,
+) -> Result<Option<Vec<S::Item>>, S::Error> {
+    let mut batch = source.pull(1, limits.idle_poll).await?;
+    if batch.is_empty() {
+        return Ok(None);
+    }
+    let first_at = Instant::now();
+    while batch.len() < limits.max_batch {
+        let remaining = limits.max_wait.saturating_sub(first_at.elapsed());
+        let more = source
+            .pull(limits.max_batch - batch.len(), remaining)
+            .await?;
+        let got = more.len();
+        batch.extend(more);
+        if got == 0 || remaining.is_zero() {
+            break;
+        }
+    }
+    Ok(Some(batch))
+}
+
+/// Splits items into those still within their deadline and those past it.
+pub fn split_expired<T>(
+    items: Vec<T>,
+    now_ms: u64,
+    deadline_ms: impl Fn(&T) -> Option<u64>,
+) -> (Vec<T>, Vec<T>) {
+    items
+        .into_iter()
+        .partition(|item| deadline_ms(item).is_none_or(|d| d > now_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc;
+
+    /// Items become available when the test sends them; `pull` waits like a pull request.
+    struct ChannelSource(mpsc::UnboundedReceiver<u32>);
+
+    impl Source for ChannelSource {
+        type Item = u32;
+        type Error = ();
+
+        async fn pull(&mut self, max: usize, wait: Duration) -> Result<Vec<u32>, ()> {
+            let mut out = Vec::new();
+            let until = Instant::now() + wait;
+            while out.len() < max {
+                match self.0.try_recv() {
+                    Ok(item) => out.push(item),
+                    Err(_) if wait.is_zero() => break,
+                    Err(_) => match tokio::time::timeout_at(until, self.0.recv()).await {
+                        Ok(Some(item)) => out.push(item),
+                        _ => break,
+                    },
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    fn limits(max_batch: usize, max_wait_ms: u64) -> Limits {
+        Limits {
+            max_batch,
+            max_wait: Duration::from_millis(max_wait_ms),
+            idle_poll: Duration::from_secs(1),
+        }
+    }
+
+    /// Sends `item` after `delay` of (paused) time.
+    fn send_at(tx: &mpsc::UnboundedSender<u32>, delay_ms: u64, item: u32) {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            let _ = tx.send(item);
+        });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_timer_starts_at_the_first_item() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut source = ChannelSource(rx);
+        // Idle for 500 ms, then a burst: a timer started at the pull would already be over.
+        send_at(&tx, 500, 1);
+        send_at(&tx, 505, 2);
+        send_at(&tx, 509, 3);
+        send_at(&tx, 520, 4); // after first + 10 ms: belongs to the next batch
+        let start = Instant::now();
+        let batch = collect_batch(&mut source, limits(8, 10)).await.unwrap();
+        assert_eq!(batch, Some(vec![1, 2, 3]));
+        assert_eq!(start.elapsed(), Duration::from_millis(510));
+        let next = collect_batch(&mut source, limits(8, 10)).await.unwrap();
+        assert_eq!(next, Some(vec![4]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_does_not_wait() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut source = ChannelSource(rx);
+        for i in 0..10 {
+            tx.send(i).unwrap();
+        }
+        let start = Instant::now();
+        let batch = collect_batch(&mut source, limits(4, 1000)).await.unwrap();
+        assert_eq!(batch, Some(vec![0, 1, 2, 3]));
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_wait_takes_only_what_is_there() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut source = ChannelSource(rx);
+        tx.send(1).unwrap();
+        tx.send(2).unwrap();
+        send_at(&tx, 1, 3);
+        let batch = collect_batch(&mut source, limits(8, 0)).await.unwrap();
+        assert_eq!(batch, Some(vec![1, 2]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batch_of_one_never_tops_up() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut source = ChannelSource(rx);
+        tx.send(1).unwrap();
+        tx.send(2).unwrap();
+        let batch = collect_batch(&mut source, limits(1, 50)).await.unwrap();
+        assert_eq!(batch, Some(vec![1]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_stage_returns_after_the_idle_poll() {
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let mut source = ChannelSource(rx);
+        let start = Instant::now();
+        assert_eq!(
+            collect_batch(&mut source, limits(8, 10)).await.unwrap(),
+            None
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn expired_items_are_split_off() {
+        let items = vec![(1, Some(100)), (2, Some(300)), (3, None), (4, Some(200))];
+        let (live, expired) = split_expired(items, 200, |(_, d)| *d);
+        assert_eq!(live, vec![(2, Some(300)), (3, None)]);
+        assert_eq!(expired, vec![(1, Some(100)), (4, Some(200))]);
+    }
+}

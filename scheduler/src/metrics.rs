@@ -1,0 +1,88 @@
+//! Prometheus metrics of one stage on one agent.
+
+use prometheus::{
+    exponential_buckets, histogram_opts, opts, Histogram, HistogramVec, IntCounter, IntCounterVec,
+    Registry,
+};
+
+#[derive(Clone)]
+pub struct StageMetrics {
+    pub batch_size: Histogram,
+    pub batch_seconds: Histogram,
+    pub worker_failures: IntCounter,
+    items: IntCounterVec,
+    route: String,
+    stage: String,
+}
+
+impl StageMetrics {
+    pub fn count_item(&self, outcome: natserve_protocol::Outcome) {
+        self.items
+            .with_label_values(&[self.route.as_str(), self.stage.as_str(), outcome.as_str()])
+            .inc();
+    }
+}
+
+/// Metric families shared by all stages of an agent, labelled by route and stage.
+#[derive(Clone)]
+pub struct AgentMetrics {
+    batch_size: HistogramVec,
+    batch_seconds: HistogramVec,
+    items: IntCounterVec,
+    worker_failures: IntCounterVec,
+}
+
+impl AgentMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let batch_size = HistogramVec::new(
+            histogram_opts!(
+                "natserve_agent_batch_size",
+                "Items per batch run on a worker",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]
+            ),
+            &["route", "stage"],
+        )?;
+        let batch_seconds = HistogramVec::new(
+            histogram_opts!(
+                "natserve_agent_batch_duration_seconds",
+                "Time a worker took to run one batch",
+                exponential_buckets(0.0005, 2.0, 16)?
+            ),
+            &["route", "stage"],
+        )?;
+        let items = IntCounterVec::new(
+            opts!("natserve_agent_items_total", "Items run, by outcome"),
+            &["route", "stage", "outcome"],
+        )?;
+        let worker_failures = IntCounterVec::new(
+            opts!(
+                "natserve_agent_worker_failures_total",
+                "Batches lost to a worker that crashed, hung or broke protocol"
+            ),
+            &["route", "stage"],
+        )?;
+        registry.register(Box::new(batch_size.clone()))?;
+        registry.register(Box::new(batch_seconds.clone()))?;
+        registry.register(Box::new(items.clone()))?;
+        registry.register(Box::new(worker_failures.clone()))?;
+        Ok(Self {
+            batch_size,
+            batch_seconds,
+            items,
+            worker_failures,
+        })
+    }
+
+    pub fn stage(&self, route: &str, stage: u32) -> StageMetrics {
+        let stage = stage.to_string();
+        let labels = [route, stage.as_str()];
+        StageMetrics {
+            batch_size: self.batch_size.with_label_values(&labels),
+            batch_seconds: self.batch_seconds.with_label_values(&labels),
+            worker_failures: self.worker_failures.with_label_values(&labels),
+            items: self.items.clone(),
+            route: route.to_owned(),
+            stage,
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! One stage on one agent: its stream and consumer, and the loop that pulls work only
+//! when a worker is idle, batches it, runs it, hands results on and acks.
+//!
+//! Lifecycle: the loop stops pulling when `cancel` fires (at most one idle poll later);
+//! batches already running finish on their own tasks, tracked by the caller's
+//! `TaskTracker`, and ack before they exit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, stream, AckKind};
+use bytes::Bytes;
+use futures::StreamExt;
+use natserve_protocol::{unix_ms, Names, Outcome, CONSUMER};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, warn};
+
+use crate::batcher::{collect_batch, split_expired, Limits, Source};
+use crate::handoff::{self, append_batch_size, deadline_ms, handoff_headers, reply};
+use crate::pool::{PoolSender, WorkerConn, WorkerPool};
+use crate::{StageMetrics, StageSpec};
+
+/// How long a message may stay unacknowledged before JetStream redelivers it to another
+/// agent. Long batches send `Progress` every third of it.
+pub const ACK_WAIT: Duration = Duration::from_secs(30);
+/// Deliveries before JetStream gives up on a message whose agents keep dying.
+pub const MAX_DELIVER: i64 = 3;
+/// An idle stage renews its pull request this often; it bounds how long shutdown waits.
+pub const IDLE_POLL: Duration = Duration::from_secs(1);
+/// Without a stage timeout, a batch still running this long after its items' deadline
+/// counts as hung: its worker is replaced.
+pub const HANG_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("stream {stream}: {source}")]
+    Stream {
+        stream: String,
+        source: async_nats::Error,
+    },
+    #[error(transparent)]
+    Name(#[from] natserve_protocol::NameError),
+}
+
+/// Where the stage's queue lives and how large it may grow.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub max_messages: i64,
+    pub storage: stream::StorageType,
+}
+
+/// Creates (or updates the limits of) the stage's work-queue stream and its shared
+/// durable consumer. Idempotent, so any number of agents may race on it.
+pub async fn ensure_stage(
+    js: &jetstream::Context,
+    names: &Names,
+    spec: &StageSpec,
+    queue: &QueueConfig,
+) -> Result<jetstream::consumer::PullConsumer, StageError> {
+    let slug = natserve_protocol::route_slug(&spec.route)?;
+    let name = names.stream(&slug, spec.stage);
+    let err = |source: async_nats::Error| StageError::Stream {
+        stream: name.clone(),
+        source,
+    };
+    js.create_or_update_stream(stream::Config {
+        name: name.clone(),
+        subjects: vec![names.work_subject(&slug, spec.stage)],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: queue.storage,
+        max_messages: queue.max_messages,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| err(e.into()))?;
+    let stream = js.get_stream(&name).await.map_err(|e| err(e.into()))?;
+    stream
+        .get_or_create_consumer(
+            CONSUMER,
+            pull::Config {
+                durable_name: Some(CONSUMER.to_owned()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                max_deliver: MAX_DELIVER,
+                max_ack_pending: 20_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| err(e.into()))
+}
+
+/// Everything a batch needs to finish on its own task.
+pub struct StageContext {
+    pub spec: StageSpec,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub metrics: StageMetrics,
+    /// Work subject of the next stage; `None` at the last stage.
+    pub next_subject: Option<String>,
+}
+
+impl StageContext {
+    pub fn new(
+        spec: StageSpec,
+        stages_in_route: u32,
+        names: &Names,
+        client: async_nats::Client,
+        metrics: StageMetrics,
+    ) -> Result<Self, StageError> {
+        let slug = natserve_protocol::route_slug(&spec.route)?;
+        let next_subject =
+            (spec.stage + 1 < stages_in_route).then(|| names.work_subject(&slug, spec.stage + 1));
+        Ok(Self {
+            js: jetstream::new(client.clone()),
+            spec,
+            client,
+            metrics,
+            next_subject,
+        })
+    }
+}
+
+struct JetStreamSource<'a>(&'a jetstream::consumer::PullConsumer);
+
+impl Source for JetStreamSource<'_> {
+    type Item = jetstream::Message;
+    type Error = async_nats::Error;
+
+    async fn pull(&mut self, max: usize, wait: Duration) -> Result<Vec<Self::Item>, Self::Error> {
+        // `fetch` answers at once with what is there; `batch` is held open by the server
+        // until `max` messages arrived or `wait` passed.
+        let mut batch = if wait.is_zero() {
+            self.0.fetch().max_messages(max).messages().await?
+        } else {
+            self.0
+                .batch()
+                .max_messages(max)
+                .expires(wait)
+                .messages()
+                .await?
+        };
+        let mut out = Vec::with_capacity(max);
+        while let Some(msg) = batch.next().await {
+            out.push(msg?);
+        }
+        Ok(out)
+    }
+}
+
+/// Pulls and runs the stage's work until `cancel` fires. One idle worker is taken from the
+/// pool per batch, so the agent never holds more work than its workers can start.
+pub async fn run_stage(
+    ctx: Arc<StageContext>,
+    consumer: jetstream::consumer::PullConsumer,
+    mut pool: WorkerPool,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let limits = Limits {
+        max_batch: ctx.spec.max_batch_size.max(1) as usize,
+        max_wait: ctx.spec.max_wait(),
+        idle_poll: IDLE_POLL,
+    };
+    let returns = pool.sender();
+    let mut source = JetStreamSource(&consumer);
+    'next_worker: loop {
+        let worker = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            worker = pool.take() => match worker {
+                Some(w) => w,
+                None => break,
+            },
+        };
+        let batch = loop {
+            if cancel.is_cancelled() {
+                returns.put(worker);
+                break 'next_worker;
+            }
+            match collect_batch(&mut source, limits).await {
+                Ok(Some(batch)) => break batch,
+                Ok(None) => continue,
+                Err(e) => {
+                    warn!(route = %ctx.spec.route, stage = ctx.spec.stage, error = %e, "pull failed");
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = tokio::time::sleep(IDLE_POLL) => {}
+                    }
+                }
+            }
+        };
+        let (live, expired) = split_expired(batch, unix_ms(), deadline_ms);
+        for msg in expired {
+            let body = format!(
+                "deadline passed before stage {} of {} ran",
+                ctx.spec.stage, ctx.spec.route
+            );
+            finish(&ctx, &msg, Outcome::Timeout, body.into(), None).await;
+        }
+        if live.is_empty() {
+            returns.put(worker);
+            continue;
+        }
+        tracker.spawn(run_batch(ctx.clone(), worker, live, returns.clone()));
+    }
+    debug!(route = %ctx.spec.route, stage = ctx.spec.stage, "stopped pulling");
+}
+
+/// How long a batch may run before its worker is considered hung.
+fn hang_limit(spec: &StageSpec, msgs: &[jetstream::Message]) -> Duration {
+    if let Some(limit) = spec.batch_timeout() {
+        return limit;
+    }
+    let now = unix_ms();
+    let latest = msgs.iter().filter_map(deadline_ms).max().unwrap_or(now);
+    Duration::from_millis(latest.saturating_sub(now)) + HANG_GRACE
+}
+
+enum BatchEnd {
+    Done(Vec<natserve_protocol::ItemResult>),
+    Failed(String),
+    Hung(Duration),
+}
+
+async fn run_batch(
+    ctx: Arc<StageContext>,
+    mut worker: WorkerConn,
+    msgs: Vec<jetstream::Message>,
+    returns: PoolSender,
+) {
+    let started = Instant::now();
+    ctx.metrics.batch_size.observe(msgs.len() as f64);
+    let payloads: Vec<Bytes> = msgs.iter().map(|m| m.payload.clone()).collect();
+    let limit = hang_limit(&ctx.spec, &msgs);
+    let end = {
+        let run = worker.run(payloads);
+        tokio::pin!(run);
+        let mut progress = tokio::time::interval_at(started + ACK_WAIT / 3, ACK_WAIT / 3);
+        let hang = tokio::time::sleep(limit);
+        tokio::pin!(hang);
+        loop {
+            tokio::select! {
+                result = &mut run => break match result {
+                    Ok(results) => BatchEnd::Done(results),
+                    Err(e) => BatchEnd::Failed(e.to_string()),
+                },
+                _ = progress.tick() => {
+                    for msg in &msgs {
+                        let _ = msg.ack_with(AckKind::Progress).await;
+                    }
+                }
+                _ = &mut hang => break BatchEnd::Hung(limit),
+            }
+        }
+    };
+    ctx.metrics
+        .batch_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match end {
+        BatchEnd::Done(results) => {
+            hand_on(&ctx, &msgs, results).await;
+            returns.put(worker);
+        }
+        BatchEnd::Failed(reason) => {
+            error!(worker = worker.label(), error = %reason, "worker failed a batch; replacing it");
+            ctx.metrics.worker_failures.inc();
+            drop(worker);
+            let body = Bytes::from_static(
+                b"internal error: worker process failed while running this request",
+            );
+            for msg in &msgs {
+                finish(&ctx, msg, Outcome::ServerError, body.clone(), None).await;
+            }
+        }
+        BatchEnd::Hung(limit) => {
+            error!(
+                worker = worker.label(),
+                limit_ms = limit.as_millis() as u64,
+                "batch ran past its limit; replacing the worker"
+            );
+            ctx.metrics.worker_failures.inc();
+            drop(worker);
+            let body = Bytes::from(format!(
+                "stage {} of {} did not finish within {} ms",
+                ctx.spec.stage,
+                ctx.spec.route,
+                limit.as_millis()
+            ));
+            for msg in &msgs {
+                finish(&ctx, msg, Outcome::Timeout, body.clone(), None).await;
+            }
+        }
+    }
+}
+
+/// Sends every result where it belongs, then acks each input once its result is safe:
+/// a hand-off only after JetStream acknowledged it.
+async fn hand_on(
+    ctx: &StageContext,
+    msgs: &[jetstream::Message],
+    results: Vec<natserve_protocol::ItemResult>,
+) {
+    let size = msgs.len();
+    let mut handoffs = Vec::new();
+    for (msg, result) in msgs.iter().zip(results) {
+        ctx.metrics.count_item(result.outcome);
+        let sizes = append_batch_size(
+            handoff::header(msg, natserve_protocol::headers::BATCH_SIZES),
+            size,
+        );
+        match (&ctx.next_subject, result.outcome) {
+            (Some(next), Outcome::Ok) => {
+                let headers = handoff_headers(msg, ctx.spec.stage + 1, &sizes);
+                match ctx
+                    .js
+                    .publish_with_headers(next.clone(), headers, result.body)
+                    .await
+                {
+                    Ok(ack) => handoffs.push((msg, ack, sizes)),
+                    Err(e) => fail_handoff(ctx, msg, &e, &sizes).await,
+                }
+            }
+            (_, outcome) => {
+                reply(
+                    &ctx.client,
+                    msg,
+                    outcome,
+                    result.body,
+                    Some(&sizes),
+                    &ctx.spec.mime,
+                )
+                .await;
+                ack(msg, AckKind::Ack).await;
+            }
+        }
+    }
+    for (msg, pub_ack, sizes) in handoffs {
+        match pub_ack.await {
+            Ok(_) => ack(msg, AckKind::Ack).await,
+            Err(e) => fail_handoff(ctx, msg, &e, &sizes).await,
+        }
+    }
+}
+
+async fn fail_handoff(
+    ctx: &StageContext,
+    msg: &jetstream::Message,
+    err: &jetstream::context::PublishError,
+    sizes: &str,
+) {
+    let (outcome, text) = handoff::handoff_failure(err);
+    warn!(route = %ctx.spec.route, stage = ctx.spec.stage, error = %err, "hand-off failed");
+    finish(ctx, msg, outcome, Bytes::from(text), Some(sizes)).await;
+}
+
+/// Answers a request that will not go further and terminates its message.
+async fn finish(
+    ctx: &StageContext,
+    msg: &jetstream::Message,
+    outcome: Outcome,
+    body: Bytes,
+    sizes: Option<&str>,
+) {
+    ctx.metrics.count_item(outcome);
+    reply(&ctx.client, msg, outcome, body, sizes, &ctx.spec.mime).await;
+    ack(msg, AckKind::Term).await;
+}
+
+async fn ack(msg: &jetstream::Message, kind: AckKind) {
+    if let Err(e) = msg.ack_with(kind).await {
+        warn!(error = %e, "ack failed; the message will be redelivered");
+    }
+}

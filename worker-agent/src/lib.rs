@@ -1,0 +1,226 @@
+//! natserve's worker agent, one per host: spawns and supervises the local Python worker
+//! processes, runs a scheduler per hosted stage, and registers itself in NATS.
+//!
+//! Shutdown drains in a fixed order: deregister (ingresses stop counting on us), stop
+//! pulling, let running batches finish and ack (up to the grace period), stop the
+//! workers, flush NATS.
+
+pub mod config;
+mod http;
+pub mod registration;
+mod supervisor;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use natserve_protocol::Names;
+use natserve_scheduler::stage::{QueueConfig, StageContext};
+use natserve_scheduler::{ensure_stage, run_stage, AgentMetrics, WorkerPool};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use config::{Args, Pipeline};
+use registration::Registration;
+use supervisor::{supervise, Slot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Name(#[from] natserve_protocol::NameError),
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error(transparent)]
+    Stage(#[from] natserve_scheduler::StageError),
+    #[error("registration failed: {0}")]
+    Registration(async_nats::Error),
+    #[error("socket directory {path}: {source}")]
+    SocketDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("metrics address: {0}")]
+    Bind(std::io::Error),
+}
+
+/// Connects, retrying for a while: in a fresh cluster the NATS server may still be starting.
+pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, AgentError> {
+    let mut attempt = 0;
+    loop {
+        let options =
+            async_nats::ConnectOptions::new()
+                .name(name)
+                .event_callback(|event| async move {
+                    match event {
+                        async_nats::Event::Connected => info!("nats connected"),
+                        other => warn!(event = %other, "nats event"),
+                    }
+                });
+        match options.connect(url).await {
+            Ok(client) => return Ok(client),
+            Err(e) if attempt < 40 => {
+                attempt += 1;
+                if attempt == 1 {
+                    warn!(url, error = %e, "nats not reachable yet; retrying");
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(source) => {
+                return Err(AgentError::Connect {
+                    url: url.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Removes the socket directory the agent created, however `run` ends.
+struct TempDir(Option<PathBuf>);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
+}
+
+fn socket_dir(args: &Args) -> Result<(PathBuf, TempDir), AgentError> {
+    let (path, owned) = match &args.socket_dir {
+        Some(p) => (p.clone(), false),
+        None => {
+            let unique = &uuid::Uuid::new_v4().simple().to_string()[..8];
+            let p = std::env::temp_dir().join(format!("natserve-{}-{unique}", std::process::id()));
+            (p, true)
+        }
+    };
+    std::fs::create_dir_all(&path).map_err(|source| AgentError::SocketDir {
+        path: path.clone(),
+        source,
+    })?;
+    let guard = TempDir(owned.then(|| path.clone()));
+    Ok((path, guard))
+}
+
+pub async fn run(
+    args: Args,
+    pipeline: Pipeline,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let names = Names::new(&args.namespace)?;
+    let client = connect(&args.nats, "natserve-agent").await?;
+    let js = jetstream::new(client.clone());
+    let (dir, _dir_guard) = socket_dir(&args)?;
+    let registry = prometheus::Registry::new();
+    let metrics = AgentMetrics::register(&registry)?;
+    let queue = QueueConfig {
+        max_messages: args.max_queue,
+        storage: match args.storage {
+            config::Storage::Memory => jetstream::stream::StorageType::Memory,
+            config::Storage::File => jetstream::stream::StorageType::File,
+        },
+    };
+
+    let draining = CancellationToken::new();
+    let stop_workers = CancellationToken::new();
+    let pullers = TaskTracker::new();
+    let batches = TaskTracker::new();
+    let supervisors = TaskTracker::new();
+    let worker_cmd = Arc::new(pipeline.worker_cmd.clone());
+    let mut loads = Vec::new();
+    for spec in &pipeline.stages {
+        let consumer = ensure_stage(&js, &names, spec, &queue).await?;
+        let route = pipeline.route(&spec.route).expect("validated on load");
+        let slug = natserve_protocol::route_slug(&spec.route)?;
+        let pool = WorkerPool::new();
+        let shared = Arc::new(spec.clone());
+        for worker_id in 1..=spec.num {
+            let slot = Slot {
+                spec: shared.clone(),
+                worker_id,
+                worker_cmd: worker_cmd.clone(),
+                socket: dir.join(format!("{slug}-{}-{worker_id}.sock", spec.stage)),
+                pool: pool.sender(),
+            };
+            supervisors.spawn(supervise(slot, draining.clone(), stop_workers.clone()));
+        }
+        loads.push((spec.clone(), pool.sender().stats().clone()));
+        let ctx = StageContext::new(
+            spec.clone(),
+            route.names.len() as u32,
+            &names,
+            client.clone(),
+            metrics.stage(&spec.route, spec.stage),
+        )?;
+        pullers.spawn(run_stage(
+            Arc::new(ctx),
+            consumer,
+            pool,
+            draining.clone(),
+            batches.clone(),
+        ));
+        info!(route = %spec.route, stage = spec.stage, name = %spec.name, workers = spec.num, "stage hosted");
+    }
+
+    let registration = Arc::new(
+        Registration::open(&js, &names, args.heartbeat(), &pipeline.routes, loads)
+            .await
+            .map_err(AgentError::Registration)?,
+    );
+    info!(agent = registration.id(), "agent registered");
+    let stop_heartbeat = CancellationToken::new();
+    let heartbeat = tokio::spawn({
+        let registration = registration.clone();
+        let cancel = stop_heartbeat.clone();
+        async move { registration.heartbeat_until(cancel).await }
+    });
+    if let Some(addr) = args.metrics_address {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(AgentError::Bind)?;
+        info!(address = %addr, "serving agent metrics");
+        tokio::spawn(http::serve(
+            listener,
+            registry,
+            registration.clone(),
+            draining.clone(),
+        ));
+    }
+
+    shutdown.await;
+    info!("draining");
+    stop_heartbeat.cancel();
+    let _ = heartbeat.await;
+    draining.cancel();
+    pullers.close();
+    pullers.wait().await;
+    batches.close();
+    if tokio::time::timeout(args.grace(), batches.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            grace_ms = args.grace_ms,
+            "batches still running after the grace period; stopping workers anyway"
+        );
+    }
+    stop_workers.cancel();
+    supervisors.close();
+    supervisors.wait().await;
+    if let Err(e) = client.flush().await {
+        warn!(error = %e, "final flush failed");
+    }
+    info!("agent stopped");
+    Ok(())
+}

@@ -1,5 +1,6 @@
 //! `natserve-agent`: parse flags, load the pipeline, run until SIGINT or SIGTERM.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let pipeline = match Pipeline::load(&args.config) {
         Ok(p) => p,

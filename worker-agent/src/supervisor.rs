@@ -81,7 +81,7 @@ pub async fn supervise(slot: Slot, draining: CancellationToken, stop: Cancellati
     let mut backoff = MIN_BACKOFF;
     while !draining.is_cancelled() {
         let started = Instant::now();
-        match run_once(&slot, &label, &stop).await {
+        match run_once(&slot, &label, &draining, &stop).await {
             Ended::Stopped => break,
             Ended::Lost(reason) => warn!(worker = %label, reason = %reason, "worker lost"),
         }
@@ -97,7 +97,12 @@ pub async fn supervise(slot: Slot, draining: CancellationToken, stop: Cancellati
     let _ = std::fs::remove_file(&slot.socket);
 }
 
-async fn run_once(slot: &Slot, label: &str, stop: &CancellationToken) -> Ended {
+async fn run_once(
+    slot: &Slot,
+    label: &str,
+    draining: &CancellationToken,
+    stop: &CancellationToken,
+) -> Ended {
     let _ = std::fs::remove_file(&slot.socket);
     let listener = match UnixListener::bind(&slot.socket) {
         Ok(l) => l,
@@ -146,7 +151,11 @@ async fn run_once(slot: &Slot, label: &str, stop: &CancellationToken) -> Ended {
         _ = retire.cancelled() => {
             alive.store(false, Ordering::Release);
             terminate(&mut child).await;
-            Ended::Lost("retired after a failed batch".into())
+            if draining.is_cancelled() {
+                Ended::Stopped // idle at shutdown: its pool is gone
+            } else {
+                Ended::Lost("retired after a failed batch".into())
+            }
         }
         _ = stop.cancelled() => {
             alive.store(false, Ordering::Release);

@@ -1,0 +1,81 @@
+"""The agent's JSON config (docs/protocol.md, "Agent <-> Python worker") and the
+``--stages`` selection of which stages one agent hosts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
+
+from ._server import StageSpec
+
+
+class StageSelectionError(ValueError):
+    """A ``--stages`` entry names no stage of this program."""
+
+
+def _key(stage: StageSpec) -> str:
+    return f"{stage.route}:{stage.index}"
+
+
+def select_stages(
+    routes: Mapping[str, Sequence[StageSpec]], selectors: Optional[Sequence[str]]
+) -> List[StageSpec]:
+    """The stages ``selectors`` pick, in route then stage order (all when None).
+
+    A selector is a worker class name (every stage that runs that class) or
+    ``<route>:<index>`` (one stage).
+    """
+    every = [stage for stages in routes.values() for stage in stages]
+    if selectors is None:
+        return every
+    chosen: Set[str] = set()
+    for selector in selectors:
+        hits = [s for s in every if selector in (s.name, _key(s))]
+        if not hits:
+            known = sorted({s.name for s in every}) + [_key(s) for s in every]
+            raise StageSelectionError(f"unknown stage {selector!r} (known: {', '.join(known)})")
+        chosen.update(_key(s) for s in hits)
+    return [s for s in every if _key(s) in chosen]
+
+
+def worker_command() -> List[str]:
+    """How the agent re-runs this very program as a worker process."""
+    return [sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]]
+
+
+def agent_config(
+    routes: Mapping[str, Sequence[StageSpec]],
+    stages: Sequence[StageSpec],
+    worker_cmd: Sequence[str],
+) -> Dict[str, Any]:
+    """The config document: every route (for registration) and the hosted stages."""
+    return {
+        "worker_cmd": list(worker_cmd),
+        "routes": [
+            {"route": route, "names": [s.name for s in route_stages]}
+            for route, route_stages in routes.items()
+        ],
+        "stages": [
+            {
+                "route": s.route,
+                "stage": s.index,
+                "name": s.name,
+                "num": s.num,
+                "max_batch_size": s.max_batch_size,
+                "max_wait_ms": s.max_wait_time,
+                "timeout_ms": s.timeout,
+                "env": None if s.env is None else [dict(e) for e in s.env],
+                "mime": s.mime,
+            }
+            for s in stages
+        ],
+    }
+
+
+def write_agent_config(path: Path, config: Mapping[str, Any]) -> Path:
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return path

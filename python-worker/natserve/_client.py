@@ -1,0 +1,204 @@
+"""`Client`: submits requests straight to a route's first stage over NATS (no HTTP).
+
+It follows docs/protocol.md "Submitting a request": a JetStream publish to
+``NS.work.<slug>.0`` with the ``X-*`` headers, the reply arriving as one core NATS
+message on this client's inbox subscription ``NS.reply.<client id>.*``, matched to its
+request by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from types import TracebackType
+from typing import Dict, Optional, Type
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+
+from ._names import is_namespace, is_route, reply_prefix, route_slug, work_subject
+from .errors import (
+    ClientError,
+    DecodingError,
+    EncodingError,
+    NatserveError,
+    RequestTimeoutError,
+    ServerError,
+    UnavailableError,
+    ValidationError,
+)
+
+logger = logging.getLogger("natserve.client")
+
+#: JetStream's "maximum messages exceeded": the stage's queue is full.
+_ERR_QUEUE_FULL = 10077
+#: Seconds between reconnect attempts. The client reconnects forever once connected:
+#: each request is bounded by its own timeout instead (nats-py gives up after 60 by default).
+_RECONNECT_WAIT_S = 1
+
+
+def error_for_reply(status: Optional[str], body: bytes) -> NatserveError:
+    """The exception a non-``ok`` reply stands for; its message is the reply body."""
+    text = body.decode("utf-8", "replace")
+    if status == "validation_error":
+        return ValidationError(text)
+    if status == "client_error":
+        return DecodingError(text) if text.startswith("decoding error:") else ClientError(text)
+    if status == "server_error":
+        return EncodingError(text) if text.startswith("encoding error:") else ServerError(text)
+    if status == "timeout":
+        return RequestTimeoutError(text)
+    if status in ("overloaded", "unavailable"):
+        return UnavailableError(f"{status}: {text}")
+    return ServerError(f"reply with unknown status {status!r}: {text}")
+
+
+class Client:
+    """An async client of a natserve deployment, reached through its NATS server.
+
+    ::
+
+        async with Client("nats://127.0.0.1:4222") as client:
+            body = await client.request(b'{"x": 1}', route="/inference")
+
+    Non-``ok`` outcomes raise: ``ValidationError``, ``ClientError`` (``DecodingError``),
+    ``ServerError`` (``EncodingError``), ``RequestTimeoutError`` (a ``TimeoutError``)
+    and ``UnavailableError`` (queue full or route not served), all from `natserve.errors`.
+    """
+
+    def __init__(
+        self, nats_url: str, *, namespace: str = "natserve", connect_timeout: float = 5.0
+    ) -> None:
+        if not is_namespace(namespace):
+            raise ValueError(
+                f"Client: namespace must use only letters, digits, '_' and '-', got {namespace!r}"
+            )
+        if connect_timeout <= 0:
+            raise ValueError(
+                f"Client: connect_timeout must be > 0 seconds, got {connect_timeout!r}"
+            )
+        self._url = nats_url
+        self._namespace = namespace
+        self._connect_timeout = connect_timeout
+        self._id = uuid.uuid4().hex
+        self._nc: Optional[NATS] = None
+        self._js: Optional[JetStreamContext] = None
+        self._sub: Optional[Subscription] = None
+        self._pending: Dict[str, asyncio.Future[Msg]] = {}
+
+    @property
+    def reply_prefix(self) -> str:
+        return reply_prefix(self._namespace, self._id)
+
+    async def connect(self) -> None:
+        """Connects (giving up after ``connect_timeout``) and subscribes to the inbox."""
+        if self._nc is not None:
+            return
+        nc = NATS()
+        try:
+            await asyncio.wait_for(
+                nc.connect(
+                    servers=[self._url],
+                    name=f"natserve-client-{self._id}",
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=_RECONNECT_WAIT_S,
+                ),
+                timeout=self._connect_timeout,
+            )
+        except (asyncio.TimeoutError, OSError, nats.errors.Error) as err:
+            with contextlib.suppress(Exception):  # best effort on a half-open client
+                await nc.close()
+            raise UnavailableError(
+                f"cannot connect to NATS at {self._url} within {self._connect_timeout} s: "
+                f"{err or type(err).__name__}"
+            ) from err
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._sub = await nc.subscribe(self.reply_prefix + ".*", cb=self._on_reply)
+        await nc.flush()
+
+    async def _on_reply(self, msg: Msg) -> None:
+        request_id = msg.subject.rsplit(".", 1)[-1]
+        future = self._pending.get(request_id)
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def close(self) -> None:
+        """Fails requests still waiting and closes the connection."""
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(UnavailableError("client closed"))
+        self._pending.clear()
+        nc, self._nc, self._js, self._sub = self._nc, None, None, None
+        if nc is not None and not nc.is_closed:
+            await nc.drain()
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        await self.close()
+
+    async def request(
+        self, body: bytes, *, route: str = "/inference", timeout: float = 3.0
+    ) -> bytes:
+        """Runs one request through ``route``'s pipeline; returns the response body."""
+        if self._js is None:
+            raise RuntimeError("Client.request: call connect() first, or use `async with`")
+        if not is_route(route):
+            raise ValueError(f"Client.request: route must look like /name or /a/b, got {route!r}")
+        if timeout <= 0:
+            raise ValueError(f"Client.request: timeout must be > 0 seconds, got {timeout!r}")
+        request_id = uuid.uuid4().hex
+        deadline = time.monotonic() + timeout
+        headers = {
+            "X-Request-Id": request_id,
+            "X-Reply-To": f"{self.reply_prefix}.{request_id}",
+            "X-Deadline": str(int(time.time() * 1000 + timeout * 1000)),
+            "X-Route": route,
+            "Nats-Msg-Id": f"{request_id}.0",
+        }
+        subject = work_subject(self._namespace, route_slug(route), 0)
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            try:
+                await self._js.publish(subject, body, timeout=timeout, headers=headers)
+            except nats.js.errors.NoStreamResponseError as err:
+                raise UnavailableError(
+                    f"route {route} is not served (no stream for {subject})"
+                ) from err
+            except nats.js.errors.APIError as err:
+                if err.err_code == _ERR_QUEUE_FULL:
+                    raise UnavailableError(f"overloaded: the queue of {route} is full") from err
+                raise UnavailableError(f"publish to {subject} failed: {err}") from err
+            except nats.errors.TimeoutError as err:
+                raise RequestTimeoutError(f"publish to {subject} timed out") from err
+            except nats.errors.Error as err:
+                raise UnavailableError(f"publish to {subject} failed: {err}") from err
+            try:
+                msg = await asyncio.wait_for(future, max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError as err:
+                raise RequestTimeoutError(f"no reply within {timeout} s") from err
+        finally:
+            self._pending.pop(request_id, None)
+        status = (msg.headers or {}).get("X-Status")
+        if status == "ok":
+            return msg.data
+        raise error_for_reply(status, msg.data)

@@ -1,0 +1,251 @@
+"""The frame codec spoken between an agent and this worker process over a Unix socket.
+
+This mirrors ``protocol/src/frame.rs`` and ``connection.rs`` byte for byte::
+
+    frame   = length:u32be kind:u8 body          length counts kind + body
+    READY   kind 1  pid:u32be
+    BATCH   kind 2  id:u64be count:u32be (len:u32be bytes){count}
+    RESULTS kind 3  id:u64be count:u32be (status:u8 len:u32be bytes){count}
+
+The declared length is checked against a maximum before anything is read or allocated,
+and every inner length against what is left of the frame. ``tests/golden/frames.json``
+holds byte vectors both codecs are tested against.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import List, Optional, Union
+
+KIND_READY = 1
+KIND_BATCH = 2
+KIND_RESULTS = 3
+
+#: Largest frame accepted by default: big enough for a batch of large NATS payloads.
+DEFAULT_MAX_FRAME = 256 * 1024 * 1024
+
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_HEADER = struct.Struct(">IB")
+
+
+class Status(enum.IntEnum):
+    """Per-item status of a RESULTS frame; its name is the outcome's wire name."""
+
+    OK = 0
+    VALIDATION_ERROR = 1
+    CLIENT_ERROR = 2
+    SERVER_ERROR = 3
+
+    @property
+    def outcome(self) -> str:
+        """The outcome string used in the `X-Status` header (`ok`, `client_error`, ...)."""
+        return self.name.lower()
+
+
+class FrameError(Exception):
+    """A frame that breaks the codec's rules (too large, unknown kind, malformed)."""
+
+
+class CutFrameError(FrameError):
+    """The peer closed the connection in the middle of a frame."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Worker -> agent, sent once after ``__init__`` and warm-up succeeded."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Agent -> worker: one raw payload per request."""
+
+    id: int
+    items: List[bytes] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """One item's outcome and body (the serialized output or the error message)."""
+
+    status: Status
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Results:
+    """Worker -> agent: exactly one result per item of the batch with the same id."""
+
+    id: int
+    items: List[ItemResult] = field(default_factory=list)
+
+
+Frame = Union[Ready, Batch, Results]
+
+
+def check(buf: bytes | bytearray | memoryview, max_frame: int = DEFAULT_MAX_FRAME) -> Optional[int]:
+    """Returns the total size of the whole frame at the start of ``buf``, or ``None`` when
+    more bytes are needed. Rejects an oversized or empty declared length right away."""
+    if len(buf) < 4:
+        return None
+    (length,) = _U32.unpack_from(buf, 0)
+    if length > max_frame:
+        raise FrameError(f"frame of {length} bytes exceeds the maximum of {max_frame}")
+    if length == 0:
+        raise FrameError("empty frame")
+    return 4 + length if len(buf) >= 4 + length else None
+
+
+class _Reader:
+    """A cursor over one frame's body that never reads past its end."""
+
+    def __init__(self, data: memoryview) -> None:
+        self._data = data
+        self._pos = 0
+
+    def remaining(self) -> int:
+        return len(self._data) - self._pos
+
+    def u8(self, what: str) -> int:
+        if self.remaining() < 1:
+            raise FrameError(f"malformed frame: truncated {what}")
+        value = self._data[self._pos]
+        self._pos += 1
+        return value
+
+    def u32(self) -> int:
+        if self.remaining() < 4:
+            raise FrameError("malformed frame: truncated u32")
+        (value,) = _U32.unpack_from(self._data, self._pos)
+        self._pos += 4
+        return int(value)
+
+    def u64(self) -> int:
+        if self.remaining() < 8:
+            raise FrameError("malformed frame: truncated u64")
+        (value,) = _U64.unpack_from(self._data, self._pos)
+        self._pos += 8
+        return int(value)
+
+    def count(self, min_item_size: int) -> int:
+        """An item count that could fit in what is left, so a lying count allocates nothing."""
+        n = self.u32()
+        if n * min_item_size > self.remaining():
+            raise FrameError("malformed frame: item count exceeds frame")
+        return n
+
+    def bytes_(self) -> bytes:
+        n = self.u32()
+        if n > self.remaining():
+            raise FrameError("malformed frame: item length exceeds frame")
+        value = bytes(self._data[self._pos : self._pos + n])
+        self._pos += n
+        return value
+
+    def finish(self) -> None:
+        if self.remaining():
+            raise FrameError("malformed frame: trailing bytes")
+
+
+def parse(frame: bytes | bytearray | memoryview) -> Frame:
+    """Parses one whole frame, length prefix included, as sized by :func:`check`."""
+    return _parse_body(memoryview(frame)[4:])
+
+
+def _parse_body(body: memoryview) -> Frame:
+    """Parses a frame's kind byte and body (everything after the length prefix)."""
+    if len(body) == 0:
+        raise FrameError("empty frame")
+    reader = _Reader(body)
+    kind = reader.u8("kind")
+    if kind == KIND_READY:
+        ready = Ready(pid=reader.u32())
+        reader.finish()
+        return ready
+    if kind == KIND_BATCH:
+        batch_id = reader.u64()
+        items = [reader.bytes_() for _ in range(reader.count(4))]
+        reader.finish()
+        return Batch(id=batch_id, items=items)
+    if kind == KIND_RESULTS:
+        results_id = reader.u64()
+        results: List[ItemResult] = []
+        for _ in range(reader.count(5)):
+            code = reader.u8("item")
+            try:
+                status = Status(code)
+            except ValueError:
+                raise FrameError(f"unknown item status {code}") from None
+            results.append(ItemResult(status=status, body=reader.bytes_()))
+        reader.finish()
+        return Results(id=results_id, items=results)
+    raise FrameError(f"unknown frame kind {kind}")
+
+
+def encode(frame: Frame) -> bytes:
+    """The frame's bytes, length prefix included."""
+    parts: List[bytes] = []
+    if isinstance(frame, Ready):
+        parts.append(_U32.pack(frame.pid))
+        kind = KIND_READY
+    elif isinstance(frame, Batch):
+        parts += [_U64.pack(frame.id), _U32.pack(len(frame.items))]
+        for item in frame.items:
+            parts += [_U32.pack(len(item)), bytes(item)]
+        kind = KIND_BATCH
+    else:
+        parts += [_U64.pack(frame.id), _U32.pack(len(frame.items))]
+        for result in frame.items:
+            parts += [bytes([int(result.status)]), _U32.pack(len(result.body)), result.body]
+        kind = KIND_RESULTS
+    body = b"".join(parts)
+    return _HEADER.pack(len(body) + 1, kind) + body
+
+
+class Connection:
+    """Frames over a connected stream socket; owns no buffering beyond one frame.
+
+    ``read_frame`` returns ``None`` on a clean end of stream between frames and raises
+    :class:`CutFrameError` on one in the middle of a frame.
+    """
+
+    def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self._sock = sock
+        self._max_frame = max_frame
+
+    def _read_into(self, buf: bytearray) -> int:
+        """Fills ``buf`` unless the peer closes first; returns how many bytes arrived."""
+        view = memoryview(buf)
+        got = 0
+        while got < len(buf):
+            n = self._sock.recv_into(view[got:], len(buf) - got)
+            if n == 0:
+                break
+            got += n
+        return got
+
+    def read_frame(self) -> Optional[Frame]:
+        prefix = bytearray(4)
+        got = self._read_into(prefix)
+        if got == 0:
+            return None
+        if got < 4:
+            raise CutFrameError("connection closed in the middle of a frame")
+        # Checked before the body's buffer is allocated: a hostile length costs nothing.
+        check(prefix, self._max_frame)
+        (length,) = _U32.unpack_from(prefix, 0)
+        body = bytearray(length)
+        if self._read_into(body) < length:
+            raise CutFrameError("connection closed in the middle of a frame")
+        return _parse_body(memoryview(body))
+
+    def write_frame(self, frame: Frame) -> None:
+        self._sock.sendall(encode(frame))
+
+    def close(self) -> None:
+        self._sock.close()

@@ -1,1 +1,134 @@
-fn main() {}
+//! `natserve-ingress`: parse flags, bind, and run until SIGINT or SIGTERM.
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use natserve_ingress::{run, Config};
+use tracing_subscriber::EnvFilter;
+
+/// Exit status for a bad flag or environment value (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+/// natserve's HTTP edge: forwards each request to its pipeline through NATS JetStream.
+#[derive(Debug, Parser)]
+#[command(name = "natserve-ingress", version)]
+struct Cli {
+    /// NATS server URL (several: comma-separated).
+    #[arg(long, env = "NATSERVE_NATS", default_value = Config::DEFAULT_NATS_URL, value_parser = parse_nats)]
+    nats: String,
+    /// Deployment namespace: letters, digits, '_' and '-'.
+    #[arg(long, env = "NATSERVE_NAMESPACE", default_value = Config::DEFAULT_NAMESPACE, value_parser = parse_namespace)]
+    namespace: String,
+    /// Address to listen on.
+    #[arg(long, env = "NATSERVE_ADDRESS", default_value = "0.0.0.0")]
+    address: IpAddr,
+    /// Port to listen on.
+    #[arg(long, env = "NATSERVE_PORT", default_value_t = 8000)]
+    port: u16,
+    /// End-to-end deadline of a request, in milliseconds.
+    #[arg(long, env = "NATSERVE_TIMEOUT_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_ms: u64,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "NATSERVE_MAX_BODY_SIZE", default_value_t = 8_388_608, value_parser = clap::value_parser!(u64).range(1..))]
+    max_body_size: u64,
+    /// How long shutdown waits for in-flight requests, in milliseconds.
+    #[arg(long, env = "NATSERVE_GRACE_MS", default_value_t = 10_000)]
+    grace_ms: u64,
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives.
+    #[arg(long, env = "NATSERVE_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
+    log_level: String,
+}
+
+fn parse_nats(s: &str) -> Result<String, String> {
+    natserve_ingress::nats::parse_servers(s).map(|_| s.to_owned())
+}
+
+fn parse_namespace(s: &str) -> Result<String, String> {
+    natserve_protocol::Names::new(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+fn parse_log_level(s: &str) -> Result<String, String> {
+    EnvFilter::try_new(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+impl Cli {
+    fn config(&self) -> Config {
+        Config {
+            namespace: self.namespace.clone(),
+            timeout: Duration::from_millis(self.timeout_ms),
+            max_body_size: usize::try_from(self.max_body_size).unwrap_or(usize::MAX),
+            grace: Duration::from_millis(self.grace_ms),
+            ..Config::new(self.nats.clone())
+        }
+    }
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    tracing::info!("shutdown signal received");
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let rendered = e.render().to_string();
+            let line = rendered
+                .lines()
+                .next()
+                .unwrap_or("error: invalid arguments");
+            eprintln!("{line}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(&cli.log_level))
+        .init();
+    match serve(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "ingress failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn serve(cli: Cli) -> anyhow::Result<()> {
+    let address = SocketAddr::new(cli.address, cli.port);
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("could not listen on {address}"))?;
+    run(listener, cli.config(), shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! What one ingress needs to know to run: where NATS is, which namespace, and its limits.
+//!
+//! The HTTP listener is not part of it: the caller binds it and hands it to [`crate::run`],
+//! so tests can listen on an ephemeral port.
+
+use std::time::Duration;
+
+/// Settings of one ingress. Build it with [`Config::new`] and adjust the public fields.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// NATS server URL(s), comma-separated.
+    pub nats_url: String,
+    /// Deployment namespace every subject, stream and bucket name derives from.
+    pub namespace: String,
+    /// End-to-end deadline of one request, from its arrival to its reply.
+    pub timeout: Duration,
+    /// Largest request body accepted, in bytes (NATS `max_payload` may lower it further).
+    pub max_body_size: usize,
+    /// How long shutdown waits for in-flight requests before it stops the HTTP server.
+    pub grace: Duration,
+    /// How long the first connection to NATS is retried before [`crate::run`] gives up.
+    pub connect_timeout: Duration,
+}
+
+impl Config {
+    pub const DEFAULT_NATS_URL: &'static str = "nats://127.0.0.1:4222";
+    pub const DEFAULT_NAMESPACE: &'static str = "natserve";
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(3000);
+    pub const DEFAULT_MAX_BODY_SIZE: usize = 8 * 1024 * 1024;
+    pub const DEFAULT_GRACE: Duration = Duration::from_millis(10_000);
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Defaults for everything but the NATS URL.
+    pub fn new(nats_url: impl Into<String>) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            namespace: Self::DEFAULT_NAMESPACE.to_owned(),
+            timeout: Self::DEFAULT_TIMEOUT,
+            max_body_size: Self::DEFAULT_MAX_BODY_SIZE,
+            grace: Self::DEFAULT_GRACE,
+            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::new(Self::DEFAULT_NATS_URL)
+    }
+}

@@ -1,0 +1,61 @@
+//! The ingress's errors: [`Error`] stops [`crate::run`]; [`RequestError`] ends one request.
+//!
+//! A `RequestError` is never logged where it is raised: [`crate::status::answer`] turns it
+//! into an HTTP status, and the HTTP layer logs server errors once.
+
+use natserve_protocol::NameError;
+
+/// Why the ingress could not start or keep serving.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("could not connect to nats at {url} within {waited_ms} ms: {source}")]
+    Connect {
+        url: String,
+        waited_ms: u128,
+        source: async_nats::ConnectError,
+    },
+    #[error("could not open kv bucket {bucket}: {message}")]
+    Bucket { bucket: String, message: String },
+    #[error("could not subscribe to {subject}: {source}")]
+    Subscribe {
+        subject: String,
+        source: async_nats::SubscribeError,
+    },
+    #[error("could not register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("http server failed: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// Why one request got no reply from a worker. Each maps to exactly one HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("no route {0}")]
+    UnknownRoute(String),
+    #[error("{route} accepts POST, not {method}")]
+    MethodNotAllowed { route: String, method: String },
+    #[error("request body is larger than {limit} bytes ({why})")]
+    BodyTooLarge { limit: usize, why: &'static str },
+    #[error("could not read the request body: {0}")]
+    BodyRead(String),
+    #[error("the request body did not arrive before the deadline")]
+    BodyTimeout,
+    #[error("this ingress is shutting down")]
+    Draining,
+    #[error("not ready: {0}")]
+    NotReady(String),
+    #[error("no agent serves stage {stage} of {route}")]
+    NoAgent { route: String, stage: u32 },
+    #[error("the queue of {route} is full, retry later")]
+    QueueFull { route: String },
+    #[error("{route} is not served: its first stage has no stream")]
+    NotServed { route: String },
+    #[error("nats is unavailable: {0}")]
+    Nats(String),
+    #[error("no reply before the deadline")]
+    DeadlinePassed,
+    #[error("invalid reply: {0}")]
+    BadReply(String),
+}

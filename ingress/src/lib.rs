@@ -1,0 +1,22 @@
+//! natserve's stateless HTTP edge: HTTP in, NATS JetStream out, one NATS reply back.
+//!
+//! [`run`] connects to NATS, follows the route and agent registrations agents keep in KV,
+//! and answers `POST <route>` by publishing the body to the route's first stage and
+//! waiting for the pipeline's reply on this ingress's own reply subjects.
+
+pub mod config;
+pub mod drain;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod nats;
+pub mod replies;
+pub mod routes;
+pub mod server;
+pub mod status;
+pub mod submit;
+pub mod watch;
+
+pub use config::Config;
+pub use error::{Error, RequestError};
+pub use server::run;

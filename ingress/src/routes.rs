@@ -1,0 +1,280 @@
+//! The route table: which routes exist (from `<ns>_routes`) and which agents are alive to
+//! serve their stages (from `<ns>_agents`).
+//!
+//! The table is plain data updated by the KV watchers in [`crate::watch`]. Liveness uses
+//! the local [`Instant`] an agent record was received, never the writer's clock: an agent
+//! is live while its last record is younger than three of its heartbeats.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use natserve_protocol::{route_slug, AgentRecord, RouteRecord};
+
+/// Shared handle to the table: the watchers write, the handlers read.
+pub type SharedRoutes = Arc<RwLock<RouteTable>>;
+
+/// How many heartbeats an agent may miss before it counts as gone.
+pub const MISSED_HEARTBEATS: u32 = 3;
+
+#[derive(Debug, Clone)]
+struct SeenAgent {
+    record: AgentRecord,
+    seen: Instant,
+}
+
+impl SeenAgent {
+    fn is_live(&self, now: Instant) -> bool {
+        let ttl = Duration::from_millis(self.record.heartbeat_ms) * MISSED_HEARTBEATS;
+        now.saturating_duration_since(self.seen) < ttl
+    }
+}
+
+/// Routes by slug and agents by id, as last seen.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: HashMap<String, RouteRecord>,
+    agents: HashMap<String, SeenAgent>,
+}
+
+impl RouteTable {
+    pub fn shared() -> SharedRoutes {
+        Arc::new(RwLock::new(Self::default()))
+    }
+
+    pub fn put_route(&mut self, slug: &str, record: RouteRecord) {
+        self.routes.insert(slug.to_owned(), record);
+    }
+
+    pub fn remove_route(&mut self, slug: &str) {
+        self.routes.remove(slug);
+    }
+
+    pub fn put_agent(&mut self, id: &str, record: AgentRecord, seen: Instant) {
+        self.agents
+            .insert(id.to_owned(), SeenAgent { record, seen });
+    }
+
+    pub fn remove_agent(&mut self, id: &str) {
+        self.agents.remove(id);
+    }
+
+    /// Forgets agents that have been gone for a long while, so a churning cluster does
+    /// not grow the table forever. Liveness does not depend on this.
+    pub fn forget_dead_agents(&mut self, now: Instant) {
+        self.agents.retain(|_, a| {
+            let keep = Duration::from_millis(a.record.heartbeat_ms) * MISSED_HEARTBEATS * 10;
+            now.saturating_duration_since(a.seen) < keep
+        });
+    }
+
+    /// The route served at `path`, if any. Two paths can share a slug (`/a/b`, `/a_b`), so
+    /// the record's own route must match too.
+    pub fn lookup(&self, path: &str) -> Option<&RouteRecord> {
+        let slug = route_slug(path).ok()?;
+        self.routes.get(&slug).filter(|r| r.route == path)
+    }
+
+    /// All known routes with their slugs, sorted by route for stable output.
+    pub fn routes(&self) -> Vec<(String, RouteRecord)> {
+        let mut all: Vec<_> = self
+            .routes
+            .iter()
+            .map(|(slug, r)| (slug.clone(), r.clone()))
+            .collect();
+        all.sort_by(|a, b| a.1.route.cmp(&b.1.route));
+        all
+    }
+
+    fn live_loads(
+        &self,
+        route: &str,
+        stage: u32,
+        now: Instant,
+    ) -> impl Iterator<Item = &natserve_protocol::StageLoad> {
+        let route = route.to_owned();
+        self.agents
+            .values()
+            .filter(move |a| a.is_live(now))
+            .flat_map(|a| a.record.stages.iter())
+            .filter(move |s| s.route == route && s.stage == stage)
+    }
+
+    /// Whether some live agent hosts `stage` of `route` (its workers may still be warming up:
+    /// the work waits in the queue).
+    pub fn is_served(&self, route: &str, stage: u32, now: Instant) -> bool {
+        self.live_loads(route, stage, now).next().is_some()
+    }
+
+    /// The first stage of `route` no live agent hosts, if any.
+    pub fn first_unserved_stage(&self, record: &RouteRecord, now: Instant) -> Option<u32> {
+        (0..record.stages).find(|&i| !self.is_served(&record.route, i, now))
+    }
+
+    /// Ready workers for `stage` of `route` across live agents.
+    pub fn ready_workers(&self, route: &str, stage: u32, now: Instant) -> u64 {
+        self.live_loads(route, stage, now)
+            .map(|s| u64::from(s.ready))
+            .sum()
+    }
+
+    /// `Ok` when there is at least one route and every stage of every route has a ready
+    /// worker on a live agent; otherwise the first reason it is not ready.
+    pub fn readiness(&self, now: Instant) -> Result<(), String> {
+        let routes = self.routes();
+        if routes.is_empty() {
+            return Err("no routes registered".to_owned());
+        }
+        for (_, r) in &routes {
+            if r.stages == 0 {
+                return Err(format!("{} has no stages", r.route));
+            }
+            for i in 0..r.stages {
+                if self.ready_workers(&r.route, i, now) == 0 {
+                    return Err(format!("no ready worker for stage {i} of {}", r.route));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use natserve_protocol::StageLoad;
+
+    fn route(path: &str, stages: u32) -> RouteRecord {
+        RouteRecord {
+            route: path.into(),
+            stages,
+            names: vec![],
+        }
+    }
+
+    fn agent(id: &str, heartbeat_ms: u64, stages: &[(&str, u32, u32)]) -> AgentRecord {
+        AgentRecord {
+            id: id.into(),
+            host: "h".into(),
+            pid: 1,
+            heartbeat_ms,
+            stages: stages
+                .iter()
+                .map(|&(route, stage, ready)| StageLoad {
+                    route: route.into(),
+                    stage,
+                    name: "W".into(),
+                    workers: ready.max(1),
+                    ready,
+                    free: ready,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn looks_up_routes_by_exact_path() {
+        let mut t = RouteTable::default();
+        t.put_route("v1_embed", route("/v1/embed", 1));
+        assert!(t.lookup("/v1/embed").is_some());
+        assert!(t.lookup("/v1_embed").is_none(), "same slug, other path");
+        assert!(t.lookup("/nope").is_none());
+        assert!(t.lookup("/bad path").is_none());
+        t.put_route("v1_embed", route("/v1/embed", 2));
+        assert_eq!(t.lookup("/v1/embed").unwrap().stages, 2);
+        t.remove_route("v1_embed");
+        assert!(t.lookup("/v1/embed").is_none());
+    }
+
+    #[test]
+    fn an_agent_is_live_for_three_heartbeats_after_it_was_seen() {
+        let t0 = Instant::now();
+        let mut t = RouteTable::default();
+        let r = route("/inference", 1);
+        t.put_route("inference", r.clone());
+        assert_eq!(t.first_unserved_stage(&r, t0), Some(0));
+
+        t.put_agent("a", agent("a", 100, &[("/inference", 0, 1)]), t0);
+        assert_eq!(t.first_unserved_stage(&r, t0), None);
+        let just_alive = t0 + Duration::from_millis(299);
+        assert_eq!(t.first_unserved_stage(&r, just_alive), None);
+        let gone = t0 + Duration::from_millis(300);
+        assert_eq!(t.first_unserved_stage(&r, gone), Some(0));
+
+        // A fresh heartbeat brings it back.
+        t.put_agent("a", agent("a", 100, &[("/inference", 0, 1)]), gone);
+        assert_eq!(t.first_unserved_stage(&r, gone), None);
+
+        t.remove_agent("a");
+        assert_eq!(t.first_unserved_stage(&r, gone), Some(0));
+    }
+
+    #[test]
+    fn every_stage_needs_a_live_agent() {
+        let now = Instant::now();
+        let mut t = RouteTable::default();
+        let r = route("/pipe", 3);
+        t.put_route("pipe", r.clone());
+        t.put_agent(
+            "a",
+            agent("a", 1000, &[("/pipe", 0, 1), ("/pipe", 2, 1)]),
+            now,
+        );
+        assert_eq!(t.first_unserved_stage(&r, now), Some(1));
+        t.put_agent("b", agent("b", 1000, &[("/pipe", 1, 0)]), now);
+        assert_eq!(
+            t.first_unserved_stage(&r, now),
+            None,
+            "warming up still serves"
+        );
+        assert!(!t.is_served("/other", 0, now));
+    }
+
+    #[test]
+    fn ready_workers_sum_over_live_agents() {
+        let now = Instant::now();
+        let mut t = RouteTable::default();
+        t.put_agent("a", agent("a", 1000, &[("/x", 0, 2)]), now);
+        t.put_agent("b", agent("b", 1000, &[("/x", 0, 3), ("/x", 1, 1)]), now);
+        let stale = now - Duration::from_secs(10);
+        t.put_agent("c", agent("c", 1000, &[("/x", 0, 7)]), stale);
+        assert_eq!(t.ready_workers("/x", 0, now), 5);
+        assert_eq!(t.ready_workers("/x", 1, now), 1);
+        assert_eq!(t.ready_workers("/x", 2, now), 0);
+    }
+
+    #[test]
+    fn readiness_needs_a_route_and_a_ready_worker_per_stage() {
+        let now = Instant::now();
+        let mut t = RouteTable::default();
+        assert_eq!(t.readiness(now), Err("no routes registered".into()));
+        t.put_route("x", route("/x", 2));
+        t.put_agent("a", agent("a", 1000, &[("/x", 0, 1), ("/x", 1, 0)]), now);
+        assert_eq!(
+            t.readiness(now),
+            Err("no ready worker for stage 1 of /x".into())
+        );
+        t.put_agent("a", agent("a", 1000, &[("/x", 0, 1), ("/x", 1, 1)]), now);
+        assert_eq!(t.readiness(now), Ok(()));
+        t.put_route("y", route("/y", 1));
+        assert_eq!(
+            t.readiness(now),
+            Err("no ready worker for stage 0 of /y".into())
+        );
+    }
+
+    #[test]
+    fn forgets_long_dead_agents_only() {
+        let now = Instant::now();
+        let mut t = RouteTable::default();
+        t.put_agent("old", agent("old", 100, &[("/x", 0, 1)]), now);
+        t.put_agent(
+            "new",
+            agent("new", 100, &[("/x", 0, 1)]),
+            now + Duration::from_secs(2),
+        );
+        t.forget_dead_agents(now + Duration::from_secs(3));
+        assert!(!t.agents.contains_key("old"));
+        assert!(t.agents.contains_key("new"));
+    }
+}

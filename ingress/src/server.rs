@@ -1,0 +1,153 @@
+//! The life of one ingress: connect, load the route table, serve HTTP, and shut down in a
+//! fixed order (refuse new work, let in-flight requests finish, stop HTTP, drain NATS).
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::time::Duration;
+
+use natserve_protocol::Names;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::drain::Drain;
+use crate::error::Error;
+use crate::http::{router, App};
+use crate::metrics::Metrics;
+use crate::replies::{self, Replies};
+use crate::routes::RouteTable;
+use crate::submit::{Submitter, REPLY_GRACE};
+use crate::watch::{agents_bucket_config, open_bucket, routes_bucket_config, spawn_watchers};
+
+/// How long the NATS client gets to flush and close at the end.
+const NATS_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A short random id naming this ingress in its reply subjects.
+pub fn ingress_id() -> String {
+    let mut id = uuid::Uuid::new_v4().simple().to_string();
+    id.truncate(12);
+    id
+}
+
+/// Serves HTTP on `listener` until `shutdown` completes, then drains and returns.
+///
+/// Fails only when it cannot start (bad namespace, NATS unreachable for
+/// `config.connect_timeout`, buckets that cannot be opened) or when the HTTP server fails.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let names = Names::new(&config.namespace)?;
+    let id = ingress_id();
+    let client = crate::nats::connect(
+        &config.nats_url,
+        &format!("natserve-ingress-{id}"),
+        config.connect_timeout,
+    )
+    .await?;
+
+    let replies = Replies::new(names.reply_prefix(&id));
+    let subject = replies.wildcard();
+    let subscription = client
+        .subscribe(subject.clone())
+        .await
+        .map_err(|source| Error::Subscribe { subject, source })?;
+    let dispatcher = tokio::spawn(replies::dispatch(subscription, replies.clone()));
+
+    let submitter = Submitter::new(client.clone(), names.clone(), replies);
+    let routes_store = open_bucket(submitter.jetstream(), routes_bucket_config(&names)).await?;
+    let agents_store = open_bucket(submitter.jetstream(), agents_bucket_config(&names)).await?;
+    let table = RouteTable::shared();
+    let watching = CancellationToken::new();
+    let watchers = spawn_watchers(routes_store, agents_store, table.clone(), watching.clone());
+
+    let metrics = Metrics::new()?;
+    let app = Arc::new(App {
+        drain: Drain::new(metrics.inflight()),
+        config: config.clone(),
+        names: names.clone(),
+        routes: table,
+        submitter,
+        metrics,
+    });
+
+    let address = listener.local_addr()?;
+    let stop_http = CancellationToken::new();
+    let mut server = tokio::spawn(
+        axum::serve(listener, router(app.clone()))
+            .with_graceful_shutdown(stop_http.clone().cancelled_owned())
+            .into_future(),
+    );
+    info!(ingress = %id, %address, namespace = names.namespace(), "ingress listening");
+
+    let early_exit = tokio::select! {
+        () = shutdown => None,
+        exited = &mut server => Some(exited),
+    };
+    if let Some(exited) = early_exit {
+        watching.cancel();
+        let _ = client.drain().await;
+        return match exited {
+            Ok(result) => result.map_err(Error::Serve),
+            Err(join) => Err(Error::Serve(std::io::Error::other(join))),
+        };
+    }
+
+    info!(
+        inflight = app.drain.inflight(),
+        grace_ms = config.grace.as_millis() as u64,
+        "draining"
+    );
+    app.drain.start_draining();
+    if !app.drain.wait_idle(config.grace).await {
+        warn!(
+            inflight = app.drain.inflight(),
+            "grace period over with requests in flight"
+        );
+    }
+    stop_http.cancel();
+    // Every request ends by its deadline, so open connections close by then; past that,
+    // whatever is left is cut.
+    let backstop = config.timeout + REPLY_GRACE + Duration::from_secs(1);
+    match tokio::time::timeout(backstop, &mut server).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(join)) => warn!(error = %join, "http server task failed"),
+        Err(_) => {
+            warn!("http connections still open after the backstop, closing them");
+            server.abort();
+        }
+    }
+
+    watching.cancel();
+    for watcher in watchers {
+        let _ = watcher.await;
+    }
+    let close = async {
+        let _ = client.flush().await;
+        let _ = client.drain().await;
+        let _ = dispatcher.await;
+    };
+    if tokio::time::timeout(NATS_CLOSE_TIMEOUT, close)
+        .await
+        .is_err()
+    {
+        warn!("nats client did not close in time");
+    }
+    info!("ingress stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ingress_ids_are_short_subject_tokens() {
+        let a = ingress_id();
+        assert_eq!(a.len(), 12);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(a, ingress_id());
+    }
+}

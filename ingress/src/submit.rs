@@ -1,0 +1,263 @@
+//! The NATS side of one request: publish it to its route's first stage through JetStream,
+//! then wait for the one reply the pipeline sends back.
+//!
+//! Both waits end by the request's deadline, so no request hangs: a publish ack that does
+//! not come in time means NATS is unavailable, a reply that does not come means timeout.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::{jetstream, Client, HeaderMap, Message};
+use bytes::Bytes;
+use natserve_protocol::{headers, Names, Outcome};
+use tokio::time::Instant;
+
+use crate::error::RequestError;
+use crate::replies::Replies;
+
+/// Bytes of `max_payload` left for the headers of a work message.
+pub const HEADER_RESERVE: usize = 4 * 1024;
+/// How long after the deadline a reply is still awaited: the agent answers work that
+/// expired in its queue with `timeout`, and that answer is better than our own 504.
+pub const REPLY_GRACE: Duration = Duration::from_millis(250);
+/// JetStream error code of a publish rejected by a full stream (`discard: new`).
+pub const STREAM_FULL_CODE: u64 = 10077;
+
+/// A reply as it came from the pipeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub outcome: Outcome,
+    /// The media type of an `ok` body, as the last stage declared it.
+    pub content_type: Option<String>,
+    pub body: Bytes,
+    /// The raw `X-Batch-Sizes` header: one batch size per stage.
+    pub batch_sizes: Option<String>,
+}
+
+impl Reply {
+    pub fn from_message(message: Message) -> Result<Self, RequestError> {
+        let headers = message.headers.unwrap_or_default();
+        let get = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+        let status = get(headers::STATUS)
+            .ok_or_else(|| RequestError::BadReply("reply has no X-Status header".into()))?;
+        let outcome = status
+            .parse::<Outcome>()
+            .map_err(|e| RequestError::BadReply(e.to_string()))?;
+        Ok(Self {
+            outcome,
+            content_type: get(headers::CONTENT_TYPE),
+            body: message.payload,
+            batch_sizes: get(headers::BATCH_SIZES),
+        })
+    }
+}
+
+/// One request ready to go out.
+#[derive(Debug)]
+pub struct Submission<'a> {
+    pub route: &'a str,
+    pub slug: &'a str,
+    pub request_id: &'a str,
+    pub body: Bytes,
+    pub traceparent: Option<&'a str>,
+    /// Local deadline, for our own waits.
+    pub deadline: Instant,
+    /// The same deadline in unix milliseconds, for the agents.
+    pub deadline_ms: u64,
+}
+
+/// Publishes requests and collects their replies; shared by all handlers.
+#[derive(Debug, Clone)]
+pub struct Submitter {
+    client: Client,
+    jetstream: jetstream::Context,
+    names: Names,
+    replies: Arc<Replies>,
+}
+
+impl Submitter {
+    pub fn new(client: Client, names: Names, replies: Arc<Replies>) -> Self {
+        let jetstream = jetstream::new(client.clone());
+        Self {
+            client,
+            jetstream,
+            names,
+            replies,
+        }
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+
+    /// The largest body a work message can carry: the server's `max_payload` less room
+    /// for headers. `None` until the server has told us its `max_payload`.
+    pub fn max_nats_body(&self) -> Option<usize> {
+        match self.client.server_info().max_payload {
+            0 => None,
+            max => Some(max.saturating_sub(HEADER_RESERVE)),
+        }
+    }
+
+    pub async fn submit(&self, s: Submission<'_>) -> Result<Reply, RequestError> {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(RequestError::Nats("not connected".into()));
+        }
+        // Register first: the reply may arrive before the publish ack does.
+        let mut pending = self.replies.register(s.request_id);
+        let mut h = HeaderMap::new();
+        h.insert(headers::REQUEST_ID, s.request_id);
+        h.insert(headers::REPLY_TO, self.replies.subject(s.request_id));
+        h.insert(headers::DEADLINE, s.deadline_ms.to_string());
+        h.insert(headers::ROUTE, s.route);
+        h.insert(headers::MSG_ID, format!("{}.0", s.request_id));
+        if let Some(tp) = s.traceparent {
+            h.insert(headers::TRACEPARENT, tp);
+        }
+        let subject = self.names.work_subject(s.slug, 0);
+        let publish = async {
+            self.jetstream
+                .publish_with_headers(subject, h, s.body)
+                .await?
+                .await
+        };
+        match tokio::time::timeout_at(s.deadline, publish).await {
+            Err(_) => {
+                return Err(RequestError::Nats(
+                    "no publish ack before the deadline".into(),
+                ))
+            }
+            Ok(Err(e)) => {
+                let nats_limit = self.max_nats_body().unwrap_or(0);
+                return Err(classify_publish_error(&e, s.route, nats_limit));
+            }
+            Ok(Ok(_ack)) => {}
+        }
+        match tokio::time::timeout_at(s.deadline + REPLY_GRACE, pending.recv()).await {
+            Err(_) => Err(RequestError::DeadlinePassed),
+            Ok(None) => Err(RequestError::Nats("reply subscription closed".into())),
+            Ok(Some(message)) => Reply::from_message(message),
+        }
+    }
+}
+
+/// Turns a failed JetStream publish into the request's error.
+/// `nats_limit` is the body limit `max_payload` allows, named in a 413.
+pub fn classify_publish_error(
+    error: &PublishError,
+    route: &str,
+    nats_limit: usize,
+) -> RequestError {
+    match error.kind() {
+        PublishErrorKind::StreamNotFound => RequestError::NotServed {
+            route: route.to_owned(),
+        },
+        PublishErrorKind::MaxPayloadExceeded => RequestError::BodyTooLarge {
+            limit: nats_limit,
+            why: "nats max_payload",
+        },
+        _ if is_stream_full(error) => RequestError::QueueFull {
+            route: route.to_owned(),
+        },
+        _ => RequestError::Nats(error.to_string()),
+    }
+}
+
+fn is_stream_full(error: &PublishError) -> bool {
+    let api_error =
+        std::error::Error::source(error).and_then(|s| s.downcast_ref::<jetstream::Error>());
+    match api_error {
+        Some(e) => e.error_code().0 == STREAM_FULL_CODE,
+        None => error.to_string().contains("maximum messages exceeded"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(headers: &[(&str, &str)], body: &'static str) -> Message {
+        let mut h = HeaderMap::new();
+        for &(k, v) in headers {
+            h.insert(k, v);
+        }
+        Message {
+            subject: "ns.reply.i.r".into(),
+            reply: None,
+            payload: Bytes::from_static(body.as_bytes()),
+            headers: Some(h),
+            status: None,
+            description: None,
+            length: body.len(),
+        }
+    }
+
+    #[test]
+    fn reads_a_reply() {
+        let m = message(
+            &[
+                ("X-Status", "ok"),
+                ("Content-Type", "text/csv"),
+                ("X-Batch-Sizes", "4,1"),
+            ],
+            "a,b",
+        );
+        let r = Reply::from_message(m).unwrap();
+        assert_eq!(r.outcome, Outcome::Ok);
+        assert_eq!(r.content_type.as_deref(), Some("text/csv"));
+        assert_eq!(r.batch_sizes.as_deref(), Some("4,1"));
+        assert_eq!(r.body, "a,b");
+    }
+
+    #[test]
+    fn a_reply_without_a_known_status_is_bad() {
+        let m = message(&[], "x");
+        assert!(matches!(
+            Reply::from_message(m),
+            Err(RequestError::BadReply(_))
+        ));
+        let m = message(&[("X-Status", "teapot")], "x");
+        assert!(matches!(
+            Reply::from_message(m),
+            Err(RequestError::BadReply(_))
+        ));
+    }
+
+    #[test]
+    fn classifies_publish_errors() {
+        let route = "/r";
+        let e = PublishError::new(PublishErrorKind::StreamNotFound);
+        assert!(matches!(
+            classify_publish_error(&e, route, 9),
+            RequestError::NotServed { .. }
+        ));
+        let e = PublishError::new(PublishErrorKind::TimedOut);
+        assert!(matches!(
+            classify_publish_error(&e, route, 9),
+            RequestError::Nats(_)
+        ));
+        let e = PublishError::new(PublishErrorKind::MaxPayloadExceeded);
+        assert!(matches!(
+            classify_publish_error(&e, route, 9),
+            RequestError::BodyTooLarge { .. }
+        ));
+        let full: jetstream::Error = serde_json::from_str(
+            r#"{"code": 503, "err_code": 10077, "description": "maximum messages exceeded"}"#,
+        )
+        .unwrap();
+        let e = PublishError::with_source(PublishErrorKind::Other, full);
+        assert!(matches!(
+            classify_publish_error(&e, route, 9),
+            RequestError::QueueFull { .. }
+        ));
+        let other: jetstream::Error =
+            serde_json::from_str(r#"{"code": 500, "err_code": 10001, "description": "x"}"#)
+                .unwrap();
+        let e = PublishError::with_source(PublishErrorKind::Other, other);
+        assert!(matches!(
+            classify_publish_error(&e, route, 9),
+            RequestError::Nats(_)
+        ));
+    }
+}

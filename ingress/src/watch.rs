@@ -1,0 +1,263 @@
+//! Keeps the [`RouteTable`] in step with the `<ns>_routes` and `<ns>_agents` KV buckets.
+//!
+//! Either the agent or the ingress may start first, so both open the buckets with
+//! get-or-create. Each watcher replays the last value of every key, then follows changes;
+//! if the watch ends it is opened again, so a NATS outage heals by itself.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+use natserve_protocol::{AgentRecord, Names, RouteRecord};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::error::Error;
+use crate::routes::{RouteTable, SharedRoutes};
+
+/// How long the agents bucket keeps a record an agent stopped refreshing.
+pub const AGENTS_MAX_AGE: Duration = Duration::from_secs(30);
+
+/// The routes bucket: one value per key, kept until an agent deletes it.
+pub fn routes_bucket_config(names: &Names) -> kv::Config {
+    kv::Config {
+        bucket: names.routes_bucket(),
+        description: "natserve routes, by slug".to_owned(),
+        history: 1,
+        ..Default::default()
+    }
+}
+
+/// The agents bucket: one heartbeat per agent, dropped by the server after a while.
+pub fn agents_bucket_config(names: &Names) -> kv::Config {
+    kv::Config {
+        bucket: names.agents_bucket(),
+        description: "natserve live agents, by id".to_owned(),
+        history: 1,
+        max_age: AGENTS_MAX_AGE,
+        ..Default::default()
+    }
+}
+
+/// Opens a bucket, creating it when missing. A creation that loses a race with another
+/// process (or finds the bucket made with other settings) falls back to opening it.
+pub async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, Error> {
+    let bucket = config.bucket.clone();
+    if let Ok(store) = js.get_key_value(&bucket).await {
+        return Ok(store);
+    }
+    match js.create_key_value(config).await {
+        Ok(store) => {
+            info!(bucket, "created kv bucket");
+            Ok(store)
+        }
+        Err(create) => js
+            .get_key_value(&bucket)
+            .await
+            .map_err(|get| Error::Bucket {
+                bucket,
+                message: format!("create failed ({create}), then get failed ({get})"),
+            }),
+    }
+}
+
+/// Applies one entry of the routes bucket. Returns false when the value was unusable.
+pub fn apply_route_entry(
+    table: &mut RouteTable,
+    key: &str,
+    operation: kv::Operation,
+    value: &[u8],
+) -> bool {
+    match operation {
+        kv::Operation::Delete | kv::Operation::Purge => {
+            table.remove_route(key);
+            true
+        }
+        kv::Operation::Put => match serde_json::from_slice::<RouteRecord>(value) {
+            Ok(record) => {
+                table.put_route(key, record);
+                true
+            }
+            Err(e) => {
+                warn!(key, error = %e, "ignoring route record that is not valid json");
+                false
+            }
+        },
+    }
+}
+
+/// Applies one entry of the agents bucket, received at `now`.
+pub fn apply_agent_entry(
+    table: &mut RouteTable,
+    key: &str,
+    operation: kv::Operation,
+    value: &[u8],
+    now: Instant,
+) -> bool {
+    table.forget_dead_agents(now);
+    match operation {
+        kv::Operation::Delete | kv::Operation::Purge => {
+            table.remove_agent(key);
+            true
+        }
+        kv::Operation::Put => match serde_json::from_slice::<AgentRecord>(value) {
+            Ok(record) => {
+                if record.heartbeat_ms == 0 {
+                    warn!(
+                        key,
+                        "agent record has heartbeat_ms 0; it never counts as live"
+                    );
+                }
+                table.put_agent(key, record, now);
+                true
+            }
+            Err(e) => {
+                warn!(key, error = %e, "ignoring agent record that is not valid json");
+                false
+            }
+        },
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Bucket {
+    Routes,
+    Agents,
+}
+
+/// Starts one watcher per bucket; they stop when `cancel` fires.
+pub fn spawn_watchers(
+    routes: kv::Store,
+    agents: kv::Store,
+    table: SharedRoutes,
+    cancel: CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    vec![
+        tokio::spawn(follow(
+            routes,
+            Bucket::Routes,
+            table.clone(),
+            cancel.clone(),
+        )),
+        tokio::spawn(follow(agents, Bucket::Agents, table, cancel)),
+    ]
+}
+
+async fn follow(store: kv::Store, which: Bucket, table: SharedRoutes, cancel: CancellationToken) {
+    let bucket = store.name.clone();
+    loop {
+        let watch = tokio::select! {
+            _ = cancel.cancelled() => return,
+            w = store.watch_with_history(">") => w,
+        };
+        let mut watch = match watch {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(bucket, error = %e, "kv watch failed to start, retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        debug!(bucket, "watching kv bucket");
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return,
+                n = watch.next() => n,
+            };
+            let entry = match next {
+                Some(Ok(entry)) => entry,
+                Some(Err(e)) => {
+                    warn!(bucket, error = %e, "kv watch error");
+                    continue;
+                }
+                None => {
+                    warn!(bucket, "kv watch ended, watching again");
+                    break;
+                }
+            };
+            let mut table = table.write().unwrap_or_else(|p| p.into_inner());
+            match which {
+                Bucket::Routes => {
+                    apply_route_entry(&mut table, &entry.key, entry.operation, &entry.value)
+                }
+                Bucket::Agents => apply_agent_entry(
+                    &mut table,
+                    &entry.key,
+                    entry.operation,
+                    &entry.value,
+                    Instant::now(),
+                ),
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kv::Operation;
+
+    #[test]
+    fn route_entries_put_replace_and_remove() {
+        let mut t = RouteTable::default();
+        let v1 = br#"{"route": "/inference", "stages": 1, "names": ["A"]}"#;
+        assert!(apply_route_entry(&mut t, "inference", Operation::Put, v1));
+        assert_eq!(t.lookup("/inference").unwrap().stages, 1);
+
+        let v2 = br#"{"route": "/inference", "stages": 2}"#;
+        assert!(apply_route_entry(&mut t, "inference", Operation::Put, v2));
+        assert_eq!(t.lookup("/inference").unwrap().stages, 2);
+
+        assert!(!apply_route_entry(
+            &mut t,
+            "inference",
+            Operation::Put,
+            b"{"
+        ));
+        assert_eq!(
+            t.lookup("/inference").unwrap().stages,
+            2,
+            "bad json keeps the old"
+        );
+
+        assert!(apply_route_entry(
+            &mut t,
+            "inference",
+            Operation::Delete,
+            b""
+        ));
+        assert!(t.lookup("/inference").is_none());
+        apply_route_entry(&mut t, "inference", Operation::Put, v1);
+        apply_route_entry(&mut t, "inference", Operation::Purge, b"");
+        assert!(t.lookup("/inference").is_none());
+    }
+
+    #[test]
+    fn agent_entries_count_from_their_receive_time() {
+        let now = Instant::now();
+        let mut t = RouteTable::default();
+        let record = br#"{"id": "a", "host": "h", "pid": 1, "heartbeat_ms": 1000,
+            "stages": [{"route": "/x", "stage": 0, "name": "W", "workers": 2, "ready": 2, "free": 1}]}"#;
+        assert!(apply_agent_entry(&mut t, "a", Operation::Put, record, now));
+        assert_eq!(t.ready_workers("/x", 0, now), 2);
+        assert_eq!(t.ready_workers("/x", 0, now + Duration::from_secs(3)), 0);
+
+        assert!(!apply_agent_entry(&mut t, "b", Operation::Put, b"[]", now));
+        assert!(apply_agent_entry(&mut t, "a", Operation::Delete, b"", now));
+        assert_eq!(t.ready_workers("/x", 0, now), 0);
+    }
+
+    #[test]
+    fn bucket_configs_follow_the_names() {
+        let names = Names::new("ns").unwrap();
+        let routes = routes_bucket_config(&names);
+        assert_eq!(routes.bucket, "ns_routes");
+        assert_eq!(routes.history, 1);
+        let agents = agents_bucket_config(&names);
+        assert_eq!(agents.bucket, "ns_agents");
+        assert_eq!(agents.max_age, AGENTS_MAX_AGE);
+    }
+}

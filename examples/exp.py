@@ -1,7 +1,7 @@
 """Example: calculate the exponential of a number (Mosec's classic example).
 
-    python examples/exp.py
-    curl -X POST localhost:8000/inference -d '{"x": 2}'    # {"y": 7.38905609893065}
+python examples/exp.py
+curl -X POST localhost:8000/inference -d '{"x": 2}'    # {"y": 7.38905609893065}
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ every response can be matched to its own request.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any
 
 from natserve import Server, Worker, get_logger
 from natserve.errors import ValidationError
@@ -22,9 +22,7 @@ logger = get_logger()
 class Preprocess(Worker):
     """Turns the request into the float the model takes."""
 
-    example = {"x": 1}
-
-    def forward(self, req: Dict[str, Any]) -> float:
+    def forward(self, req: dict[str, Any]) -> float:
         try:
             return float(req["x"])
         except KeyError as err:
@@ -40,9 +38,11 @@ class Inference(Worker):
 
     def __init__(self) -> None:
         super().__init__()
-        logger.info("inference worker %d of stage %d loading", self.worker_id, self.stage)
+        logger.info(
+            "inference worker %d of stage %d loading", self.worker_id, self.stage
+        )
 
-    def forward(self, batch: List[float]) -> List[Dict[str, Any]]:
+    def forward(self, batch: list[float]) -> list[dict[str, Any]]:
         return [{"x": v, "y": v * 2, "batch": len(batch)} for v in batch]
 
 

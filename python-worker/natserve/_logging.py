@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 _LOGGER_NAME = "natserve"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time of each record (it may be
+    replaced after logging is configured, by tests or by the user's program)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 def get_logger() -> logging.Logger:
@@ -27,11 +44,10 @@ def configure(level: str, *, prefix: str = "") -> None:
     logger.setLevel(level.upper())
     logger.propagate = False
     fmt = f"%(asctime)s %(levelname)s {prefix + ' ' if prefix else ''}%(name)s: %(message)s"
-    for handler in logger.handlers:
-        if getattr(handler, "_natserve", False):
-            handler.setFormatter(logging.Formatter(fmt))
+    for existing in logger.handlers:
+        if isinstance(existing, _StderrHandler):
+            existing.setFormatter(logging.Formatter(fmt))
             return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(fmt))
-    handler._natserve = True  # type: ignore[attr-defined]
     logger.addHandler(handler)

@@ -72,8 +72,18 @@ def serve(
     spec = stages[stage]
     conn = Connection(sock, max_frame)
     try:
+        return _serve(conn, spec, stage == len(stages) - 1, worker_id)
+    finally:
+        conn.close()
+
+
+def _serve(conn: Connection, spec: StageSpec, last: bool, worker_id: int) -> int:
+    try:
         worker = build_worker(
-            spec.worker, worker_id=worker_id, stage=stage, max_batch_size=spec.max_batch_size
+            spec.worker,
+            worker_id=worker_id,
+            stage=spec.index,
+            max_batch_size=spec.max_batch_size,
         )
         warmed = warm_up(worker)
     except Exception:
@@ -83,7 +93,7 @@ def serve(
             spec.name,
         )
         return 1
-    runner = BatchRunner(worker, first=stage == 0, last=stage == len(stages) - 1)
+    runner = BatchRunner(worker, first=spec.index == 0, last=last)
     try:
         conn.write_frame(Ready(pid=os.getpid()))
         logger.info("worker %s ready (pid %d, %d warm-up examples)", spec.name, os.getpid(), warmed)
@@ -102,8 +112,6 @@ def serve(
     except OSError as err:
         logger.error("socket to the agent failed: %s; exiting", err)
         return 1
-    finally:
-        conn.close()
 
 
 def _env_int(env: Mapping[str, str], name: str) -> Optional[int]:

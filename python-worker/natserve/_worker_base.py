@@ -16,7 +16,7 @@ import abc
 import json
 from typing import Any, List, Optional
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]  # ships no type hints
 
 from .errors import DecodingError, EncodingError, ServerError
 

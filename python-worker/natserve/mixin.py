@@ -10,7 +10,7 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]  # ships no type hints
 
 from .errors import DecodingError, EncodingError
 

@@ -1,0 +1,151 @@
+"""The agent config the launcher writes, and --stages selection."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, List
+
+import pytest
+
+from natserve import Server, Worker
+from natserve._agent_config import (
+    StageSelectionError,
+    agent_config,
+    select_stages,
+    worker_command,
+    write_agent_config,
+)
+from natserve._launcher import main as launcher_main
+from natserve.mixin import MsgpackMixin
+
+
+class Preprocess(Worker):
+    def forward(self, data: Any) -> Any:
+        return data
+
+
+class Inference(Worker):
+    def forward(self, data: List[Any]) -> List[Any]:
+        return data
+
+
+class Embed(MsgpackMixin, Worker):
+    def forward(self, data: Any) -> Any:
+        return data
+
+
+def make_server() -> Server:
+    server = Server()
+    server.append_worker(Preprocess, num=2, env=[{"GPU": "0"}, {"GPU": "1"}])
+    server.append_worker(Inference, max_batch_size=8, max_wait_time=10, timeout=2000)
+    server.append_worker(Preprocess, route="/v1/embed")
+    server.append_worker(Embed, route="/v1/embed", max_batch_size=4)
+    return server
+
+
+def keys(stages: Any) -> List[str]:
+    return [f"{s.route}:{s.index}" for s in stages]
+
+
+def test_config_document_matches_the_protocol() -> None:
+    server = make_server()
+    cmd = ["/abs/python", "/abs/app.py", "--port", "1"]
+    config = agent_config(server.routes, select_stages(server.routes, None), cmd)
+    assert config["worker_cmd"] == cmd
+    assert config["routes"] == [
+        {"route": "/inference", "names": ["Preprocess", "Inference"]},
+        {"route": "/v1/embed", "names": ["Preprocess", "Embed"]},
+    ]
+    assert config["stages"][0] == {
+        "route": "/inference",
+        "stage": 0,
+        "name": "Preprocess",
+        "num": 2,
+        "max_batch_size": 1,
+        "max_wait_ms": 0,
+        "timeout_ms": 0,
+        "env": [{"GPU": "0"}, {"GPU": "1"}],
+        "mime": "application/json",
+    }
+    assert config["stages"][1] == {
+        "route": "/inference",
+        "stage": 1,
+        "name": "Inference",
+        "num": 1,
+        "max_batch_size": 8,
+        "max_wait_ms": 10,
+        "timeout_ms": 2000,
+        "env": None,
+        "mime": "application/json",
+    }
+    assert config["stages"][3]["mime"] == "application/msgpack"
+    assert [(s["route"], s["stage"]) for s in config["stages"]] == [
+        ("/inference", 0),
+        ("/inference", 1),
+        ("/v1/embed", 0),
+        ("/v1/embed", 1),
+    ]
+
+
+def test_config_file_is_json(tmp_path: Path) -> None:
+    server = make_server()
+    config = agent_config(server.routes, select_stages(server.routes, None), ["p"])
+    path = write_agent_config(tmp_path / "agent.json", config)
+    assert json.loads(path.read_text()) == config
+
+
+@pytest.mark.parametrize(
+    ("selectors", "expected"),
+    [
+        (None, ["/inference:0", "/inference:1", "/v1/embed:0", "/v1/embed:1"]),
+        (["Inference"], ["/inference:1"]),
+        (["Preprocess"], ["/inference:0", "/v1/embed:0"]),  # a class name picks every use
+        (["/v1/embed:1", "/inference:0"], ["/inference:0", "/v1/embed:1"]),  # stage order kept
+        (["Embed", "Embed", "/v1/embed:1"], ["/v1/embed:1"]),
+    ],
+)
+def test_stage_selection(selectors: Any, expected: List[str]) -> None:
+    assert keys(select_stages(make_server().routes, selectors)) == expected
+
+
+@pytest.mark.parametrize("selector", ["Nope", "/inference:2", "/inference", "inference:0"])
+def test_unknown_stage_is_an_error_listing_the_known_ones(selector: str) -> None:
+    with pytest.raises(StageSelectionError) as info:
+        select_stages(make_server().routes, [selector])
+    message = str(info.value)
+    assert f"unknown stage {selector!r}" in message
+    assert "Embed, Inference, Preprocess, /inference:0, /inference:1" in message
+
+
+def test_filtered_config_lists_all_routes_but_only_hosted_stages() -> None:
+    server = make_server()
+    config = agent_config(server.routes, select_stages(server.routes, ["Inference"]), ["p"])
+    assert len(config["routes"]) == 2
+    assert [(s["route"], s["stage"]) for s in config["stages"]] == [("/inference", 1)]
+
+
+def test_worker_command_reruns_this_program_with_its_arguments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["app.py", "--port", "9", "--mine"])
+    assert worker_command() == [
+        sys.executable,
+        os.path.abspath("app.py"),
+        "--port",
+        "9",
+        "--mine",
+    ]
+
+
+def test_launcher_refuses_an_unknown_stage_with_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        launcher_main(make_server().routes, ["--stages", "Inference,Missing"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("natserve: error: --stages: unknown stage 'Missing' (known: ")

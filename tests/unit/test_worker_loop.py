@@ -1,0 +1,434 @@
+"""The worker-process loop, driven over socketpair() by a fake agent."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import msgpack
+import pytest
+
+from conftest import FakeAgent
+from natserve import Server, Worker
+from natserve._protocol import Connection, Ready, Results, Status
+from natserve._worker import main as worker_main
+from natserve.errors import (
+    ClientError,
+    DecodingError,
+    EncodingError,
+    ServerError,
+    ValidationError,
+)
+
+Start = Callable[..., FakeAgent]
+
+
+class Exp(Worker):
+    def forward(self, req: Dict[str, Any]) -> Dict[str, float]:
+        try:
+            x = float(req["x"])
+        except KeyError as err:
+            raise ValidationError("cannot find key 'x'") from err
+        except (TypeError, ValueError) as err:
+            raise ValidationError("cannot convert 'x' value to float") from err
+        return {"y": math.exp(x)}
+
+
+class Raising(Worker):
+    """Raises what the request names, to check each error's status and body."""
+
+    def forward(self, req: Dict[str, Any]) -> Any:
+        kind = req["raise"]
+        if kind == "zero":
+            return 1 / 0
+        if kind == "key":
+            return {}["missing"]
+        errors = {
+            "validation": ValidationError("bad x"),
+            "decoding": DecodingError("bad bytes"),
+            "client": ClientError("bad client"),
+            "encoding": EncodingError("bad output"),
+            "server": ServerError("model broke"),
+            "long": ValidationError("x" * 5000),
+            "empty": ValidationError(),
+        }
+        raise errors[kind]
+
+
+def server_with(*workers: Any, **kwargs: Any) -> Server:
+    server = Server()
+    for worker in workers:
+        server.append_worker(worker, **kwargs)
+    return server
+
+
+def body_json(result: Any) -> Any:
+    assert result.status == Status.OK, result
+    return json.loads(result.body)
+
+
+def test_ready_then_results_in_order(start_worker: Start) -> None:
+    agent = start_worker(server_with(Exp))
+    assert agent.ready().pid == os.getpid()
+    results = agent.batch([b'{"x": 2}', b'{"x": 0}', b'{"x": -1}'], batch_id=2**40)
+    assert [body_json(r) for r in results] == [
+        {"y": math.exp(2)},
+        {"y": 1.0},
+        {"y": math.exp(-1)},
+    ]
+    assert agent.close() == 0
+
+
+def test_validation_errors_are_per_item(start_worker: Start) -> None:
+    agent = start_worker(server_with(Exp))
+    agent.ready()
+    ok, missing, bad = agent.batch([b'{"x": 1}', b'{"y": 1}', b'{"x": "abc"}'])
+    assert body_json(ok) == {"y": math.e}
+    assert (missing.status, missing.body) == (
+        Status.VALIDATION_ERROR,
+        b"validation error: cannot find key 'x'",
+    )
+    assert (bad.status, bad.body) == (
+        Status.VALIDATION_ERROR,
+        b"validation error: cannot convert 'x' value to float",
+    )
+
+
+def test_undecodable_and_empty_bodies_are_decoding_errors(start_worker: Start) -> None:
+    agent = start_worker(server_with(Exp))
+    agent.ready()
+    garbage, empty, binary = agent.batch([b"not json", b"", b"\xff\xfe"])
+    for result in (garbage, empty, binary):
+        assert result.status == Status.CLIENT_ERROR
+        assert result.body.startswith(b"decoding error: ")
+    assert empty.body == b"decoding error: empty request body, expected JSON"
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "body"),
+    [
+        ("validation", Status.VALIDATION_ERROR, "validation error: bad x"),
+        ("decoding", Status.CLIENT_ERROR, "decoding error: bad bytes"),
+        ("client", Status.CLIENT_ERROR, "client error: bad client"),
+        ("encoding", Status.SERVER_ERROR, "encoding error: bad output"),
+        ("server", Status.SERVER_ERROR, "server error: model broke"),
+        ("zero", Status.SERVER_ERROR, "internal error: ZeroDivisionError: division by zero"),
+        ("key", Status.SERVER_ERROR, "internal error: KeyError: 'missing'"),
+        ("empty", Status.VALIDATION_ERROR, "validation error: invalid data"),
+    ],
+)
+def test_each_error_maps_to_its_status_and_prefix(
+    start_worker: Start, kind: str, status: Status, body: str
+) -> None:
+    agent = start_worker(server_with(Raising))
+    agent.ready()
+    (result,) = agent.batch([json.dumps({"raise": kind}).encode()])
+    assert (result.status, result.body.decode()) == (status, body)
+
+
+def test_internal_error_traceback_goes_to_the_log_not_the_client(
+    start_worker: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="natserve")
+    agent = start_worker(server_with(Raising))
+    agent.ready()
+    (result,) = agent.batch([b'{"raise": "zero"}'])
+    assert b"Traceback" not in result.body and b"line" not in result.body
+    logged = [r for r in caplog.records if r.exc_info and r.levelno == logging.ERROR]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+    assert logged[0].exc_info[0] is ZeroDivisionError
+
+
+def test_long_error_messages_are_truncated(start_worker: Start) -> None:
+    agent = start_worker(server_with(Raising))
+    agent.ready()
+    (result,) = agent.batch([b'{"raise": "long"}'])
+    assert result.body.startswith(b"validation error: xxx")
+    assert result.body.endswith(b"...")
+    assert len(result.body) < 250
+
+
+class Doubler(Worker):
+    """A batching worker that fails a whole batch when it holds a "bad" item."""
+
+    calls: List[List[Any]] = []
+
+    def forward(self, batch: List[Any]) -> List[Any]:
+        Doubler.calls.append(list(batch))
+        if "bad" in batch:
+            raise ValueError("bad item in batch")
+        if "invalid" in batch:
+            raise ValidationError("invalid item in batch")
+        return [v * 2 for v in batch]
+
+
+@pytest.fixture
+def doubler_calls() -> List[List[Any]]:
+    Doubler.calls = []
+    return Doubler.calls
+
+
+def test_batch_splitting_isolates_the_bad_item(
+    start_worker: Start, doubler_calls: List[List[Any]]
+) -> None:
+    agent = start_worker(server_with(Doubler, max_batch_size=8))
+    agent.ready()
+    items = [1, "bad", 3, 4, 5]
+    results = agent.batch([json.dumps(v).encode() for v in items])
+    assert [r.status for r in results] == [
+        Status.OK,
+        Status.SERVER_ERROR,
+        Status.OK,
+        Status.OK,
+        Status.OK,
+    ]
+    assert [json.loads(r.body) for i, r in enumerate(results) if i != 1] == [2, 6, 8, 10]
+    assert results[1].body == b"internal error: ValueError: bad item in batch"
+    # the whole batch, then halves until the bad item runs alone
+    assert doubler_calls[0] == items
+    assert ["bad"] in doubler_calls
+    assert [3, 4, 5] in doubler_calls  # the clean half ran once, as a batch
+
+
+def test_batch_splitting_isolates_two_bad_items_of_different_kinds(
+    start_worker: Start, doubler_calls: List[List[Any]]
+) -> None:
+    agent = start_worker(server_with(Doubler, max_batch_size=8))
+    agent.ready()
+    items = [1, 2, "invalid", 4, 5, 6, "bad", 8]
+    results = agent.batch([json.dumps(v).encode() for v in items])
+    statuses = [r.status for r in results]
+    assert statuses[2] == Status.VALIDATION_ERROR
+    assert results[2].body == b"validation error: invalid item in batch"
+    assert statuses[6] == Status.SERVER_ERROR
+    ok = [json.loads(r.body) for r in results if r.status == Status.OK]
+    assert ok == [2, 4, 8, 10, 12, 16]
+
+
+def test_an_undecodable_item_is_left_out_of_the_forward_batch(
+    start_worker: Start, doubler_calls: List[List[Any]]
+) -> None:
+    agent = start_worker(server_with(Doubler, max_batch_size=8))
+    agent.ready()
+    results = agent.batch([b"1", b"{broken", b"3"])
+    assert doubler_calls == [[1, 3]]
+    assert [r.status for r in results] == [Status.OK, Status.CLIENT_ERROR, Status.OK]
+    assert [results[0].body, results[2].body] == [b"2", b"6"]
+
+
+class WrongLength(Worker):
+    def forward(self, batch: List[Any]) -> Any:
+        return batch[:-1] if len(batch) > 1 else {"not": "a list"}
+
+
+def test_wrong_length_forward_fails_those_items_saying_so(start_worker: Start) -> None:
+    agent = start_worker(server_with(WrongLength, max_batch_size=4))
+    agent.ready()
+    results = agent.batch([b"1", b"2", b"3"])
+    for result in results:
+        assert result.status == Status.SERVER_ERROR
+        assert result.body.startswith(
+            b"internal error: forward returned a list of 2 for a batch of 3"
+        )
+    (single,) = agent.batch([b"1"])
+    assert single.status == Status.SERVER_ERROR
+    assert b"forward returned a dict for a batch of 1" in single.body
+
+
+def test_unbatched_stage_gets_one_item_per_forward_call(start_worker: Start) -> None:
+    seen: List[Any] = []
+
+    class One(Worker):
+        def forward(self, data: Any) -> Any:
+            seen.append(data)
+            return data
+
+    agent = start_worker(server_with(One))
+    agent.ready()
+    results = agent.batch([b"[1, 2]", b'{"a": 1}'])
+    assert seen == [[1, 2], {"a": 1}]
+    assert [r.body for r in results] == [b"[1, 2]", b'{"a": 1}']
+
+
+class First(Worker):
+    def forward(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        return {"v": req["x"] + 1, "raw": b"\x00\x01"}
+
+
+class Middle(Worker):
+    def forward(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        assert data["raw"] == b"\x00\x01"  # bytes survive msgpack between stages
+        return {"v": data["v"] * 10}
+
+
+class Last(Worker):
+    def forward(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        return {"result": data["v"]}
+
+
+def test_pipeline_stages_use_json_at_the_edges_and_msgpack_between(start_worker: Start) -> None:
+    server = server_with(First, Middle, Last)
+    first = start_worker(server, stage=0)
+    middle = start_worker(server, stage=1)
+    last = start_worker(server, stage=2)
+    for agent in (first, middle, last):
+        agent.ready()
+    (r0,) = first.batch([b'{"x": 1}'])
+    assert r0.status == Status.OK
+    assert msgpack.unpackb(r0.body) == {"v": 2, "raw": b"\x00\x01"}
+    (r1,) = middle.batch([r0.body])
+    assert r1.status == Status.OK and msgpack.unpackb(r1.body) == {"v": 20}
+    (r2,) = last.batch([r1.body])
+    assert r2.status == Status.OK and json.loads(r2.body) == {"result": 20}
+    # a later stage does not treat its input as JSON
+    (bad,) = last.batch([b'{"v": 1}'])
+    assert bad.status == Status.SERVER_ERROR
+    assert bad.body.startswith(b"server error: cannot decode the previous stage's output")
+
+
+class SetMaker(Worker):
+    def forward(self, req: Any) -> Any:
+        return {1, 2, 3}
+
+
+def test_msgpack_ipc_refuses_what_it_cannot_encode(start_worker: Start) -> None:
+    server = server_with(SetMaker, Last)
+    agent = start_worker(server, stage=0)
+    agent.ready()
+    (result,) = agent.batch([b"{}"])
+    assert result.status == Status.SERVER_ERROR
+    assert result.body.startswith(b"encoding error: cannot serialize the result for the next stage")
+
+
+def test_unserializable_last_stage_output_is_an_encoding_error(start_worker: Start) -> None:
+    agent = start_worker(server_with(SetMaker))
+    agent.ready()
+    (result,) = agent.batch([b"{}"])
+    assert result.status == Status.SERVER_ERROR
+    assert result.body.startswith(b"encoding error: cannot serialize the result as JSON")
+
+
+def test_warm_up_runs_the_example_before_ready(start_worker: Start) -> None:
+    seen: List[Any] = []
+
+    class Warm(Worker):
+        example = {"x": 1}
+
+        def forward(self, data: Any) -> Any:
+            seen.append(data)
+            return data
+
+    agent = start_worker(server_with(Warm))
+    agent.ready()
+    assert seen == [{"x": 1}]  # READY arrived and no batch was sent yet
+
+
+def test_warm_up_of_a_batching_stage_uses_full_batches_of_each_multi_example(
+    start_worker: Start,
+) -> None:
+    seen: List[Any] = []
+
+    class Warm(Worker):
+        multi_examples = [1, 2]
+
+        def forward(self, batch: List[Any]) -> List[Any]:
+            seen.append(batch)
+            return batch
+
+    agent = start_worker(server_with(Warm, max_batch_size=3))
+    agent.ready()
+    assert seen == [[1, 1, 1], [2, 2, 2]]
+
+
+def test_failed_warm_up_exits_without_ready(start_worker: Start) -> None:
+    class Broken(Worker):
+        example = {"y": 1}
+
+        def forward(self, data: Any) -> Any:
+            return data["x"]
+
+    agent = start_worker(server_with(Broken))
+    assert agent.read() is None  # the worker closed its socket instead of READY
+    assert agent.join() == 1
+
+
+def test_worker_id_and_stage_are_set_when_init_runs(start_worker: Start) -> None:
+    seen: List[Any] = []
+
+    class Pre(Worker):
+        def forward(self, data: Any) -> Any:
+            return data
+
+    class Identity(Worker):
+        def __init__(self) -> None:
+            seen.append((self.worker_id, self.stage, self.max_batch_size))
+            super().__init__()
+            seen.append((self.worker_id, self.stage, self.max_batch_size))
+
+        def forward(self, batch: List[Any]) -> List[Any]:
+            return [[self.worker_id, self.stage] for _ in batch]
+
+    server = Server()
+    server.append_worker(Pre)
+    server.append_worker(Identity, num=3, max_batch_size=2)
+    agent = start_worker(server, stage=1, worker_id=3)
+    agent.ready()
+    assert seen == [(3, 1, 2), (3, 1, 2)]
+    (result,) = agent.batch([msgpack.packb(0)])
+    assert json.loads(result.body) == [3, 1]
+
+
+def test_an_unexpected_frame_from_the_agent_ends_the_worker(start_worker: Start) -> None:
+    agent = start_worker(server_with(Exp))
+    agent.ready()
+    agent.conn.write_frame(Ready(pid=1))
+    assert agent.join() == 1
+
+
+def test_main_connects_to_the_socket_named_in_the_environment(tmp_path: Path) -> None:
+    path = str(tmp_path / "w.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    server = server_with(Exp, route="/v1/exp")
+    env = {
+        "NATSERVE_SOCKET": path,
+        "NATSERVE_WORKER_ROUTE": "/v1/exp",
+        "NATSERVE_WORKER_STAGE": "0",
+        "NATSERVE_WORKER_ID": "2",
+    }
+    codes: List[int] = []
+    thread = threading.Thread(target=lambda: codes.append(worker_main(server.routes, [], env)))
+    thread.start()
+    sock, _ = listener.accept()
+    sock.settimeout(10)
+    conn = Connection(sock)
+    assert isinstance(conn.read_frame(), Ready)
+    from natserve._protocol import Batch
+
+    conn.write_frame(Batch(id=5, items=[b'{"x": 0}']))
+    frame = conn.read_frame()
+    assert isinstance(frame, Results) and frame.items[0].body == b'{"y": 1.0}'
+    conn.close()
+    thread.join(10)
+    listener.close()
+    assert codes == [0]
+
+
+def test_main_refuses_a_stage_the_program_does_not_have() -> None:
+    server = server_with(Exp)
+    env = {
+        "NATSERVE_SOCKET": "/nonexistent.sock",
+        "NATSERVE_WORKER_ROUTE": "/inference",
+        "NATSERVE_WORKER_STAGE": "1",
+        "NATSERVE_WORKER_ID": "1",
+    }
+    assert worker_main(server.routes, [], env) == 1
+    env["NATSERVE_WORKER_STAGE"] = "0"  # right stage, but nobody listens
+    assert worker_main(server.routes, [], env) == 1

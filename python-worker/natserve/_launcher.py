@@ -39,13 +39,18 @@ AGENT_GRACE_S = 30.0
 POLL_INTERVAL_S = 0.1
 
 
+def rust_log_level(level: str) -> str:
+    """The Rust binaries' spelling (tracing's EnvFilter reads "warning" as a target name)."""
+    return "warn" if level == "warning" else level
+
+
 def agent_argv(binary: str, settings: Settings, nats_url: str, config: Path) -> List[str]:
     return [
         binary,
         "--nats", nats_url,
         "--namespace", settings.namespace,
         "--config", str(config),
-        "--log-level", settings.log_level,
+        "--log-level", rust_log_level(settings.log_level),
     ]  # fmt: skip
 
 
@@ -58,7 +63,7 @@ def ingress_argv(binary: str, settings: Settings, nats_url: str) -> List[str]:
         "--port", str(settings.port),
         "--timeout-ms", str(settings.timeout),
         "--max-body-size", str(settings.max_body_size),
-        "--log-level", settings.log_level,
+        "--log-level", rust_log_level(settings.log_level),
     ]  # fmt: skip
 
 

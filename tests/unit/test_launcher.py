@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,8 @@ from typing import Dict, List, Optional
 import pytest
 
 from natserve._binaries import BinaryNotFoundError, find
+from natserve._launcher import agent_argv, ingress_argv
+from natserve._settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = REPO / "examples" / "pipeline.py"
@@ -160,8 +163,8 @@ def test_role_and_stages_choose_what_runs(tmp_path: Path) -> None:
     config = json.loads((launch.out / "agent-config.json").read_text())
     assert [(s["route"], s["stage"]) for s in config["stages"]] == [("/inference", 1)]
     launch.proc.send_signal(signal.SIGTERM)
-    assert launch.finish() is not None
-    assert launch.proc.returncode == 0
+    err = launch.finish()
+    assert launch.proc.returncode == 0, err
     assert not (launch.out / "natserve-ingress.json").exists()
 
 
@@ -190,8 +193,6 @@ def test_without_nats_flag_a_local_nats_server_is_started(tmp_path: Path) -> Non
     argv = launch.child("natserve-ingress")["argv"]
     url = argv[argv.index("--nats") + 1]  # type: ignore[union-attr,index]
     assert url.startswith("nats://127.0.0.1:")  # type: ignore[union-attr]
-    import socket
-
     port = int(url.rsplit(":", 1)[1])  # type: ignore[union-attr]
     socket.create_connection(("127.0.0.1", port), 2).close()
     launch.proc.send_signal(signal.SIGTERM)
@@ -199,3 +200,11 @@ def test_without_nats_flag_a_local_nats_server_is_started(tmp_path: Path) -> Non
     assert launch.proc.returncode == 0, err
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), 1).close()
+
+
+def test_rust_binaries_get_their_spelling_of_the_log_level() -> None:
+    settings = Settings(log_level="warning")
+    assert agent_argv("a", settings, "nats://x", Path("c"))[-2:] == ["--log-level", "warn"]
+    assert ingress_argv("i", settings, "nats://x")[-2:] == ["--log-level", "warn"]
+    debug = Settings(log_level="debug")
+    assert ingress_argv("i", debug, "nats://x")[-2:] == ["--log-level", "debug"]

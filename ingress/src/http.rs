@@ -72,6 +72,8 @@ async fn with_request_id(mut request: Request, next: Next) -> Response {
 async fn readiness(State(app): State<Arc<App>>) -> Response {
     let result = if app.drain.is_draining() {
         Err(RequestError::Draining)
+    } else if !app.submitter.is_connected() {
+        Err(RequestError::NotReady("nats disconnected".to_owned()))
     } else {
         let table = app.routes.read().unwrap_or_else(|p| p.into_inner());
         table

@@ -100,8 +100,13 @@ impl Submitter {
         }
     }
 
+    /// Whether the NATS connection is up right now (it reconnects by itself).
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
     pub async fn submit(&self, s: Submission<'_>) -> Result<Reply, RequestError> {
-        if self.client.connection_state() != async_nats::connection::State::Connected {
+        if !self.is_connected() {
             return Err(RequestError::Nats("not connected".into()));
         }
         // Register first: the reply may arrive before the publish ack does.

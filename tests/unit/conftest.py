@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from typing import Any, Callable, Iterator, List, Optional, Sequence
@@ -76,3 +77,14 @@ def start_worker() -> Iterator[Callable[..., FakeAgent]]:
     for agent in started:
         agent.conn.close()
         agent.thread.join(5)
+
+
+@pytest.fixture(autouse=True)
+def reset_natserve_logging() -> Iterator[None]:
+    """Undoes `natserve._logging.configure` (called by launcher and worker entry points)
+    so each test's log capture sees natserve's records."""
+    yield
+    logger = logging.getLogger("natserve")
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)

@@ -28,6 +28,11 @@ class Worker(abc.ABC):
     a larger ``max_batch_size`` it gets a list of items and must return a list of the
     same length, result ``i`` for item ``i``.
 
+    Raise a `natserve.errors` exception to choose an item's outcome (`ValidationError`
+    for 422, `ClientError` for 400, `ServerError` for 500). One bad item never fails its
+    batch-mates: when a batching ``forward`` raises, natserve re-runs the batch split in
+    halves until the failing items are alone, so ``forward`` may see an item twice.
+
     Class attributes:
         example: one item of `forward`'s input, used to warm the worker up before it
             takes traffic. A batching stage gets it as a list of ``max_batch_size``

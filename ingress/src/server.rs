@@ -18,10 +18,12 @@ use crate::metrics::Metrics;
 use crate::replies::{self, Replies};
 use crate::routes::RouteTable;
 use crate::submit::{Submitter, REPLY_GRACE};
-use crate::watch::{agents_bucket_config, open_bucket, routes_bucket_config, spawn_watchers};
+use crate::watch::{agents_bucket_config, open_bucket, routes_bucket_config, Watchers};
 
 /// How long the NATS client gets to flush and close at the end.
 const NATS_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long start-up waits for the existing routes and agents before serving anyway.
+const INITIAL_LOAD_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A short random id naming this ingress in its reply subjects.
 pub fn ingress_id() -> String {
@@ -61,7 +63,10 @@ pub async fn run(
     let agents_store = open_bucket(submitter.jetstream(), agents_bucket_config(&names)).await?;
     let table = RouteTable::shared();
     let watching = CancellationToken::new();
-    let watchers = spawn_watchers(routes_store, agents_store, table.clone(), watching.clone());
+    let mut watchers = Watchers::spawn(routes_store, agents_store, table.clone(), watching.clone());
+    if !watchers.loaded(INITIAL_LOAD_TIMEOUT).await {
+        warn!("routes and agents not fully loaded yet; serving what is known");
+    }
 
     let metrics = Metrics::new()?;
     let app = Arc::new(App {
@@ -121,9 +126,7 @@ pub async fn run(
     }
 
     watching.cancel();
-    for watcher in watchers {
-        let _ = watcher.await;
-    }
+    watchers.join().await;
     let close = async {
         let _ = client.flush().await;
         let _ = client.drain().await;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use natserve_protocol::{AgentRecord, Names, RouteRecord};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -126,26 +127,68 @@ enum Bucket {
     Agents,
 }
 
-/// Starts one watcher per bucket; they stop when `cancel` fires.
-pub fn spawn_watchers(
-    routes: kv::Store,
-    agents: kv::Store,
-    table: SharedRoutes,
-    cancel: CancellationToken,
-) -> Vec<JoinHandle<()>> {
-    vec![
-        tokio::spawn(follow(
-            routes,
-            Bucket::Routes,
-            table.clone(),
-            cancel.clone(),
-        )),
-        tokio::spawn(follow(agents, Bucket::Agents, table, cancel)),
-    ]
+/// The running watchers of both buckets.
+#[derive(Debug)]
+pub struct Watchers {
+    tasks: Vec<JoinHandle<()>>,
+    loaded: Vec<oneshot::Receiver<()>>,
 }
 
-async fn follow(store: kv::Store, which: Bucket, table: SharedRoutes, cancel: CancellationToken) {
+impl Watchers {
+    /// Starts one watcher per bucket; they stop when `cancel` fires.
+    pub fn spawn(
+        routes: kv::Store,
+        agents: kv::Store,
+        table: SharedRoutes,
+        cancel: CancellationToken,
+    ) -> Self {
+        let (routes_loaded, routes_rx) = oneshot::channel();
+        let (agents_loaded, agents_rx) = oneshot::channel();
+        let tasks = vec![
+            tokio::spawn(follow(
+                routes,
+                Bucket::Routes,
+                table.clone(),
+                cancel.clone(),
+                routes_loaded,
+            )),
+            tokio::spawn(follow(agents, Bucket::Agents, table, cancel, agents_loaded)),
+        ];
+        Self {
+            tasks,
+            loaded: vec![routes_rx, agents_rx],
+        }
+    }
+
+    /// Waits until both buckets' existing entries are in the table, or `within` passes,
+    /// so a fresh ingress does not answer 404 for routes that exist. True when loaded.
+    pub async fn loaded(&mut self, within: Duration) -> bool {
+        let all = futures::future::join_all(self.loaded.iter_mut());
+        matches!(tokio::time::timeout(within, all).await, Ok(r) if r.iter().all(Result::is_ok))
+    }
+
+    /// Waits for the watchers to stop (after their cancel token fired).
+    pub async fn join(self) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+async fn follow(
+    store: kv::Store,
+    which: Bucket,
+    table: SharedRoutes,
+    cancel: CancellationToken,
+    loaded: oneshot::Sender<()>,
+) {
     let bucket = store.name.clone();
+    // The store was opened just now, so its cached state says whether there is anything
+    // to replay; if not, the (empty) table is already complete.
+    let mut loaded = Some(loaded);
+    if store.status().await.map(|s| s.values()).unwrap_or(1) == 0 {
+        let _ = loaded.take().map(|tx| tx.send(()));
+    }
     loop {
         let watch = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -178,19 +221,24 @@ async fn follow(store: kv::Store, which: Bucket, table: SharedRoutes, cancel: Ca
                     break;
                 }
             };
-            let mut table = table.write().unwrap_or_else(|p| p.into_inner());
-            match which {
-                Bucket::Routes => {
-                    apply_route_entry(&mut table, &entry.key, entry.operation, &entry.value)
-                }
-                Bucket::Agents => apply_agent_entry(
-                    &mut table,
-                    &entry.key,
-                    entry.operation,
-                    &entry.value,
-                    Instant::now(),
-                ),
-            };
+            {
+                let mut table = table.write().unwrap_or_else(|p| p.into_inner());
+                match which {
+                    Bucket::Routes => {
+                        apply_route_entry(&mut table, &entry.key, entry.operation, &entry.value)
+                    }
+                    Bucket::Agents => apply_agent_entry(
+                        &mut table,
+                        &entry.key,
+                        entry.operation,
+                        &entry.value,
+                        Instant::now(),
+                    ),
+                };
+            }
+            if entry.seen_current {
+                let _ = loaded.take().map(|tx| tx.send(()));
+            }
         }
     }
 }

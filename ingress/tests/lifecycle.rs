@@ -240,3 +240,21 @@ async fn start_fails_clearly_without_nats_or_with_a_bad_namespace() {
     let err = ingress.exited().await.unwrap_err();
     assert!(matches!(err, natserve_ingress::Error::Name(_)), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_registered_before_start_are_served_from_the_first_request() {
+    let nats = NatsServer::start();
+    let agent = Agent::connect(&nats.url).await;
+    let consumer = agent.serve_route("/inference", 1).await;
+    let (_worker, _seen) = spawn_worker(agent.client.clone(), consumer, |_, _| Answer::ok("1"));
+    let ingress = Ingress::start(config(&nats.url)).await;
+    // No waiting: start-up loads the registrations before it serves.
+    let response = http()
+        .post(ingress.url("/inference"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    ingress.stop().await.unwrap();
+}

@@ -209,6 +209,11 @@ async fn bodies_over_either_limit_are_413() {
         .unwrap();
     assert_eq!(response.status(), 413);
     assert!(response.headers().contains_key("x-request-id"));
+    assert_eq!(
+        response.headers()["connection"],
+        "close",
+        "the body was left unread"
+    );
     let text = response.text().await.unwrap();
     assert!(
         text.contains("1024") && text.contains("--max-body-size"),

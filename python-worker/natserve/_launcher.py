@@ -101,6 +101,9 @@ def main(routes: Mapping[str, Sequence[StageSpec]], argv: Sequence[str]) -> int:
     """Runs the launcher until a signal or a child's exit; returns the exit code."""
     settings, _ = parse_settings(argv)
     configure(settings.log_level)
+    if settings.role != "all" and settings.nats is None:
+        # A private nats-server would leave this process alone in its own cluster.
+        fail("--nats", f"--role {settings.role} joins a cluster: give its NATS URL")
     stages: List[StageSpec] = []
     if settings.runs_agent:
         try:

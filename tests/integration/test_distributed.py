@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import APPS, EXAMPLES, Cluster, free_port, http, wait_ready
+from harness import APPS, EXAMPLES, Cluster, free_port, http, wait_ready
 
 PIPELINE = EXAMPLES / "pipeline.py"
 BEHAVE = APPS / "behave.py"

@@ -11,7 +11,7 @@ from typing import Iterator, Tuple
 
 import pytest
 
-from conftest import EXAMPLES, Cluster, http, started_app
+from harness import EXAMPLES, Cluster, http, started_app
 
 EXP = EXAMPLES / "exp.py"
 

@@ -8,7 +8,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import EXAMPLES, http, started_app
+from harness import EXAMPLES, http, started_app
 
 
 def test_concurrent_requests_get_their_own_answers(tmp_path: Path) -> None:

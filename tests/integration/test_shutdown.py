@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, alive, descendants, started_app
+from harness import EXAMPLES, alive, descendants, started_app
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import APPS, Cluster, free_port, http, wait_ready
+from harness import APPS, Cluster, free_port, http, wait_ready
 
 BEHAVE = APPS / "behave.py"
 

@@ -3,64 +3,12 @@
 from __future__ import annotations
 
 import logging
-import socket
-import threading
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List
 
 import pytest
 
+from fake_agent import FakeAgent
 from natserve import Server
-from natserve._protocol import Batch, Connection, Frame, ItemResult, Ready, Results
-from natserve._worker import serve
-
-
-class FakeAgent:
-    """Plays the agent's side of one worker's socket; the worker runs in a thread."""
-
-    def __init__(
-        self, server: Server, *, route: str = "/inference", stage: int = 0, worker_id: int = 1
-    ) -> None:
-        ours, theirs = socket.socketpair()
-        ours.settimeout(10)
-        self.conn = Connection(ours)
-        self.exit_code: Optional[int] = None
-        stages = server.routes[route]
-
-        def run() -> None:
-            self.exit_code = serve(theirs, stages, stage, worker_id)
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        self._next_id = 1
-
-    def read(self) -> Optional[Frame]:
-        return self.conn.read_frame()
-
-    def ready(self) -> Ready:
-        frame = self.read()
-        assert isinstance(frame, Ready), frame
-        return frame
-
-    def batch(self, items: Sequence[bytes], batch_id: Optional[int] = None) -> List[ItemResult]:
-        if batch_id is None:
-            batch_id, self._next_id = self._next_id, self._next_id + 1
-        self.conn.write_frame(Batch(id=batch_id, items=list(items)))
-        frame = self.read()
-        assert isinstance(frame, Results), frame
-        assert frame.id == batch_id
-        assert len(frame.items) == len(items)
-        return frame.items
-
-    def close(self) -> Optional[int]:
-        self.conn.close()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
-        return self.exit_code
-
-    def join(self) -> Optional[int]:
-        self.thread.join(10)
-        assert not self.thread.is_alive()
-        return self.exit_code
 
 
 @pytest.fixture

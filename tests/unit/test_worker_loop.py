@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List
 
 import pytest
 
-from conftest import FakeAgent
+from fake_agent import FakeAgent
 from natserve import Server, Worker
 from natserve._protocol import Ready, Status
 from natserve.errors import (

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List
 
 import msgpack
 
-from conftest import FakeAgent
+from fake_agent import FakeAgent
 from natserve import Server, Worker
 from natserve._protocol import Batch, Connection, Ready, Results, Status
 from natserve._worker import main as worker_main

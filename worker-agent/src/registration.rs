@@ -18,7 +18,8 @@ const AGENTS_MAX_AGE: Duration = Duration::from_secs(30);
 /// Routes are rewritten every this many heartbeats, healing a NATS server that lost them.
 const ROUTES_EVERY: u32 = 15;
 
-/// Opens a KV bucket, creating it when missing; safe when several processes race.
+/// Opens a KV bucket, creating it when missing; safe when several processes race. The
+/// settings match the ingress's, so whichever process comes first creates the same bucket.
 pub async fn open_bucket(
     js: &jetstream::Context,
     bucket: String,
@@ -32,7 +33,6 @@ pub async fn open_bucket(
             bucket: bucket.clone(),
             history: 1,
             max_age,
-            storage: jetstream::stream::StorageType::Memory,
             ..Default::default()
         })
         .await;

@@ -1,0 +1,195 @@
+"""Fixtures for integration tests: a real nats-server, real natserve programs (launcher,
+Rust ingress and agent, Python worker processes) on ephemeral ports, and a tiny HTTP
+client. Every process a test starts is stopped when the test ends, even on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from natserve._binaries import find
+
+REPO = Path(__file__).resolve().parents[2]
+APPS = Path(__file__).resolve().parent / "apps"
+EXAMPLES = REPO / "examples"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Response:
+    def __init__(self, status: int, headers: Dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = {k.lower(): v for k, v in headers.items()}
+        self.body = body
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+    def json(self) -> object:
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<{self.status} {self.body[:200]!r}>"
+
+
+def http(method: str, url: str, body: Optional[bytes] = None, timeout: float = 30.0) -> Response:
+    req = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return Response(resp.status, dict(resp.headers), resp.read())
+    except urllib.error.HTTPError as err:
+        return Response(err.code, dict(err.headers), err.read())
+
+
+class Proc:
+    """A started process with its output in a log file, stopped on `stop()`."""
+
+    def __init__(self, args: List[str], log: Path, env: Optional[Dict[str, str]] = None):
+        self.args = args
+        self.log = log
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self._out = open(log, "wb")
+        self.popen = subprocess.Popen(
+            args, stdout=self._out, stderr=subprocess.STDOUT, env=full_env, cwd=REPO
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._out.close()
+        return self.popen.returncode
+
+
+class Cluster:
+    """Processes of one test, stopped in reverse start order."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: List[Proc] = []
+
+    def start(self, args: List[str], name: str, env: Optional[Dict[str, str]] = None) -> Proc:
+        proc = Proc(args, self.tmp / f"{name}.log", env)
+        self.procs.append(proc)
+        return proc
+
+    def nats(self) -> str:
+        """A real nats-server with JetStream, on a free loopback port."""
+        port = free_port()
+        store = self.tmp / "js"
+        conf = self.tmp / "nats.conf"
+        conf.write_text(
+            f'listen: "127.0.0.1:{port}"\nmax_payload: 8MB\njetstream {{ store_dir: "{store}" }}\n'
+        )
+        self.start([find("nats-server"), "-c", str(conf)], "nats")
+        wait_for_port(port)
+        return f"nats://127.0.0.1:{port}"
+
+    def app(
+        self, script: Path, *flags: str, name: str = "app", env: Optional[Dict[str, str]] = None
+    ) -> Proc:
+        return self.start([sys.executable, str(script), *flags], name, env)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def wait_ready(base: str, proc: Optional[Proc] = None, timeout: float = 60.0) -> None:
+    """Waits until the ingress says every stage has a ready worker."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.popen.poll() is not None:
+            raise RuntimeError(f"process exited early:\n{proc.output()[-4000:]}")
+        try:
+            last = http("GET", base + "/", timeout=2)
+            if isinstance(last, Response) and last.status == 200:
+                return
+        except OSError as err:
+            last = err
+        time.sleep(0.1)
+    logs = proc.output()[-4000:] if proc else ""
+    raise TimeoutError(f"{base} not ready: {last}\n{logs}")
+
+
+def started_app(
+    tmp: Path, script: Path, *flags: str, env: Optional[Dict[str, str]] = None
+) -> Tuple[Cluster, str, Proc]:
+    """Starts `script` with its own nats-server (no --nats), ready to serve."""
+    c = Cluster(tmp)
+    port = free_port()
+    proc = c.app(script, "--port", str(port), "--address", "127.0.0.1", *flags, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc)
+    except Exception:
+        c.stop_all()
+        raise
+    return c, base, proc
+
+
+def descendants(pid: int) -> List[int]:
+    """All live processes below `pid`, read from /proc."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out: List[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -10,14 +10,10 @@ use natserve_protocol::NameError;
 pub enum Error {
     #[error(transparent)]
     Name(#[from] NameError),
-    #[error("could not connect to nats at {url} within {waited_ms} ms: {source}")]
-    Connect {
-        url: String,
-        waited_ms: u128,
-        source: async_nats::ConnectError,
-    },
-    #[error("could not open kv bucket {bucket}: {message}")]
-    Bucket { bucket: String, message: String },
+    #[error(transparent)]
+    Connect(#[from] natserve_protocol::nats::ConnectError),
+    #[error(transparent)]
+    Bucket(#[from] natserve_protocol::buckets::BucketError),
     #[error("could not subscribe to {subject}: {source}")]
     Subscribe {
         subject: String,

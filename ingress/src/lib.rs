@@ -9,7 +9,6 @@ pub mod drain;
 pub mod error;
 pub mod http;
 pub mod metrics;
-pub mod nats;
 pub mod replies;
 pub mod routes;
 pub mod server;

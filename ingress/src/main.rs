@@ -43,7 +43,7 @@ struct Cli {
 }
 
 fn parse_nats(s: &str) -> Result<String, String> {
-    natserve_ingress::nats::parse_servers(s).map(|_| s.to_owned())
+    natserve_protocol::nats::parse_servers(s).map(|_| s.to_owned())
 }
 
 fn parse_namespace(s: &str) -> Result<String, String> {

@@ -18,7 +18,8 @@ use crate::metrics::Metrics;
 use crate::replies::{self, Replies};
 use crate::routes::RouteTable;
 use crate::submit::{Submitter, REPLY_GRACE};
-use crate::watch::{agents_bucket_config, open_bucket, routes_bucket_config, Watchers};
+use crate::watch::Watchers;
+use natserve_protocol::buckets::{agents_bucket_config, open_bucket, routes_bucket_config};
 
 /// How long the NATS client gets to flush and close at the end.
 const NATS_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -43,7 +44,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     let names = Names::new(&config.namespace)?;
     let id = ingress_id();
-    let client = crate::nats::connect(
+    let client = natserve_protocol::nats::connect(
         &config.nats_url,
         &format!("natserve-ingress-{id}"),
         config.connect_timeout,

@@ -6,62 +6,15 @@
 
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use futures::StreamExt;
-use natserve_protocol::{AgentRecord, Names, RouteRecord};
+use natserve_protocol::{AgentRecord, RouteRecord};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use crate::error::Error;
 use crate::routes::{RouteTable, SharedRoutes};
-
-/// How long the agents bucket keeps a record an agent stopped refreshing.
-pub const AGENTS_MAX_AGE: Duration = Duration::from_secs(30);
-
-/// The routes bucket: one value per key, kept until an agent deletes it.
-pub fn routes_bucket_config(names: &Names) -> kv::Config {
-    kv::Config {
-        bucket: names.routes_bucket(),
-        description: "natserve routes, by slug".to_owned(),
-        history: 1,
-        ..Default::default()
-    }
-}
-
-/// The agents bucket: one heartbeat per agent, dropped by the server after a while.
-pub fn agents_bucket_config(names: &Names) -> kv::Config {
-    kv::Config {
-        bucket: names.agents_bucket(),
-        description: "natserve live agents, by id".to_owned(),
-        history: 1,
-        max_age: AGENTS_MAX_AGE,
-        ..Default::default()
-    }
-}
-
-/// Opens a bucket, creating it when missing. A creation that loses a race with another
-/// process (or finds the bucket made with other settings) falls back to opening it.
-pub async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, Error> {
-    let bucket = config.bucket.clone();
-    if let Ok(store) = js.get_key_value(&bucket).await {
-        return Ok(store);
-    }
-    match js.create_key_value(config).await {
-        Ok(store) => {
-            info!(bucket, "created kv bucket");
-            Ok(store)
-        }
-        Err(create) => js
-            .get_key_value(&bucket)
-            .await
-            .map_err(|get| Error::Bucket {
-                bucket,
-                message: format!("create failed ({create}), then get failed ({get})"),
-            }),
-    }
-}
 
 /// Applies one entry of the routes bucket. Returns false when the value was unusable.
 pub fn apply_route_entry(
@@ -296,16 +249,5 @@ mod tests {
         assert!(!apply_agent_entry(&mut t, "b", Operation::Put, b"[]", now));
         assert!(apply_agent_entry(&mut t, "a", Operation::Delete, b"", now));
         assert_eq!(t.ready_workers("/x", 0, now), 0);
-    }
-
-    #[test]
-    fn bucket_configs_follow_the_names() {
-        let names = Names::new("ns").unwrap();
-        let routes = routes_bucket_config(&names);
-        assert_eq!(routes.bucket, "ns_routes");
-        assert_eq!(routes.history, 1);
-        let agents = agents_bucket_config(&names);
-        assert_eq!(agents.bucket, "ns_agents");
-        assert_eq!(agents.max_age, AGENTS_MAX_AGE);
     }
 }

@@ -1,14 +1,17 @@
 //! natserve's wire contract, shared by the ingress and the worker agent.
 //!
 //! Everything two natserve processes must agree on lives here and nowhere else:
-//! NATS subject and stream names, message headers, the registration records kept in
-//! KV buckets, the outcome a reply carries, and the frame codec spoken over each
-//! Python worker's Unix socket. The README's "Wire protocol" section documents the same.
+//! NATS subject and stream names, message headers, the registration records and the KV
+//! buckets that hold them, how to connect to NATS, the outcome a reply carries, and the
+//! frame codec spoken over each Python worker's Unix socket. The README's "Wire
+//! protocol" section documents the same.
 
+pub mod buckets;
 pub mod connection;
 pub mod frame;
 pub mod headers;
 pub mod names;
+pub mod nats;
 pub mod outcome;
 pub mod records;
 

@@ -27,21 +27,21 @@ pub use config::{Args, Pipeline};
 use registration::Registration;
 use supervisor::{supervise, Slot};
 
+/// In a fresh cluster the NATS server may still be starting: the first connect retries.
+const CONNECT_WITHIN: Duration = Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Name(#[from] natserve_protocol::NameError),
-    #[error("cannot connect to NATS at {url}: {source}")]
-    Connect {
-        url: String,
-        source: async_nats::ConnectError,
-    },
+    #[error(transparent)]
+    Connect(#[from] natserve_protocol::nats::ConnectError),
     #[error(transparent)]
     Stage(#[from] natserve_scheduler::StageError),
-    #[error("registration failed: {0}")]
-    Registration(async_nats::Error),
+    #[error(transparent)]
+    Registration(#[from] natserve_protocol::buckets::BucketError),
     #[error("socket directory {path}: {source}")]
     SocketDir {
         path: PathBuf,
@@ -51,38 +51,6 @@ pub enum AgentError {
     Metrics(#[from] prometheus::Error),
     #[error("metrics address: {0}")]
     Bind(std::io::Error),
-}
-
-/// Connects, retrying for a while: in a fresh cluster the NATS server may still be starting.
-pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, AgentError> {
-    let mut attempt = 0;
-    loop {
-        let options =
-            async_nats::ConnectOptions::new()
-                .name(name)
-                .event_callback(|event| async move {
-                    match event {
-                        async_nats::Event::Connected => info!("nats connected"),
-                        other => warn!(event = %other, "nats event"),
-                    }
-                });
-        match options.connect(url).await {
-            Ok(client) => return Ok(client),
-            Err(e) if attempt < 40 => {
-                attempt += 1;
-                if attempt == 1 {
-                    warn!(url, error = %e, "nats not reachable yet; retrying");
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(source) => {
-                return Err(AgentError::Connect {
-                    url: url.to_owned(),
-                    source,
-                })
-            }
-        }
-    }
 }
 
 /// Removes the socket directory the agent created, however `run` ends.
@@ -119,7 +87,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let names = Names::new(&args.namespace)?;
-    let client = connect(&args.nats, "natserve-agent").await?;
+    let client =
+        natserve_protocol::nats::connect(&args.nats, "natserve-agent", CONNECT_WITHIN).await?;
     let js = jetstream::new(client.clone());
     let (dir, _dir_guard) = socket_dir(&args)?;
     let registry = prometheus::Registry::new();
@@ -173,11 +142,8 @@ pub async fn run(
         info!(route = %spec.route, stage = spec.stage, name = %spec.name, workers = spec.num, "stage hosted");
     }
 
-    let registration = Arc::new(
-        Registration::open(&js, &names, args.heartbeat(), &pipeline.routes, loads)
-            .await
-            .map_err(AgentError::Registration)?,
-    );
+    let registration =
+        Arc::new(Registration::open(&js, &names, args.heartbeat(), &pipeline.routes, loads).await?);
     info!(agent = registration.id(), "agent registered");
     let stop_heartbeat = CancellationToken::new();
     let heartbeat = tokio::spawn({

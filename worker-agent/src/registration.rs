@@ -5,6 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
+use natserve_protocol::buckets::{
+    agents_bucket_config, open_bucket, routes_bucket_config, BucketError,
+};
 use natserve_protocol::{AgentRecord, Names, RouteRecord, StageLoad};
 use natserve_scheduler::{StageSpec, WorkerStats};
 use tokio_util::sync::CancellationToken;
@@ -12,35 +15,8 @@ use tracing::warn;
 
 use crate::config::RouteSpec;
 
-/// Agents' records expire from the bucket after this long without a refresh, so a crashed
-/// agent does not stay listed forever; readers already ignore it after three missed beats.
-const AGENTS_MAX_AGE: Duration = Duration::from_secs(30);
 /// Routes are rewritten every this many heartbeats, healing a NATS server that lost them.
 const ROUTES_EVERY: u32 = 15;
-
-/// Opens a KV bucket, creating it when missing; safe when several processes race. The
-/// settings match the ingress's, so whichever process comes first creates the same bucket.
-pub async fn open_bucket(
-    js: &jetstream::Context,
-    bucket: String,
-    max_age: Duration,
-) -> Result<kv::Store, async_nats::Error> {
-    if let Ok(store) = js.get_key_value(&bucket).await {
-        return Ok(store);
-    }
-    let created = js
-        .create_key_value(kv::Config {
-            bucket: bucket.clone(),
-            history: 1,
-            max_age,
-            ..Default::default()
-        })
-        .await;
-    match created {
-        Ok(store) => Ok(store),
-        Err(e) => js.get_key_value(&bucket).await.map_err(|_| e.into()),
-    }
-}
 
 pub struct Registration {
     agents: kv::Store,
@@ -59,9 +35,9 @@ impl Registration {
         heartbeat: Duration,
         routes: &[RouteSpec],
         stages: Vec<(StageSpec, Arc<WorkerStats>)>,
-    ) -> Result<Self, async_nats::Error> {
-        let agents = open_bucket(js, names.agents_bucket(), AGENTS_MAX_AGE).await?;
-        let routes_kv = open_bucket(js, names.routes_bucket(), Duration::ZERO).await?;
+    ) -> Result<Self, BucketError> {
+        let agents = open_bucket(js, agents_bucket_config(names)).await?;
+        let routes_kv = open_bucket(js, routes_bucket_config(names)).await?;
         let host = hostname();
         let key = format!(
             "{}-{}-{}",

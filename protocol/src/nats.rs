@@ -1,5 +1,6 @@
-//! The NATS connection: first connect with retries, then reconnect forever, logging what
-//! the client reports (a slow consumer there means replies were dropped).
+//! How every natserve process reaches NATS: the first connect with retries, then
+//! reconnect forever, logging what the client reports (a slow consumer there means
+//! messages were dropped).
 
 use std::time::Duration;
 
@@ -7,11 +8,9 @@ use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::error::Error;
-
-/// Messages a subscription buffers before the client drops them as a slow consumer. The
-/// reply subscription carries every in-flight reply of this ingress, so it is generous;
-/// the channel allocates as it fills, not up front.
+/// Messages a subscription buffers before the client drops them as a slow consumer. An
+/// ingress's reply subscription carries every reply in flight, so it is generous; the
+/// channel allocates as it fills, not up front.
 pub const SUBSCRIPTION_CAPACITY: usize = 1 << 20;
 /// Pause between first-connect attempts.
 pub const RETRY_DELAY: Duration = Duration::from_millis(250);
@@ -35,7 +34,8 @@ fn options(name: &str) -> ConnectOptions {
         .name(name)
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .connection_timeout(Duration::from_secs(2))
-        // Once connected, never give up: an ingress without NATS answers 503 until it heals.
+        // Once connected, never give up: without NATS an ingress answers 503 and an agent
+        // pulls nothing until it heals.
         .max_reconnects(None)
         .event_callback(|event| async move { log_event(event) })
 }
@@ -58,9 +58,21 @@ fn log_event(event: Event) {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("could not connect to nats at {url} within {waited_ms} ms: {source}")]
+pub struct ConnectError {
+    pub url: String,
+    pub waited_ms: u128,
+    pub source: async_nats::ConnectError,
+}
+
 /// Connects to `urls`, retrying the first connection for up to `within`.
-pub async fn connect(urls: &str, client_name: &str, within: Duration) -> Result<Client, Error> {
-    let connect_error = |source| Error::Connect {
+pub async fn connect(
+    urls: &str,
+    client_name: &str,
+    within: Duration,
+) -> Result<Client, ConnectError> {
+    let connect_error = |source| ConnectError {
         url: urls.to_owned(),
         waited_ms: within.as_millis(),
         source,
@@ -111,7 +123,7 @@ mod tests {
         let err = connect("nats://127.0.0.1:1", "t", Duration::from_millis(600))
             .await
             .unwrap_err();
-        assert!(matches!(err, Error::Connect { .. }), "{err}");
+        assert!(err.to_string().contains("within 600 ms"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

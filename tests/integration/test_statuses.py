@@ -53,6 +53,19 @@ def test_passed_deadline_is_504(cluster: Cluster) -> None:
     assert post(base, {"action": "echo"}).status in (200, 504)
 
 
+def test_a_batch_past_its_stage_timeout_is_504_and_the_worker_replaced(cluster: Cluster) -> None:
+    base = start(cluster, "--timeout", "20000", env={"BEHAVE_TIMEOUT_MS": "500"})
+    before = post(base, {"action": "echo"}).json()
+    started = time.monotonic()
+    r = post(base, {"action": "sleep", "seconds": 30})
+    assert r.status == 504, r
+    assert "did not finish within 500 ms" in r.text
+    assert time.monotonic() - started < 10
+    after = post(base, {"action": "echo"})
+    assert after.status == 200, after
+    assert after.json()["pid"] != before["pid"]  # type: ignore[index]
+
+
 def test_full_queue_is_429(cluster: Cluster) -> None:
     base = start(cluster, "--timeout", "5000", env={"NATSERVE_MAX_QUEUE": "2"})
     with ThreadPoolExecutor(8) as pool:
@@ -75,6 +88,7 @@ def test_no_agent_is_503(cluster: Cluster, tmp_path: Path) -> None:
     wait_ready(base, ingress)
     assert post(base, {"action": "echo"}).status == 200
     assert agent.stop() == 0
+    # It deregistered on its way out: 503 at once, not after its heartbeat went stale.
     r = post(base, {"action": "echo"})
     assert r.status == 503, r
     assert http("GET", base + "/").status == 503

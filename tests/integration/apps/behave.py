@@ -34,5 +34,9 @@ class Behave(Worker):
 
 if __name__ == "__main__":
     server = Server()
-    server.append_worker(Behave, num=int(os.environ.get("BEHAVE_WORKERS", "1")))
+    server.append_worker(
+        Behave,
+        num=int(os.environ.get("BEHAVE_WORKERS", "1")),
+        timeout=int(os.environ.get("BEHAVE_TIMEOUT_MS", "0")),
+    )
     server.run()

@@ -1,13 +1,14 @@
 # natserve developer commands. Everything installs itself into ./.venv on first use.
 #   make run    serve examples/exp.py on 127.0.0.1:8000
 #   make test   format, lint, type-check, Rust tests, Python unit and integration tests
+#   make bench  natserve against Mosec on loopback (tests/bench/, docs/benchmarks.md)
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: all run test install lint rust-test py-test clean
+.PHONY: all run test install lint rust-test py-test clean bench
 
 all: test
 
@@ -37,6 +38,17 @@ py-test: install
 	$(VENV)/bin/pytest -q tests/unit tests/integration
 
 test: lint rust-test py-test
+
+# natserve vs Mosec 0.9.8, same worker code, wrk as the load generator (~8 minutes).
+# Installs what it needs: wrk (apt), Mosec (into .bench-venv), the JetStream floor.
+BENCH_VENV ?= .bench-venv
+BENCH_ARGS ?=
+bench: install
+	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -c 'import mosec' 2>/dev/null || $(BENCH_VENV)/bin/pip install --quiet mosec==0.9.8
+	cargo build --release --locked -p natserve-scheduler --example floor
+	$(PY) tests/bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) target python-worker/build

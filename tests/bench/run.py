@@ -1,0 +1,460 @@
+"""natserve against Mosec, side by side, on loopback: the driver behind `make bench`.
+
+Runs the workloads of ``apps.py`` under both frameworks (natserve from ``.venv``, Mosec
+from ``.bench-venv``), loads each with wrk (``check.lua`` checks every response), runs
+the bare JetStream floor (``scheduler/examples/floor.rs``) and natserve's scale-out
+across agent processes, then prints one table and writes it as JSON
+(``bench-results/bench.json``) and into ``docs/benchmarks.md`` between its markers.
+
+Each workload starts both servers once, warms both up, then alternates natserve and
+Mosec (A B A B) per concurrency, so drift on a noisy machine hits both alike. Exits 1 if
+any response was not a 200 with the right body.
+
+    .venv/bin/python tests/bench/run.py [--duration 10] [--only W1,W4] [--no-docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+APPS = HERE / "apps.py"
+LUA = HERE / "check.lua"
+NATSERVE_PY = REPO / ".venv" / "bin" / "python"
+MOSEC_PY = REPO / ".bench-venv" / "bin" / "python"
+NATS_SERVER = REPO / ".venv" / "bin" / "nats-server"
+FLOOR = REPO / "target" / "release" / "examples" / "floor"
+RESULTS = REPO / "bench-results"
+DOCS = REPO / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+WRK_THREADS = 1
+REPS = 2
+
+
+@dataclass
+class Run:
+    """One wrk (or floor) measurement."""
+
+    framework: str
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    cpu_busy: float  # share of all cores busy during the run, 0..1
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Row:
+    workload: str
+    concurrency: int
+    runs: List[Run] = field(default_factory=list)
+    note: str = ""
+
+    def of(self, framework: str) -> List[Run]:
+        return [r for r in self.runs if r.framework == framework]
+
+
+def mean(values: List[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+class Procs:
+    """Processes started for one workload; stopped (SIGTERM, then SIGKILL) in reverse."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.procs: List[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, args: List[str], env: Optional[Dict[str, str]] = None) -> None:
+        log = open(self.logs / f"{name}.log", "wb")
+        full_env = {**os.environ, **(env or {})}
+        self.procs.append(
+            subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
+                start_new_session=True,
+            )
+        )  # fmt: skip
+
+    def stop(self, proc: Optional[subprocess.Popen[bytes]] = None) -> None:
+        for p in [proc] if proc else list(reversed(self.procs)):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(40)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+            self.procs.remove(p)
+
+
+@contextmanager
+def processes(logs: Path) -> Iterator[Procs]:
+    procs = Procs(logs)
+    try:
+        yield procs
+    finally:
+        procs.stop()
+
+
+def post(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=b'{"x": 1, "y": 3}', method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def wait_serving(base: str, timeout: float = 90.0) -> None:
+    """Until a real request gets a right answer (readiness endpoints differ)."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = post(base + "/inference")
+            if last[0] == 200 and b'"y": 3' in last[1]:
+                return
+        except OSError as err:
+            last = err
+        time.sleep(0.2)
+    raise TimeoutError(f"{base} never served: {last}")
+
+
+def app_env(framework: str, workload: str) -> Dict[str, str]:
+    return {"BENCH_FRAMEWORK": framework, "BENCH_WORKLOAD": workload, "PYTHONUNBUFFERED": "1"}
+
+
+def start_app(procs: Procs, framework: str, workload: str, *flags: str) -> str:
+    port = free_port()
+    python = NATSERVE_PY if framework == "natserve" else MOSEC_PY
+    args = [str(python), str(APPS), "--port", str(port), "--address", "127.0.0.1", *flags]
+    procs.start(f"{workload}-{framework}", args, app_env(framework, workload))
+    return f"http://127.0.0.1:{port}"
+
+
+def wrk(framework: str, base: str, concurrency: int, seconds: float) -> Run:
+    busy0, total0 = cpu_ticks()
+    out = subprocess.run(
+        [
+            "wrk", f"-t{min(WRK_THREADS, concurrency)}", f"-c{concurrency}", f"-d{seconds:g}s",
+            "--timeout", "10s", "-s", str(LUA), base + "/inference",
+        ],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    busy1, total1 = cpu_ticks()
+    return parse_run(framework, out, (busy1 - busy0) / max(1, total1 - total0))
+
+
+def parse_run(framework: str, out: str, cpu_busy: float) -> Run:
+    line = next((x for x in out.splitlines() if x.startswith("BENCH_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"no BENCH_JSON line in:\n{out}")
+    d = json.loads(line[len("BENCH_JSON ") :])
+    return Run(
+        framework=framework,
+        requests=d["requests"],
+        seconds=d["duration_us"] / 1e6,
+        p50_ms=d["p50_us"] / 1e3,
+        p99_ms=d["p99_us"] / 1e3,
+        errors=d["non_2xx"] + d["bad_body"] + d["socket_errors"],
+        cpu_busy=cpu_busy,
+    )
+
+
+def side_by_side(
+    name: str, workload: str, concurrencies: List[int], seconds: float, logs: Path
+) -> List[Row]:
+    rows = [Row(name, c) for c in concurrencies]
+    with processes(logs) as procs:
+        bases = {f: start_app(procs, f, workload) for f in ("natserve", "mosec")}
+        for base in bases.values():
+            wait_serving(base)
+        for f, base in bases.items():  # warm-up, not recorded
+            wrk(f, base, max(concurrencies), min(3.0, seconds))
+        for row in rows:
+            for _ in range(REPS):
+                for f, base in bases.items():
+                    run = wrk(f, base, row.concurrency, seconds)
+                    row.runs.append(run)
+                    log_run(row, run)
+    return rows
+
+
+def log_run(row: Row, run: Run) -> None:
+    print(
+        f"  {row.workload} c={row.concurrency} {run.framework:8} {run.rps:8.0f} req/s  "
+        f"p50 {run.p50_ms:7.2f} ms  p99 {run.p99_ms:7.2f} ms  errors {run.errors}  "
+        f"cpu {run.cpu_busy:.0%}",
+        flush=True,
+    )
+
+
+def nats_server(procs: Procs, tmp: Path) -> str:
+    """Starts a nats-server with JetStream on a free loopback port; its URL."""
+    port = free_port()
+    conf = tmp / "nats.conf"
+    conf.write_text(f'listen: "127.0.0.1:{port}"\njetstream {{ store_dir: "{tmp / "js"}" }}\n')
+    procs.start("nats-server", [str(NATS_SERVER), "-c", str(conf)])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return f"nats://127.0.0.1:{port}"
+
+
+def floor(concurrencies: List[int], seconds: float, logs: Path) -> List[Row]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, processes(logs) as procs:
+        url = nats_server(procs, Path(tmp))
+        for c in concurrencies:
+            row = Row("floor: JetStream publish-pull-reply-ack", c)
+            busy0, total0 = cpu_ticks()
+            out = subprocess.run(
+                [str(FLOOR), "--nats", url, "--concurrency", str(c),
+                 "--duration-s", f"{seconds:g}", "--warmup-s", "2"],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            busy1, total1 = cpu_ticks()
+            run = parse_run("natserve", out, (busy1 - busy0) / max(1, total1 - total0))
+            row.runs.append(run)
+            log_run(row, run)
+            rows.append(row)
+    return rows
+
+
+def stage_workers(base: str) -> int:
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    m = re.search(r"^natserve_stage_workers\{[^}]*\} (\d+)", text, re.MULTILINE)
+    return int(m.group(1)) if m else 0
+
+
+def scale_out(agent_counts: List[int], concurrency: int, seconds: float, logs: Path) -> List[Row]:
+    """One ingress, then 1, 2, 4 agents as separate processes, all sharing one nats-server."""
+    rows: List[Row] = []
+    with tempfile.TemporaryDirectory() as tmp, processes(logs) as procs:
+        url = nats_server(procs, Path(tmp))
+        env = app_env("natserve", "scaleout")
+        port = free_port()
+        procs.start(
+            "scaleout-ingress",
+            [str(NATSERVE_PY), str(APPS), "--role", "ingress", "--nats", url,
+             "--port", str(port), "--address", "127.0.0.1"],
+            env,
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        agents = 0
+        for target in agent_counts:
+            while agents < target:
+                agents += 1
+                procs.start(
+                    f"scaleout-agent-{agents}",
+                    [str(NATSERVE_PY), str(APPS), "--role", "agent", "--nats", url],
+                    env,
+                )
+            wait_serving(base)
+            deadline = time.monotonic() + 60
+            while stage_workers(base) < agents and time.monotonic() < deadline:
+                time.sleep(0.2)
+            wrk("natserve", base, concurrency, min(3.0, seconds))  # warm-up
+            row = Row(f"W4 scale-out, {agents} agent{'s' if agents > 1 else ''}", concurrency)
+            run = wrk("natserve", base, concurrency, seconds)
+            row.runs.append(run)
+            log_run(row, run)
+            rows.append(row)
+    base_rps = rows[0].runs[0].rps if rows else 0.0
+    for row in rows:
+        row.note = f"{row.runs[0].rps / base_rps:.2f}x one agent" if base_rps else ""
+    return rows
+
+
+def fmt(v: Optional[float], spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def summary(row: Row) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"workload": row.workload, "concurrency": row.concurrency}
+    for f in ("natserve", "mosec"):
+        runs = row.of(f)
+        out[f] = (
+            {
+                "rps": mean([r.rps for r in runs]),
+                "p50_ms": mean([r.p50_ms for r in runs]),
+                "p99_ms": mean([r.p99_ms for r in runs]),
+                "errors": sum(r.errors for r in runs),
+                "cpu_busy": mean([r.cpu_busy for r in runs]),
+                "runs": [asdict(r) for r in runs],
+            }
+            if runs
+            else None
+        )
+    n, m = out["natserve"], out["mosec"]
+    out["rps_ratio"] = ratio(n and n["rps"], m and m["rps"])
+    out["p50_ratio"] = ratio(n and n["p50_ms"], m and m["p50_ms"])
+    out["p99_ratio"] = ratio(n and n["p99_ms"], m and m["p99_ms"])
+    out["note"] = row.note
+    return out
+
+
+def table(summaries: List[Dict[str, Any]]) -> str:
+    head = (
+        "| workload | conc | natserve req/s | Mosec req/s | ratio | natserve p50 ms "
+        "| Mosec p50 ms | ratio | natserve p99 ms | Mosec p99 ms | ratio | non-2xx n/M "
+        "| CPU busy n/M | note |"
+    )
+    lines = [head, "|" + "---|" * 14]
+    for s in summaries:
+        n, m = s["natserve"] or {}, s["mosec"] or {}
+        errors = f"{n.get('errors', '—')}/{m.get('errors', '—')}"
+        cpu = "/".join(f"{d['cpu_busy']:.0%}" if d else "—" for d in (n, m))
+        lines.append(
+            f"| {s['workload']} | {s['concurrency']} | {fmt(n.get('rps'), ',.0f')} "
+            f"| {fmt(m.get('rps'), ',.0f')} | {fmt(s['rps_ratio'], '.2f')} "
+            f"| {fmt(n.get('p50_ms'), '.2f')} | {fmt(m.get('p50_ms'), '.2f')} "
+            f"| {fmt(s['p50_ratio'], '.2f')} | {fmt(n.get('p99_ms'), '.2f')} "
+            f"| {fmt(m.get('p99_ms'), '.2f')} | {fmt(s['p99_ratio'], '.2f')} "
+            f"| {errors} | {cpu} | {s['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> Dict[str, str]:
+    cpu = next(
+        (x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+         if x.startswith("model name")), platform.processor(),
+    )  # fmt: skip
+    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout
+    wrk_version = wrk_version.split("\n")[0]
+    mosec = subprocess.run(
+        [str(MOSEC_PY), "-c", "import importlib.metadata as m; print(m.version('mosec'))"],
+        capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
+    return {
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "memory": f"{mem_kb / 1024 / 1024:.0f} GiB",
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "load generator": f"{wrk_version.strip()}, -t{WRK_THREADS}, keep-alive, check.lua",
+        "mosec": mosec,
+        "natserve commit": commit,
+    }
+
+
+def write_docs(md: str) -> None:
+    text = DOCS.read_text() if DOCS.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    before, rest = text.split(BEGIN, 1)
+    after = rest.split(END, 1)[1]
+    DOCS.write_text(f"{before}{BEGIN}\n{md}\n{END}{after}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--only", default="floor,W1,W2,W3,W4", help="comma-separated subset")
+    parser.add_argument("--no-docs", action="store_true", help="leave docs/benchmarks.md alone")
+    args = parser.parse_args()
+    for need in (NATSERVE_PY, MOSEC_PY, NATS_SERVER, FLOOR):
+        if not need.exists():
+            print(f"missing {need}: run `make bench`, which installs everything", file=sys.stderr)
+            return 2
+    if shutil.which("wrk") is None:
+        print("wrk not found: run `make bench` (apt-get install wrk)", file=sys.stderr)
+        return 2
+    only = set(args.only.split(","))
+    RESULTS.mkdir(exist_ok=True)
+    logs = RESULTS / "logs"
+    logs.mkdir(exist_ok=True)
+    d = args.duration
+    started = time.monotonic()
+    rows: List[Row] = []
+    if "floor" in only:
+        print("floor: bare JetStream round trip", flush=True)
+        rows += floor([1, 32], d, logs)
+    if "W1" in only:
+        print("W1 echo", flush=True)
+        rows += side_by_side("W1 echo", "echo", [1, 32], d, logs)
+    if "W2" in only:
+        print("W2 batched (1 ms/batch, max 16, wait 10 ms)", flush=True)
+        rows += side_by_side("W2 batched", "batched", [32, 128], d, logs)
+    if "W3" in only:
+        print("W3 pipeline (2 x preprocess -> batch of 8)", flush=True)
+        rows += side_by_side("W3 pipeline", "pipeline", [64], d, logs)
+    if "W4" in only:
+        print("W4 scale-out (20 ms/batch of 8; 1, 2, 4 agents)", flush=True)
+        rows += scale_out([1, 2, 4], 128, d, logs)
+
+    summaries = [summary(r) for r in rows]
+    md_table = table(summaries)
+    info = machine()
+    command = "make bench" + (f"  # run.py {' '.join(sys.argv[1:])}" if sys.argv[1:] else "")
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    report = {"date": when, "command": command, "machine": info, "rows": summaries}
+    (RESULTS / "bench.json").write_text(json.dumps(report, indent=2))
+    print()
+    print(md_table)
+    print(f"\n{time.monotonic() - started:.0f} s; JSON in {RESULTS / 'bench.json'}")
+    if not args.no_docs:
+        md = "\n".join(
+            [f"Run {when} with `{command}` ({d:g} s per measurement, "
+             f"{REPS} alternating runs per framework, means shown).", ""]
+            + [f"- {k}: {v}" for k, v in info.items()]
+            + ["", md_table]
+        )  # fmt: skip
+        write_docs(md)
+    errors = sum((s[f] or {}).get("errors", 0) for s in summaries for f in ("natserve", "mosec"))
+    if errors:
+        print(f"{errors} responses were not a 200 with the right body", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -262,8 +262,11 @@ async fn run_batch(
         .observe(started.elapsed().as_secs_f64());
     match end {
         BatchEnd::Done(results) => {
-            hand_on(&ctx, &msgs, results).await;
+            // The worker is idle as soon as its results are in: it may pull its next batch
+            // while this one's hand-offs and acks complete (each input is still acked only
+            // after its result is safe).
             returns.put(worker);
+            hand_on(&ctx, &msgs, results).await;
         }
         BatchEnd::Failed(reason) => {
             error!(worker = worker.label(), error = %reason, "worker failed a batch; replacing it");

@@ -11,6 +11,10 @@ Mosec (A B A B) per concurrency, so drift on a noisy machine hits both alike. Ex
 any response was not a 200 with the right body.
 
     .venv/bin/python tests/bench/run.py [--duration 10] [--only W1,W4] [--no-docs]
+
+``--against-bin DIR`` replaces Mosec with natserve running the binaries in DIR (a copy of
+an earlier ``natserve-ingress``/``natserve-agent``): the same alternation then measures an
+optimisation against its baseline on the same noisy machine.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 WRK_THREADS = 1
 REPS = 2
+#: Set by --against-bin: the "mosec" side runs natserve with these binaries instead.
+AGAINST_BIN: Optional[Path] = None
 
 
 @dataclass
@@ -163,9 +169,13 @@ def app_env(framework: str, workload: str) -> Dict[str, str]:
 
 def start_app(procs: Procs, framework: str, workload: str, *flags: str) -> str:
     port = free_port()
+    env = app_env(framework, workload)
     python = NATSERVE_PY if framework == "natserve" else MOSEC_PY
+    if framework == "mosec" and AGAINST_BIN is not None:
+        python = NATSERVE_PY
+        env.update(BENCH_FRAMEWORK="natserve", NATSERVE_BIN_DIR=str(AGAINST_BIN))
     args = [str(python), str(APPS), "--port", str(port), "--address", "127.0.0.1", *flags]
-    procs.start(f"{workload}-{framework}", args, app_env(framework, workload))
+    procs.start(f"{workload}-{framework}", args, env)
     return f"http://127.0.0.1:{port}"
 
 
@@ -400,7 +410,15 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--only", default="floor,W1,W2,W3,W4", help="comma-separated subset")
     parser.add_argument("--no-docs", action="store_true", help="leave docs/benchmarks.md alone")
+    parser.add_argument(
+        "--against-bin", type=Path, help="compare with natserve binaries in this directory"
+    )
     args = parser.parse_args()
+    if args.against_bin:
+        global AGAINST_BIN
+        AGAINST_BIN = args.against_bin.resolve()
+        args.no_docs = True
+        print(f"the Mosec columns are natserve with the binaries in {AGAINST_BIN}")
     for need in (NATSERVE_PY, MOSEC_PY, NATS_SERVER, FLOOR):
         if not need.exists():
             print(f"missing {need}: run `make bench`, which installs everything", file=sys.stderr)

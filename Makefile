@@ -1,6 +1,7 @@
 # natserve developer commands. Everything installs itself into ./.venv on first use.
 #   make run    serve examples/exp.py on 127.0.0.1:8000
-#   make test   format, lint, type-check, Rust tests, Python unit and integration tests
+#   make test   format, lint, type-check, Rust tests, Python unit and integration tests,
+#               and the docker compose test (skipped without a Docker engine)
 #   make bench  natserve against Mosec on loopback (tests/bench/, docs/benchmarks.md)
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: all run test install lint rust-test py-test clean bench
+.PHONY: all run test install lint rust-test py-test compose-test clean bench
 
 all: test
 
@@ -37,7 +38,14 @@ rust-test:
 py-test: install
 	$(VENV)/bin/pytest -q tests/unit tests/integration
 
-test: lint rust-test py-test
+# docker-compose.yml end to end (tests/compose): about a minute with its images cached
+# (~/.cache/natserve/compose), a few more the first time. Without a reachable Docker
+# engine it prints a SKIP line and passes.
+compose-test: install
+	$(PY) -c 'import yaml' 2>/dev/null || $(PIP) install --quiet pyyaml
+	$(VENV)/bin/pytest -q -rs tests/compose
+
+test: lint rust-test py-test compose-test
 
 # natserve vs Mosec 0.9.8, same worker code, wrk as the load generator (~8 minutes).
 # Installs what it needs: wrk (apt), Mosec (into .bench-venv), the JetStream floor.

@@ -8,6 +8,7 @@
 
 pub mod batcher;
 pub mod handoff;
+pub mod inbox;
 pub mod metrics;
 pub mod pool;
 pub mod spec;

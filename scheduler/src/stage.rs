@@ -10,15 +10,15 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, stream, AckKind};
 use bytes::Bytes;
-use futures::StreamExt;
 use natserve_protocol::{unix_ms, Names, Outcome, CONSUMER};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, warn};
 
-use crate::batcher::{collect_batch, split_expired, Limits, Source};
+use crate::batcher::{collect_batch, split_expired, Limits};
 use crate::handoff::{self, append_batch_size, deadline_ms, handoff_headers, reply};
+use crate::inbox::PullInbox;
 use crate::pool::{PoolSender, WorkerConn, WorkerPool};
 use crate::{StageMetrics, StageSpec};
 
@@ -124,33 +124,6 @@ impl StageContext {
     }
 }
 
-struct JetStreamSource<'a>(&'a jetstream::consumer::PullConsumer);
-
-impl Source for JetStreamSource<'_> {
-    type Item = jetstream::Message;
-    type Error = async_nats::Error;
-
-    async fn pull(&mut self, max: usize, wait: Duration) -> Result<Vec<Self::Item>, Self::Error> {
-        // `fetch` answers at once with what is there; `batch` is held open by the server
-        // until `max` messages arrived or `wait` passed.
-        let mut batch = if wait.is_zero() {
-            self.0.fetch().max_messages(max).messages().await?
-        } else {
-            self.0
-                .batch()
-                .max_messages(max)
-                .expires(wait)
-                .messages()
-                .await?
-        };
-        let mut out = Vec::with_capacity(max);
-        while let Some(msg) = batch.next().await {
-            out.push(msg?);
-        }
-        Ok(out)
-    }
-}
-
 /// Pulls and runs the stage's work until `cancel` fires. One idle worker is taken from the
 /// pool per batch, so the agent never holds more work than its workers can start.
 pub async fn run_stage(
@@ -166,7 +139,18 @@ pub async fn run_stage(
         idle_poll: IDLE_POLL,
     };
     let returns = pool.sender();
-    let mut source = JetStreamSource(&consumer);
+    let mut source = loop {
+        match PullInbox::new(&ctx.client, ctx.js.clone(), consumer.clone()).await {
+            Ok(source) => break source,
+            Err(e) => {
+                warn!(route = %ctx.spec.route, stage = ctx.spec.stage, error = %e, "cannot subscribe a pull inbox");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                }
+            }
+        }
+    };
     'next_worker: loop {
         let worker = tokio::select! {
             biased;

@@ -1,0 +1,187 @@
+//! Pull requests over one long-lived inbox subscription per stage.
+//!
+//! async-nats's `batch()`/`fetch()` subscribe a fresh inbox for every pull and unsubscribe
+//! it afterwards: two more protocol operations and a subscription set-up per pull, on the
+//! path between a worker turning idle and its next batch. A stage only ever has one pull
+//! in flight, so it can instead subscribe once to `<inbox>.*` and send each pull request
+//! (`$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`) with its own reply subject
+//! `<inbox>.<n>`. Work messages arrive with their stream subject; the server's status
+//! messages (404 no messages, 408 request expired, 409 ...) arrive on the reply subject
+//! of the request they end, so a late status of an earlier request is told apart and
+//! ignored.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull::BatchConfig};
+use async_nats::{StatusCode, Subscriber};
+use futures::StreamExt;
+
+use crate::batcher::Source;
+
+/// How long after a pull request should have ended we stop waiting for the server's word
+/// (a lost status, a reconnect that dropped the request).
+const STATUS_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("pull request: {0}")]
+    Request(#[from] jetstream::consumer::pull::BatchRequestError),
+    #[error("subscribe: {0}")]
+    Subscribe(#[from] async_nats::SubscribeError),
+    #[error("pull ended with status {status}: {description}")]
+    Status {
+        status: StatusCode,
+        description: String,
+    },
+    #[error("pull inbox subscription closed")]
+    Closed,
+}
+
+/// What one message on the inbox means for the pull request in flight.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// A work message: hand it on.
+    Work,
+    /// The request in flight is over (no messages now, expired, or ended by the server).
+    Done,
+    /// Nothing for us: a heartbeat, or a status ending an earlier request.
+    Ignore,
+    /// The request in flight failed.
+    Failed,
+}
+
+/// Classifies `msg` for the request whose reply subject is `current`.
+pub fn classify(msg: &async_nats::Message, current: &str) -> Delivery {
+    match msg.status {
+        None | Some(StatusCode::OK) => Delivery::Work,
+        Some(StatusCode::IDLE_HEARTBEAT) => Delivery::Ignore,
+        Some(_) if msg.subject.as_str() != current => Delivery::Ignore,
+        Some(StatusCode::NOT_FOUND | StatusCode::TIMEOUT) => Delivery::Done,
+        // 409 (consumer deleted, too many waiting pulls, ...), 503 (no consumer): an error
+        // the stage reports and backs off from, rather than a pull to repeat at once.
+        Some(_) => Delivery::Failed,
+    }
+}
+
+/// A stage's pull consumer, pulled through one inbox subscription.
+pub struct PullInbox {
+    consumer: jetstream::consumer::PullConsumer,
+    context: jetstream::Context,
+    prefix: String,
+    subscriber: Subscriber,
+    requests: u64,
+}
+
+impl PullInbox {
+    pub async fn new(
+        client: &async_nats::Client,
+        context: jetstream::Context,
+        consumer: jetstream::consumer::PullConsumer,
+    ) -> Result<Self, PullError> {
+        let prefix = client.new_inbox();
+        let subscriber = client.subscribe(format!("{prefix}.*")).await?;
+        Ok(Self {
+            consumer,
+            context,
+            prefix,
+            subscriber,
+            requests: 0,
+        })
+    }
+}
+
+impl Source for PullInbox {
+    type Item = jetstream::Message;
+    type Error = PullError;
+
+    async fn pull(&mut self, max: usize, wait: Duration) -> Result<Vec<Self::Item>, Self::Error> {
+        self.requests += 1;
+        let reply = format!("{}.{}", self.prefix, self.requests);
+        // A zero wait is a `no_wait` request: the server answers at once with what it has
+        // (up to `max`), then a 404/408 status; otherwise it holds the request for `wait`.
+        let request = BatchConfig {
+            batch: max,
+            expires: (!wait.is_zero()).then_some(wait),
+            no_wait: wait.is_zero(),
+            ..Default::default()
+        };
+        self.consumer
+            .request_batch(request, reply.clone().into())
+            .await?;
+        let give_up = tokio::time::Instant::now() + wait + STATUS_GRACE;
+        let mut out = Vec::with_capacity(max);
+        while out.len() < max {
+            let msg = match tokio::time::timeout_at(give_up, self.subscriber.next()).await {
+                Err(_) => break,
+                Ok(None) => return Err(PullError::Closed),
+                Ok(Some(msg)) => msg,
+            };
+            match classify(&msg, &reply) {
+                Delivery::Work => out.push(jetstream::Message {
+                    message: msg,
+                    context: self.context.clone(),
+                }),
+                Delivery::Done => break,
+                Delivery::Ignore => {}
+                Delivery::Failed if out.is_empty() => {
+                    return Err(PullError::Status {
+                        status: msg.status.unwrap_or(StatusCode::OK),
+                        description: msg.description.unwrap_or_default(),
+                    })
+                }
+                // Keep what was delivered: those messages are ours to run and ack.
+                Delivery::Failed => break,
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn message(subject: &str, status: Option<StatusCode>) -> async_nats::Message {
+        async_nats::Message {
+            subject: subject.into(),
+            reply: None,
+            payload: Bytes::new(),
+            headers: None,
+            status,
+            description: None,
+            length: 0,
+        }
+    }
+
+    #[test]
+    fn work_arrives_on_its_stream_subject() {
+        let msg = message("ns.work.inference.0", None);
+        assert_eq!(classify(&msg, "_INBOX.a.7"), Delivery::Work);
+    }
+
+    #[test]
+    fn a_status_ends_only_its_own_request() {
+        for status in [StatusCode::NOT_FOUND, StatusCode::TIMEOUT] {
+            assert_eq!(
+                classify(&message("_INBOX.a.7", Some(status)), "_INBOX.a.7"),
+                Delivery::Done
+            );
+            // A late status of request 6 must not end request 7.
+            assert_eq!(
+                classify(&message("_INBOX.a.6", Some(status)), "_INBOX.a.7"),
+                Delivery::Ignore
+            );
+        }
+    }
+
+    #[test]
+    fn heartbeats_are_ignored_and_other_statuses_fail() {
+        let beat = message("_INBOX.a.7", Some(StatusCode::IDLE_HEARTBEAT));
+        assert_eq!(classify(&beat, "_INBOX.a.7"), Delivery::Ignore);
+        for status in [StatusCode::NO_RESPONDERS, StatusCode::REQUEST_TERMINATED] {
+            let bad = message("_INBOX.a.7", Some(status));
+            assert_eq!(classify(&bad, "_INBOX.a.7"), Delivery::Failed);
+        }
+    }
+}

@@ -2,8 +2,9 @@
 //! `max_wait` has passed since that first item.
 //!
 //! The source is abstract so the timing rules are tested with tokio's paused clock; the
-//! JetStream source in [`crate::stage`] maps `pull` onto pull requests, which the server
-//! holds open for `wait` and completes early once `max` messages were delivered.
+//! JetStream source in [`crate::inbox`] maps `pull` onto pull requests, which the server
+//! holds open for `wait` and completes early once `max` messages were delivered (a zero
+//! `wait` is a `no_wait` request, answered at once).
 
 use std::future::Future;
 use std::time::Duration;
@@ -34,17 +35,37 @@ pub struct Limits {
 }
 
 /// Collects one batch. `Ok(None)` when no first item arrived within `idle_poll`.
+///
+/// A backlog fills the batch in one pull: the first pull takes what is queued now, up to
+/// a whole batch, without waiting (batches of one skip it). Only when nothing is queued does the stage wait (up to
+/// `idle_poll`) for a first item. Either way the top-up timer starts when the first item
+/// is in hand.
 pub async fn collect_batch<S: Source>(
     source: &mut S,
     limits: Limits,
 ) -> Result<Option<Vec<S::Item>>, S::Error> {
-    let mut batch = source.pull(1, limits.idle_poll).await?;
+    // With batches of one, waiting for the first item is the same pull; asking first
+    // would only add a round trip whenever the queue is empty.
+    let mut batch = if limits.max_batch > 1 {
+        source.pull(limits.max_batch, Duration::ZERO).await?
+    } else {
+        Vec::new()
+    };
+    // Whether the queue is known to hold no more than what we just took.
+    let mut drained = batch.len() < limits.max_batch;
     if batch.is_empty() {
-        return Ok(None);
+        batch = source.pull(1, limits.idle_poll).await?;
+        drained = false;
+        if batch.is_empty() {
+            return Ok(None);
+        }
     }
     let first_at = Instant::now();
     while batch.len() < limits.max_batch {
         let remaining = limits.max_wait.saturating_sub(first_at.elapsed());
+        if remaining.is_zero() && drained {
+            break;
+        }
         let more = source
             .pull(limits.max_batch - batch.len(), remaining)
             .await?;
@@ -175,6 +196,45 @@ mod tests {
             None
         );
         assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_fills_the_batch_in_one_pull() {
+        struct Counting(ChannelSource, usize);
+        impl Source for Counting {
+            type Item = u32;
+            type Error = ();
+            async fn pull(&mut self, max: usize, wait: Duration) -> Result<Vec<u32>, ()> {
+                self.1 += 1;
+                self.0.pull(max, wait).await
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut source = Counting(ChannelSource(rx), 0);
+        for i in 0..20 {
+            tx.send(i).unwrap();
+        }
+        let batch = collect_batch(&mut source, limits(16, 10)).await.unwrap();
+        assert_eq!(batch.map(|b| b.len()), Some(16));
+        assert_eq!(source.1, 1, "one pull for a full batch");
+        // Four left: taken at once, then one top-up that waits out max_wait.
+        let start = Instant::now();
+        let batch = collect_batch(&mut source, limits(16, 10)).await.unwrap();
+        assert_eq!(batch, Some(vec![16, 17, 18, 19]));
+        assert_eq!(source.1, 3);
+        assert_eq!(start.elapsed(), Duration::from_millis(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_max_wait_a_partial_backlog_goes_at_once() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut source = ChannelSource(rx);
+        tx.send(1).unwrap();
+        tx.send(2).unwrap();
+        let start = Instant::now();
+        let batch = collect_batch(&mut source, limits(8, 0)).await.unwrap();
+        assert_eq!(batch, Some(vec![1, 2]));
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 
     #[test]

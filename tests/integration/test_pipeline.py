@@ -8,11 +8,15 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from harness import EXAMPLES, http, started_app
 
 
-def test_concurrent_requests_get_their_own_answers(tmp_path: Path) -> None:
-    cluster, base, _ = started_app(tmp_path, EXAMPLES / "pipeline.py")
+@pytest.mark.parametrize("prefetch", ["0", "1"])
+def test_concurrent_requests_get_their_own_answers(tmp_path: Path, prefetch: str) -> None:
+    env = {"NATSERVE_PREFETCH": prefetch}
+    cluster, base, _ = started_app(tmp_path, EXAMPLES / "pipeline.py", env=env)
     try:
 
         def one(i: int) -> tuple[int, int, object]:

@@ -39,6 +39,11 @@ pub struct Args {
     /// Most requests a stage's queue holds before publishers get "queue full" (HTTP 429).
     #[arg(long, env = "NATSERVE_MAX_QUEUE", default_value_t = 10_000, value_parser = clap::value_parser!(i64).range(1..))]
     pub max_queue: i64,
+    /// Pull each worker's next batch while it runs the current one: more throughput when
+    /// the broker round trip is a large part of a batch, at the cost of holding one batch
+    /// per worker that another agent could have taken. Off: pull only for idle workers.
+    #[arg(long, env = "NATSERVE_PREFETCH", default_value_t = false, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub prefetch: bool,
     /// Where stage queues are stored.
     #[arg(long, env = "NATSERVE_STORAGE", value_enum, default_value_t = Storage::Memory)]
     pub storage: Storage,

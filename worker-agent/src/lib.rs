@@ -131,7 +131,8 @@ pub async fn run(
             &names,
             client.clone(),
             metrics.stage(&spec.route, spec.stage),
-        )?;
+        )?
+        .with_prefetch(args.prefetch);
         pullers.spawn(run_stage(
             Arc::new(ctx),
             consumer,

@@ -66,10 +66,13 @@ class Inference(JsonEdges):
 
 
 class Slow(JsonEdges):
-    """W4: 20 ms per batch of up to 8, I/O-like (a remote model, a GPU kernel)."""
+    """W4: 20 ms (BENCH_SLEEP_MS) per batch of up to 8, I/O-like (a remote model, a GPU
+    kernel). W5 runs one agent at 20 ms beside one at 2 ms."""
+
+    seconds = float(os.environ.get("BENCH_SLEEP_MS", "20")) / 1000
 
     def forward(self, data: List[Item]) -> List[Item]:
-        time.sleep(0.020)
+        time.sleep(self.seconds)
         return [{"x": d["x"], "y": 2 * d["x"] + 1} for d in data]
 
 

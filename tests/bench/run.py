@@ -321,6 +321,43 @@ def scale_out(agent_counts: List[int], concurrency: int, seconds: float, logs: P
     return rows
 
 
+def uneven(concurrency: int, seconds: float, logs: Path) -> List[Row]:
+    """A slow agent (20 ms per batch of 8) beside a fast one (2 ms), with the agents'
+    prefetch off (pull only for idle workers) and on (one batch ahead per worker)."""
+    rows: List[Row] = []
+    for prefetch in ("0", "1"):
+        with tempfile.TemporaryDirectory() as tmp, processes(logs) as procs:
+            url = nats_server(procs, Path(tmp))
+            env = {**app_env("natserve", "scaleout"), **NATSERVE_ENV}
+            env["NATSERVE_PREFETCH"] = prefetch
+            port = free_port()
+            procs.start(
+                f"uneven-ingress-{prefetch}",
+                [str(NATSERVE_PY), str(APPS), "--role", "ingress", "--nats", url,
+                 "--port", str(port), "--address", "127.0.0.1"],
+                env,
+            )  # fmt: skip
+            for name, ms in (("slow", "20"), ("fast", "2")):
+                procs.start(
+                    f"uneven-{name}-{prefetch}",
+                    [str(NATSERVE_PY), str(APPS), "--role", "agent", "--nats", url],
+                    {**env, "BENCH_SLEEP_MS": ms},
+                )
+            base = f"http://127.0.0.1:{port}"
+            wait_serving(base)
+            deadline = time.monotonic() + 60
+            while stage_workers(base) < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            wrk("natserve", base, concurrency, min(3.0, seconds))  # warm-up
+            label = "on" if prefetch == "1" else "off"
+            row = Row(f"W5 uneven agents (20 + 2 ms/batch), prefetch {label}", concurrency)
+            run = wrk("natserve", base, concurrency, seconds)
+            row.runs.append(run)
+            log_run(row, run)
+            rows.append(row)
+    return rows
+
+
 def fmt(v: Optional[float], spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
@@ -411,7 +448,7 @@ def write_docs(md: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
-    parser.add_argument("--only", default="floor,W1,W2,W3,W4", help="comma-separated subset")
+    parser.add_argument("--only", default="floor,W1,W2,W3,W4,W5", help="comma-separated subset")
     parser.add_argument("--no-docs", action="store_true", help="leave docs/benchmarks.md alone")
     parser.add_argument(
         "--against-bin", type=Path, help="compare with natserve binaries in this directory"
@@ -461,6 +498,9 @@ def main() -> int:
     if "W4" in only:
         print("W4 scale-out (20 ms/batch of 8; 1, 2, 4 agents)", flush=True)
         rows += scale_out([1, 2, 4], 128, d, logs)
+    if "W5" in only:
+        print("W5 uneven agents (20 ms and 2 ms per batch of 8; prefetch off, on)", flush=True)
+        rows += uneven(32, d, logs)
 
     summaries = [summary(r) for r in rows]
     md_table = table(summaries)

@@ -139,11 +139,51 @@ impl Submitter {
             }
             Ok(Ok(_ack)) => {}
         }
-        match tokio::time::timeout_at(s.deadline + REPLY_GRACE, pending.recv()).await {
+        // From here on, a client that goes away (axum drops this future) cancels the
+        // queued request; a reply or the deadline disarms that.
+        let mut cancel = CancelOnDrop {
+            submitter: self,
+            request_id: s.request_id,
+            deadline_ms: s.deadline_ms,
+            armed: true,
+        };
+        let reply = tokio::time::timeout_at(s.deadline + REPLY_GRACE, pending.recv()).await;
+        cancel.armed = false;
+        match reply {
             Err(_) => Err(RequestError::DeadlinePassed),
             Ok(None) => Err(RequestError::Nats("reply subscription closed".into())),
             Ok(Some(message)) => Reply::from_message(message),
         }
+    }
+}
+
+/// Names a queued request on the cancel subject when its HTTP client went away before the
+/// reply came, so agents drop it unrun instead of spending a worker on it.
+struct CancelOnDrop<'a> {
+    submitter: &'a Submitter,
+    request_id: &'a str,
+    deadline_ms: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if !self.armed || natserve_protocol::unix_ms() >= self.deadline_ms {
+            return; // answered, or expired: agents skip expired work by themselves
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let client = self.submitter.client.clone();
+        let subject = self.submitter.names.cancel_subject();
+        let mut h = HeaderMap::new();
+        h.insert(headers::DEADLINE, self.deadline_ms.to_string());
+        let id = bytes::Bytes::from(self.request_id.to_owned());
+        runtime.spawn(async move {
+            if let Err(e) = client.publish_with_headers(subject, h, id).await {
+                tracing::debug!(error = %e, "cancel publish failed");
+            }
+        });
     }
 }
 

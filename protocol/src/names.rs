@@ -68,6 +68,12 @@ impl Names {
         format!("{}_agents", self.namespace)
     }
 
+    /// Core NATS subject on which an ingress names a queued request whose client went
+    /// away (payload: the request id, header `X-Deadline`); agents drop it unrun.
+    pub fn cancel_subject(&self) -> String {
+        format!("{}.cancel", self.namespace)
+    }
+
     /// Prefix of one ingress's reply subjects; it subscribes to `<prefix>.*`.
     pub fn reply_prefix(&self, ingress_id: &str) -> String {
         format!("{}.reply.{ingress_id}", self.namespace)
@@ -95,6 +101,7 @@ mod tests {
         assert_eq!(n.routes_bucket(), "prod_routes");
         assert_eq!(n.agents_bucket(), "prod_agents");
         assert_eq!(n.reply_prefix("abc"), "prod.reply.abc");
+        assert_eq!(n.cancel_subject(), "prod.cancel");
         assert!(Names::new("a.b").is_err());
         assert!(Names::new("").is_err());
     }

@@ -7,6 +7,7 @@
 //! one out for each batch and puts it back when the batch is done.
 
 pub mod batcher;
+pub mod cancel;
 pub mod handoff;
 pub mod inbox;
 pub mod metrics;
@@ -14,6 +15,7 @@ pub mod pool;
 pub mod spec;
 pub mod stage;
 
+pub use cancel::Cancellations;
 pub use metrics::{AgentMetrics, StageMetrics};
 pub use pool::{PoolSender, WorkerConn, WorkerPool, WorkerStats};
 pub use spec::StageSpec;

@@ -20,7 +20,7 @@ use crate::batcher::{collect_batch, split_expired, Limits};
 use crate::handoff::{self, append_batch_size, deadline_ms, handoff_headers, reply};
 use crate::inbox::PullInbox;
 use crate::pool::{PoolSender, WorkerConn, WorkerPool};
-use crate::{StageMetrics, StageSpec};
+use crate::{Cancellations, StageMetrics, StageSpec};
 
 /// How long a message may stay unacknowledged before JetStream redelivers it to another
 /// agent. Long batches send `Progress` every third of it.
@@ -103,6 +103,8 @@ pub struct StageContext {
     pub next_subject: Option<String>,
     /// Pull a worker's next batch while it runs the current one (see [`run_stage`]).
     pub prefetch: bool,
+    /// Queued requests whose client went away: dropped unrun.
+    pub cancelled: Arc<Cancellations>,
 }
 
 impl StageContext {
@@ -123,7 +125,13 @@ impl StageContext {
             metrics,
             next_subject,
             prefetch: false,
+            cancelled: Arc::default(),
         })
+    }
+
+    pub fn with_cancellations(mut self, cancelled: Arc<Cancellations>) -> Self {
+        self.cancelled = cancelled;
+        self
     }
 
     pub fn with_prefetch(mut self, prefetch: bool) -> Self {
@@ -214,6 +222,11 @@ async fn pull_loop(
             (worker, batch)
         };
         let (live, expired) = split_expired(batch, unix_ms(), deadline_ms);
+        let (live, cancelled) = drop_cancelled(&ctx.cancelled, live);
+        for msg in cancelled {
+            // Nobody waits for an answer: terminate without one.
+            ack(&msg, AckKind::Term).await;
+        }
         for msg in expired {
             let body = format!(
                 "deadline passed before stage {} of {} ran",
@@ -227,6 +240,20 @@ async fn pull_loop(
         }
         tracker.spawn(run_batch(ctx.clone(), worker, live, returns.clone()));
     }
+}
+
+/// Splits off the messages whose request was cancelled by its ingress.
+fn drop_cancelled(
+    cancelled: &Cancellations,
+    batch: Vec<jetstream::Message>,
+) -> (Vec<jetstream::Message>, Vec<jetstream::Message>) {
+    if cancelled.is_empty() {
+        return (batch, Vec::new());
+    }
+    batch.into_iter().partition(|msg| {
+        handoff::header(msg, natserve_protocol::headers::REQUEST_ID)
+            .is_none_or(|id| !cancelled.contains(id))
+    })
 }
 
 /// Waits for an idle worker; `None` once `cancel` fires or the pool is gone.

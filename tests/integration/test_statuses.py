@@ -4,6 +4,8 @@ crashes, queue full, deadline passed, no agent."""
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -64,6 +66,31 @@ def test_a_batch_past_its_stage_timeout_is_504_and_the_worker_replaced(cluster: 
     after = post(base, {"action": "echo"})
     assert after.status == 200, after
     assert after.json()["pid"] != before["pid"]  # type: ignore[index]
+
+
+def test_a_queued_request_whose_client_went_away_never_runs(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran.log"
+    base = start(cluster, "--timeout", "10000", env={"BEHAVE_LOG": str(ran)})
+    port = int(base.rsplit(":", 1)[1])
+    busy = threading.Thread(
+        target=post, args=(base, {"action": "sleep", "seconds": 3, "tag": "busy"})
+    )
+    busy.start()
+    time.sleep(0.3)
+    body = json.dumps({"action": "echo", "tag": "gone"}).encode()
+    for _ in range(3):
+        # Queued behind the busy worker; the client hangs up before any answer.
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            head = f"POST /inference HTTP/1.1\r\nHost: t\r\nContent-Length: {len(body)}\r\n\r\n"
+            conn.sendall(head.encode() + body)
+            time.sleep(0.1)
+    busy.join()
+    assert post(base, {"action": "echo", "tag": "after"}).status == 200
+    lines = ran.read_text().split()
+    assert "busy" in lines and "after" in lines, lines
+    assert "gone" not in lines, lines
 
 
 def test_full_queue_is_429(cluster: Cluster) -> None:

@@ -18,7 +18,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use natserve_protocol::Names;
 use natserve_scheduler::stage::{QueueConfig, StageContext};
-use natserve_scheduler::{ensure_stage, run_stage, AgentMetrics, WorkerPool};
+use natserve_scheduler::{ensure_stage, run_stage, AgentMetrics, Cancellations, WorkerPool};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -47,6 +47,8 @@ pub enum AgentError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot subscribe to cancellations: {0}")]
+    Subscribe(async_nats::SubscribeError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("metrics address: {0}")]
@@ -101,6 +103,12 @@ pub async fn run(
         },
     };
 
+    let cancelled = Arc::new(Cancellations::default());
+    let _cancel_follower = cancelled
+        .clone()
+        .follow(&client, names.cancel_subject())
+        .await
+        .map_err(AgentError::Subscribe)?;
     let draining = CancellationToken::new();
     let stop_workers = CancellationToken::new();
     let pullers = TaskTracker::new();
@@ -132,7 +140,8 @@ pub async fn run(
             client.clone(),
             metrics.stage(&spec.route, spec.stage),
         )?
-        .with_prefetch(args.prefetch);
+        .with_prefetch(args.prefetch)
+        .with_cancellations(cancelled.clone());
         pullers.spawn(run_stage(
             Arc::new(ctx),
             consumer,

@@ -18,6 +18,10 @@ from natserve import Server, Worker
 class Behave(Worker):
     def forward(self, data: Dict[str, Any]) -> Dict[str, Any]:
         action = data.get("action", "echo")
+        log = os.environ.get("BEHAVE_LOG")
+        if log:
+            with open(log, "a") as f:
+                f.write(f"{data.get('tag', '-')}\n")
         if action == "raise":
             raise RuntimeError("boom")
         if action == "crash":

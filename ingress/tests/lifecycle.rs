@@ -83,12 +83,7 @@ async fn metrics_report_requests_batches_queues_and_workers() {
     .await;
 
     for _ in 0..2 {
-        let r = http
-            .post(ingress.url("/embed"))
-            .body("{}")
-            .send()
-            .await
-            .unwrap();
+        let r = post_empty_json(&http, &ingress, "/embed").await;
         assert_eq!(r.status(), 200);
     }
     http.post(ingress.url("/nowhere")).send().await.unwrap();
@@ -148,12 +143,7 @@ async fn shutdown_refuses_new_work_and_finishes_what_is_in_flight() {
         get(&http, &ingress, "/").await == (503, "this ingress is shutting down".into())
     })
     .await;
-    let refused = http
-        .post(ingress.url("/slow"))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
+    let refused = post_empty_json(&http, &ingress, "/slow").await;
     assert_eq!(refused.status(), 503);
 
     assert_eq!(in_flight.await.unwrap(), (200, "\"done\"".into()));

@@ -150,12 +150,7 @@ async fn unknown_routes_are_404_and_other_methods_405() {
     let http = http();
     wait_for_route(&http, &ingress, "/inference").await;
 
-    let response = http
-        .post(ingress.url("/nope"))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
+    let response = post_empty_json(&http, &ingress, "/nope").await;
     assert_eq!(response.status(), 404);
     assert!(response.headers().contains_key("x-request-id"));
     assert_eq!(response.text().await.unwrap(), "no route /nope");
@@ -310,12 +305,7 @@ async fn a_stage_without_a_live_agent_is_503() {
     let http = http();
     wait_for_route(&http, &ingress, "/pipe").await;
 
-    let response = http
-        .post(ingress.url("/pipe"))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
+    let response = post_empty_json(&http, &ingress, "/pipe").await;
     assert_eq!(response.status(), 503);
     assert_eq!(
         response.text().await.unwrap(),
@@ -325,12 +315,7 @@ async fn a_stage_without_a_live_agent_is_503() {
     // Stage 0 served, stage 1 not yet.
     agent.heartbeat("a", 60_000, &[("/pipe", 0, 1)]).await;
     eventually("stage 1 to be reported missing", || async {
-        let r = http
-            .post(ingress.url("/pipe"))
-            .body("{}")
-            .send()
-            .await
-            .unwrap();
+        let r = post_empty_json(&http, &ingress, "/pipe").await;
         r.status() == 503 && r.text().await.unwrap() == "no agent serves stage 1 of /pipe"
     })
     .await;
@@ -344,12 +329,7 @@ async fn a_stage_without_a_live_agent_is_503() {
     eventually("agent b to go stale", || async { !ready().await }).await;
     let stale_after = seen.elapsed();
     assert!(stale_after < Duration::from_millis(1000), "{stale_after:?}");
-    let response = http
-        .post(ingress.url("/pipe"))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
+    let response = post_empty_json(&http, &ingress, "/pipe").await;
     assert_eq!(
         response.text().await.unwrap(),
         "no agent serves stage 1 of /pipe"
@@ -359,12 +339,7 @@ async fn a_stage_without_a_live_agent_is_503() {
     agent.heartbeat("b", 60_000, &[("/pipe", 1, 1)]).await;
     agent.delete_agent("a").await;
     eventually("stage 0 to go with its agent", || async {
-        let r = http
-            .post(ingress.url("/pipe"))
-            .body("{}")
-            .send()
-            .await
-            .unwrap();
+        let r = post_empty_json(&http, &ingress, "/pipe").await;
         r.text().await.unwrap() == "no agent serves stage 0 of /pipe"
     })
     .await;
@@ -384,12 +359,7 @@ async fn no_reply_by_the_deadline_is_504() {
     wait_for_route(&http, &ingress, "/inference").await;
 
     let started = Instant::now();
-    let response = http
-        .post(ingress.url("/inference"))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
+    let response = post_empty_json(&http, &ingress, "/inference").await;
     let took = started.elapsed();
     assert_eq!(response.status(), 504);
     assert_eq!(
@@ -410,12 +380,7 @@ async fn a_route_without_a_stream_is_503() {
     let http = http();
     wait_for_route(&http, &ingress, "/inference").await;
 
-    let response = http
-        .post(ingress.url("/inference"))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
+    let response = post_empty_json(&http, &ingress, "/inference").await;
     assert_eq!(response.status(), 503);
     let text = response.text().await.unwrap();
     assert_eq!(
@@ -479,12 +444,7 @@ async fn a_nats_outage_is_503_not_a_hang() {
     })
     .await;
     let started = Instant::now();
-    let response = http
-        .post(ingress.url("/inference"))
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
+    let response = post_empty_json(&http, &ingress, "/inference").await;
     assert_eq!(response.status(), 503);
     assert_eq!(
         response.text().await.unwrap(),

@@ -407,6 +407,19 @@ where
 
 /// Waits until the ingress answers `path` with something other than 404 (it has loaded
 /// the route) and returns that status.
+/// POSTs `{}` to `path` on the ingress.
+pub async fn post_empty_json(
+    http: &reqwest::Client,
+    ingress: &Ingress,
+    path: &str,
+) -> reqwest::Response {
+    http.post(ingress.url(path))
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+}
+
 pub async fn wait_for_route(http: &reqwest::Client, ingress: &Ingress, path: &str) {
     eventually("the ingress to load the route", || async {
         http.get(ingress.url(path)).send().await.unwrap().status() != 404

@@ -64,6 +64,7 @@ def agent_config(
                 "route": s.route,
                 "stage": s.index,
                 "name": s.name,
+                "worker": f"{s.worker.__module__}:{s.worker.__qualname__}",
                 "num": s.num,
                 "max_batch_size": s.max_batch_size,
                 "max_wait_ms": s.max_wait_time,

@@ -11,6 +11,7 @@ when the worker cannot start or the agent breaks the protocol; the agent restart
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -129,8 +130,11 @@ def main(
     """Entry point of a worker process, configured by the agent's environment."""
     env = os.environ if env is None else env
     settings, _ = parse_settings(argv, env)
-    route = env.get("NATSERVE_WORKER_ROUTE", "")
-    stage = _env_int(env, "NATSERVE_WORKER_STAGE")
+    try:
+        spec = json.loads(env.get("NATSERVE_WORKER_SPEC", ""))
+        route, stage = str(spec["route"]), int(spec["stage"])
+    except (ValueError, KeyError, TypeError):
+        route, stage = "", None
     worker_id = _env_int(env, "NATSERVE_WORKER_ID")
     path = env.get("NATSERVE_SOCKET", "")
     configure(settings.log_level, prefix=f"[{route}:{stage} #{worker_id}]")
@@ -139,7 +143,7 @@ def main(
         logger.error(
             "this program has no stage %r of route %r (worker id %r); the agent and the "
             "program it runs disagree: known routes %s",
-            env.get("NATSERVE_WORKER_STAGE"),
+            stage,
             route,
             env.get("NATSERVE_WORKER_ID"),
             {r: len(s) for r, s in routes.items()},

@@ -11,6 +11,9 @@ pub struct StageSpec {
     pub stage: u32,
     /// Worker class name, for humans.
     pub name: String,
+    /// Where a worker process finds the stage's code, opaque to the agent and handed to
+    /// each worker in `NATSERVE_WORKER_SPEC`: for Python, `module:qualname`.
+    pub worker: String,
     /// Worker processes this agent runs for the stage.
     pub num: u32,
     pub max_batch_size: u32,

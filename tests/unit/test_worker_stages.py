@@ -212,8 +212,7 @@ def test_main_connects_to_the_socket_named_in_the_environment(tmp_path: Path) ->
     server = server_with(Exp, route="/v1/exp")
     env = {
         "NATSERVE_SOCKET": path,
-        "NATSERVE_WORKER_ROUTE": "/v1/exp",
-        "NATSERVE_WORKER_STAGE": "0",
+        "NATSERVE_WORKER_SPEC": json.dumps({"route": "/v1/exp", "stage": 0}),
         "NATSERVE_WORKER_ID": "2",
     }
     codes: List[int] = []
@@ -236,10 +235,9 @@ def test_main_refuses_a_stage_the_program_does_not_have() -> None:
     server = server_with(Exp)
     env = {
         "NATSERVE_SOCKET": "/nonexistent.sock",
-        "NATSERVE_WORKER_ROUTE": "/inference",
-        "NATSERVE_WORKER_STAGE": "1",
+        "NATSERVE_WORKER_SPEC": json.dumps({"route": "/inference", "stage": 1}),
         "NATSERVE_WORKER_ID": "1",
     }
     assert worker_main(server.routes, [], env) == 1
-    env["NATSERVE_WORKER_STAGE"] = "0"  # right stage, but nobody listens
+    env["NATSERVE_WORKER_SPEC"] = json.dumps({"route": "/inference", "stage": 0})  # right stage, but nobody listens
     assert worker_main(server.routes, [], env) == 1

@@ -165,7 +165,8 @@ mod tests {
     const SAMPLE: &str = r#"{
       "worker_cmd": ["/usr/bin/python3", "/app/exp.py"],
       "routes": [{"route": "/inference", "names": ["Pre", "Infer"]}],
-      "stages": [{"route": "/inference", "stage": 1, "name": "Infer", "num": 2,
+      "stages": [{"route": "/inference", "stage": 1, "name": "Infer",
+                  "worker": "__main__:Infer", "num": 2,
                   "max_batch_size": 8, "max_wait_ms": 10, "timeout_ms": 0,
                   "env": [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}],
                   "mime": "application/json"}]

@@ -125,6 +125,7 @@ pub async fn run(
         for worker_id in 1..=spec.num {
             let slot = Slot {
                 spec: shared.clone(),
+                stages_in_route: route.names.len() as u32,
                 worker_id,
                 worker_cmd: worker_cmd.clone(),
                 socket: dir.join(format!("{slug}-{}-{worker_id}.sock", spec.stage)),

@@ -27,6 +27,9 @@ const TERM_GRACE: Duration = Duration::from_secs(5);
 /// One worker process of one stage.
 pub struct Slot {
     pub spec: Arc<StageSpec>,
+    /// Number of stages in the spec's route: the worker decodes HTTP bodies at stage 0 and
+    /// encodes responses at the last.
+    pub stages_in_route: u32,
     /// 1-based within the stage on this agent.
     pub worker_id: u32,
     pub worker_cmd: Arc<Vec<String>>,
@@ -42,8 +45,11 @@ impl Slot {
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.worker_cmd[0]);
         cmd.args(&self.worker_cmd[1..])
-            .env("NATSERVE_WORKER_ROUTE", &self.spec.route)
-            .env("NATSERVE_WORKER_STAGE", self.spec.stage.to_string())
+            .env(
+                "NATSERVE_WORKER_SPEC",
+                serde_json::to_string(&*self.spec).expect("a stage spec serializes"),
+            )
+            .env("NATSERVE_WORKER_STAGES", self.stages_in_route.to_string())
             .env("NATSERVE_WORKER_ID", self.worker_id.to_string())
             .env("NATSERVE_SOCKET", &self.socket)
             .stdin(std::process::Stdio::null())

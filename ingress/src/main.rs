@@ -28,14 +28,14 @@ struct Cli {
     /// Port to listen on.
     #[arg(long, env = "NATSERVE_PORT", default_value_t = 8000)]
     port: u16,
-    /// End-to-end deadline of a request, in milliseconds.
-    #[arg(long, env = "NATSERVE_TIMEOUT_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// End-to-end deadline of a request, in milliseconds (Mosec's `--timeout`, same unit).
+    #[arg(long = "timeout", env = "NATSERVE_TIMEOUT", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
     timeout_ms: u64,
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "NATSERVE_MAX_BODY_SIZE", default_value_t = 8_388_608, value_parser = clap::value_parser!(u64).range(1..))]
     max_body_size: u64,
     /// How long shutdown waits for in-flight requests, in milliseconds.
-    #[arg(long, env = "NATSERVE_GRACE_MS", default_value_t = 10_000)]
+    #[arg(long = "ingress-grace-ms", env = "NATSERVE_INGRESS_GRACE_MS", default_value_t = 10_000)]
     grace_ms: u64,
     /// Log filter: a level (error, warn, info, debug, trace) or tracing directives.
     #[arg(long, env = "NATSERVE_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]

@@ -61,7 +61,7 @@ def ingress_argv(binary: str, settings: Settings, nats_url: str) -> List[str]:
         "--namespace", settings.namespace,
         "--address", settings.address,
         "--port", str(settings.port),
-        "--timeout-ms", str(settings.timeout),
+        "--timeout", str(settings.timeout),
         "--max-body-size", str(settings.max_body_size),
         "--log-level", rust_log_level(settings.log_level),
     ]  # fmt: skip

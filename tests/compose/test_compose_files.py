@@ -107,7 +107,7 @@ def test_stop_grace_periods_cover_the_drain(compose: Dict[str, Any]) -> None:
     # The launcher gives the agent AGENT_GRACE_S after SIGTERM before it kills it.
     for name in ("worker", "worker-gpu"):
         assert seconds(svc[name]["stop_grace_period"]) > _launcher.AGENT_GRACE_S
-    # The ingress finishes in-flight requests for up to NATSERVE_GRACE_MS (10 s).
+    # The ingress finishes in-flight requests for up to NATSERVE_INGRESS_GRACE_MS (10 s).
     assert seconds(svc["ingress"]["stop_grace_period"]) > 10
 
 

@@ -23,7 +23,7 @@ if REASON:
 
 import compose_images  # noqa: E402 (only once Docker is known to be there)
 
-# The ingress answers 504 at its deadline (NATSERVE_TIMEOUT_MS in docker-compose.yml).
+# The ingress answers 504 at its deadline (NATSERVE_TIMEOUT in docker-compose.yml).
 DEADLINE_S = 3.0
 # What a client may wait beyond the deadline before calling a request hung.
 MARGIN_S = 2.0

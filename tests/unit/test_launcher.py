@@ -117,7 +117,7 @@ def test_starts_agent_and_ingress_then_stops_them_in_order(tmp_path: Path) -> No
     ]  # fmt: skip
     assert ingress["argv"] == [
         "--nats", "nats://127.0.0.1:4999", "--namespace", "t1", "--address", "0.0.0.0",
-        "--port", "8123", "--timeout-ms", "1500", "--max-body-size", "2048",
+        "--port", "8123", "--timeout", "1500", "--max-body-size", "2048",
         "--log-level", "debug",
     ]  # fmt: skip
     # each child leads its own session: a terminal's Ctrl-C reaches only the launcher

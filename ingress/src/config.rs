@@ -20,6 +20,11 @@ pub struct Config {
     pub grace: Duration,
     /// How long the first connection to NATS is retried before [`crate::run`] gives up.
     pub connect_timeout: Duration,
+    /// Most HTTP connections open at once; more wait in the accept backlog.
+    pub max_connections: usize,
+    /// A connection whose request headers are not complete this long after it opened (or
+    /// after its previous response, when kept alive) is closed.
+    pub header_read_timeout: Duration,
 }
 
 impl Config {
@@ -29,6 +34,8 @@ impl Config {
     pub const DEFAULT_MAX_BODY_SIZE: usize = 8 * 1024 * 1024;
     pub const DEFAULT_GRACE: Duration = Duration::from_millis(10_000);
     pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+    pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
     /// Defaults for everything but the NATS URL.
     pub fn new(nats_url: impl Into<String>) -> Self {
@@ -39,6 +46,8 @@ impl Config {
             max_body_size: Self::DEFAULT_MAX_BODY_SIZE,
             grace: Self::DEFAULT_GRACE,
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: Self::DEFAULT_HEADER_READ_TIMEOUT,
         }
     }
 }

@@ -117,7 +117,7 @@ async fn serve_route(
         .routes
         .read()
         .unwrap_or_else(|p| p.into_inner())
-        .lookup(path)
+        .lookup(path, std::time::Instant::now())
         .cloned();
     let (label, result) = match record {
         None => (

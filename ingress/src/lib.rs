@@ -8,6 +8,7 @@ pub mod config;
 pub mod drain;
 pub mod error;
 pub mod http;
+pub mod listen;
 pub mod metrics;
 pub mod replies;
 pub mod routes;

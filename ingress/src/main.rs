@@ -35,8 +35,19 @@ struct Cli {
     #[arg(long, env = "NATSERVE_MAX_BODY_SIZE", default_value_t = 8_388_608, value_parser = clap::value_parser!(u64).range(1..))]
     max_body_size: u64,
     /// How long shutdown waits for in-flight requests, in milliseconds.
-    #[arg(long = "ingress-grace-ms", env = "NATSERVE_INGRESS_GRACE_MS", default_value_t = 10_000)]
+    #[arg(
+        long = "ingress-grace-ms",
+        env = "NATSERVE_INGRESS_GRACE_MS",
+        default_value_t = 10_000
+    )]
     grace_ms: u64,
+    /// Most HTTP connections open at once; more wait until one closes.
+    #[arg(long, env = "NATSERVE_MAX_CONNECTIONS", default_value_t = Config::DEFAULT_MAX_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_connections: usize,
+    /// Close a connection whose request headers are not in after this many ms (slowloris);
+    /// idle keep-alive connections close after it too.
+    #[arg(long, env = "NATSERVE_HEADER_READ_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    header_read_timeout_ms: u64,
     /// Log filter: a level (error, warn, info, debug, trace) or tracing directives.
     #[arg(long, env = "NATSERVE_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
     log_level: String,
@@ -65,6 +76,8 @@ impl Cli {
             timeout: Duration::from_millis(self.timeout_ms),
             max_body_size: usize::try_from(self.max_body_size).unwrap_or(usize::MAX),
             grace: Duration::from_millis(self.grace_ms),
+            max_connections: self.max_connections,
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
             ..Config::new(self.nats.clone())
         }
     }

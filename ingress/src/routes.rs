@@ -4,11 +4,17 @@
 //! The table is plain data updated by the KV watchers in [`crate::watch`]. Liveness uses
 //! the local [`Instant`] an agent record was received, never the writer's clock: an agent
 //! is live while its last record is younger than three of its heartbeats.
+//!
+//! Route records are never deleted by agents (no agent knows it is a route's last), so a
+//! route renamed or retired stays in the bucket. A route no live agent serves and whose
+//! record no agent refreshed for [`ROUTE_ABANDONED_AFTER`] is abandoned: it no longer
+//! counts against readiness and its path answers 404, until an agent registers it again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use natserve_protocol::buckets::ROUTE_ABANDONED_AFTER;
 use natserve_protocol::{route_slug, AgentRecord, RouteRecord};
 
 /// Shared handle to the table: the watchers write, the handlers read.
@@ -30,10 +36,17 @@ impl SeenAgent {
     }
 }
 
+#[derive(Debug, Clone)]
+struct SeenRoute {
+    record: RouteRecord,
+    /// When an agent last wrote the record (local clock).
+    refreshed: Instant,
+}
+
 /// Routes by slug and agents by id, as last seen.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    routes: HashMap<String, RouteRecord>,
+    routes: HashMap<String, SeenRoute>,
     agents: HashMap<String, SeenAgent>,
 }
 
@@ -42,8 +55,10 @@ impl RouteTable {
         Arc::new(RwLock::new(Self::default()))
     }
 
-    pub fn put_route(&mut self, slug: &str, record: RouteRecord) {
-        self.routes.insert(slug.to_owned(), record);
+    /// Records a route as an agent wrote it at `refreshed`.
+    pub fn put_route(&mut self, slug: &str, record: RouteRecord, refreshed: Instant) {
+        self.routes
+            .insert(slug.to_owned(), SeenRoute { record, refreshed });
     }
 
     pub fn remove_route(&mut self, slug: &str) {
@@ -68,22 +83,33 @@ impl RouteTable {
         });
     }
 
-    /// The route served at `path`, if any. Two paths can share a slug (`/a/b`, `/a_b`), so
-    /// the record's own route must match too.
-    pub fn lookup(&self, path: &str) -> Option<&RouteRecord> {
+    /// The route served at `path`, if any and not abandoned. Two paths can share a slug
+    /// (`/a/b`, `/a_b`), so the record's own route must match too.
+    pub fn lookup(&self, path: &str, now: Instant) -> Option<&RouteRecord> {
         let slug = route_slug(path).ok()?;
-        self.routes.get(&slug).filter(|r| r.route == path)
+        self.routes
+            .get(&slug)
+            .filter(|r| r.record.route == path && !self.is_abandoned(r, now))
+            .map(|r| &r.record)
     }
 
-    /// All known routes with their slugs, sorted by route for stable output.
-    pub fn routes(&self) -> Vec<(String, RouteRecord)> {
+    /// Every route that is not abandoned, with its slug, sorted by route for stable output.
+    pub fn routes(&self, now: Instant) -> Vec<(String, RouteRecord)> {
         let mut all: Vec<_> = self
             .routes
             .iter()
-            .map(|(slug, r)| (slug.clone(), r.clone()))
+            .filter(|(_, r)| !self.is_abandoned(r, now))
+            .map(|(slug, r)| (slug.clone(), r.record.clone()))
             .collect();
         all.sort_by(|a, b| a.1.route.cmp(&b.1.route));
         all
+    }
+
+    /// No live agent serves any stage of the route, and none refreshed its record for
+    /// [`ROUTE_ABANDONED_AFTER`]. A live agent refreshes its routes well within that.
+    fn is_abandoned(&self, route: &SeenRoute, now: Instant) -> bool {
+        now.saturating_duration_since(route.refreshed) >= ROUTE_ABANDONED_AFTER
+            && (0..route.record.stages).all(|i| !self.is_served(&route.record.route, i, now))
     }
 
     fn live_loads(
@@ -121,7 +147,7 @@ impl RouteTable {
     /// `Ok` when there is at least one route and every stage of every route has a ready
     /// worker on a live agent; otherwise the first reason it is not ready.
     pub fn readiness(&self, now: Instant) -> Result<(), String> {
-        let routes = self.routes();
+        let routes = self.routes(now);
         if routes.is_empty() {
             return Err("no routes registered".to_owned());
         }
@@ -174,16 +200,20 @@ mod tests {
 
     #[test]
     fn looks_up_routes_by_exact_path() {
+        let now = Instant::now();
         let mut t = RouteTable::default();
-        t.put_route("v1_embed", route("/v1/embed", 1));
-        assert!(t.lookup("/v1/embed").is_some());
-        assert!(t.lookup("/v1_embed").is_none(), "same slug, other path");
-        assert!(t.lookup("/nope").is_none());
-        assert!(t.lookup("/bad path").is_none());
-        t.put_route("v1_embed", route("/v1/embed", 2));
-        assert_eq!(t.lookup("/v1/embed").unwrap().stages, 2);
+        t.put_route("v1_embed", route("/v1/embed", 1), now);
+        assert!(t.lookup("/v1/embed", now).is_some());
+        assert!(
+            t.lookup("/v1_embed", now).is_none(),
+            "same slug, other path"
+        );
+        assert!(t.lookup("/nope", now).is_none());
+        assert!(t.lookup("/bad path", now).is_none());
+        t.put_route("v1_embed", route("/v1/embed", 2), now);
+        assert_eq!(t.lookup("/v1/embed", now).unwrap().stages, 2);
         t.remove_route("v1_embed");
-        assert!(t.lookup("/v1/embed").is_none());
+        assert!(t.lookup("/v1/embed", now).is_none());
     }
 
     #[test]
@@ -191,7 +221,7 @@ mod tests {
         let t0 = Instant::now();
         let mut t = RouteTable::default();
         let r = route("/inference", 1);
-        t.put_route("inference", r.clone());
+        t.put_route("inference", r.clone(), t0);
         assert_eq!(t.first_unserved_stage(&r, t0), Some(0));
 
         t.put_agent("a", agent("a", 100, &[("/inference", 0, 1)]), t0);
@@ -214,7 +244,7 @@ mod tests {
         let now = Instant::now();
         let mut t = RouteTable::default();
         let r = route("/pipe", 3);
-        t.put_route("pipe", r.clone());
+        t.put_route("pipe", r.clone(), now);
         t.put_agent(
             "a",
             agent("a", 1000, &[("/pipe", 0, 1), ("/pipe", 2, 1)]),
@@ -248,7 +278,7 @@ mod tests {
         let now = Instant::now();
         let mut t = RouteTable::default();
         assert_eq!(t.readiness(now), Err("no routes registered".into()));
-        t.put_route("x", route("/x", 2));
+        t.put_route("x", route("/x", 2), now);
         t.put_agent("a", agent("a", 1000, &[("/x", 0, 1), ("/x", 1, 0)]), now);
         assert_eq!(
             t.readiness(now),
@@ -256,11 +286,35 @@ mod tests {
         );
         t.put_agent("a", agent("a", 1000, &[("/x", 0, 1), ("/x", 1, 1)]), now);
         assert_eq!(t.readiness(now), Ok(()));
-        t.put_route("y", route("/y", 1));
+        t.put_route("y", route("/y", 1), now);
         assert_eq!(
             t.readiness(now),
             Err("no ready worker for stage 0 of /y".into())
         );
+    }
+
+    #[test]
+    fn a_route_nobody_serves_or_refreshes_is_abandoned() {
+        let t0 = Instant::now();
+        let mut t = RouteTable::default();
+        // A renamed route: the old record stays in the bucket, its agents are gone.
+        t.put_route("a_b", route("/a_b", 1), t0);
+        t.put_route("a", route("/a", 1), t0);
+        let later = t0 + ROUTE_ABANDONED_AFTER;
+        t.put_agent("n", agent("n", 1000, &[("/a", 0, 1)]), later);
+        assert_eq!(
+            t.readiness(t0),
+            Err("no ready worker for stage 0 of /a_b".into()),
+            "fresh: still expected to come up"
+        );
+        assert!(t.lookup("/a_b", t0).is_some());
+        assert_eq!(t.readiness(later), Ok(()), "abandoned: no longer counted");
+        assert!(t.lookup("/a_b", later).is_none(), "abandoned: 404");
+        assert_eq!(t.routes(later).len(), 1);
+        // A live agent keeps a route whose record is old; so does a fresh record.
+        assert!(t.lookup("/a", later).is_some());
+        t.put_route("a_b", route("/a_b", 1), later);
+        assert!(t.lookup("/a_b", later).is_some());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The life of one ingress: connect, load the route table, serve HTTP, and shut down in a
 //! fixed order (refuse new work, let in-flight requests finish, stop HTTP, drain NATS).
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::drain::Drain;
 use crate::error::Error;
 use crate::http::{router, App};
+use crate::listen;
 use crate::metrics::Metrics;
 use crate::replies::{self, Replies};
 use crate::routes::RouteTable;
@@ -81,11 +82,16 @@ pub async fn run(
 
     let address = listener.local_addr()?;
     let stop_http = CancellationToken::new();
-    let mut server = tokio::spawn(
-        axum::serve(listener, router(app.clone()))
-            .with_graceful_shutdown(stop_http.clone().cancelled_owned())
-            .into_future(),
-    );
+    let limits = listen::Limits {
+        max_connections: config.max_connections,
+        header_read_timeout: config.header_read_timeout,
+    };
+    let mut server = tokio::spawn(listen::serve(
+        listener,
+        router(app.clone()),
+        limits,
+        stop_http.clone().cancelled_owned(),
+    ));
     info!(ingress = %id, %address, namespace = names.namespace(), "ingress listening");
 
     let early_exit = tokio::select! {

@@ -115,7 +115,6 @@ impl Submitter {
         h.insert(headers::REQUEST_ID, s.request_id);
         h.insert(headers::REPLY_TO, self.replies.subject(s.request_id));
         h.insert(headers::DEADLINE, s.deadline_ms.to_string());
-        h.insert(headers::ROUTE, s.route);
         h.insert(headers::MSG_ID, format!("{}.0", s.request_id));
         if let Some(tp) = s.traceparent {
             h.insert(headers::TRACEPARENT, tp);

@@ -16,12 +16,14 @@ use tracing::{debug, warn};
 
 use crate::routes::{RouteTable, SharedRoutes};
 
-/// Applies one entry of the routes bucket. Returns false when the value was unusable.
+/// Applies one entry of the routes bucket, written by an agent at `refreshed`. Returns
+/// false when the value was unusable.
 pub fn apply_route_entry(
     table: &mut RouteTable,
     key: &str,
     operation: kv::Operation,
     value: &[u8],
+    refreshed: Instant,
 ) -> bool {
     match operation {
         kv::Operation::Delete | kv::Operation::Purge => {
@@ -30,7 +32,7 @@ pub fn apply_route_entry(
         }
         kv::Operation::Put => match serde_json::from_slice::<RouteRecord>(value) {
             Ok(record) => {
-                table.put_route(key, record);
+                table.put_route(key, record, refreshed);
                 true
             }
             Err(e) => {
@@ -177,9 +179,13 @@ async fn follow(
             {
                 let mut table = table.write().unwrap_or_else(|p| p.into_inner());
                 match which {
-                    Bucket::Routes => {
-                        apply_route_entry(&mut table, &entry.key, entry.operation, &entry.value)
-                    }
+                    Bucket::Routes => apply_route_entry(
+                        &mut table,
+                        &entry.key,
+                        entry.operation,
+                        &entry.value,
+                        written_at(entry.created),
+                    ),
                     Bucket::Agents => apply_agent_entry(
                         &mut table,
                         &entry.key,
@@ -196,6 +202,16 @@ async fn follow(
     }
 }
 
+/// When the server stored an entry, on the local clock. Replayed history can be old: a
+/// route record nobody refreshed since must not look fresh to an ingress that just started.
+fn written_at(created: time::OffsetDateTime) -> Instant {
+    let now = Instant::now();
+    let age = (time::OffsetDateTime::now_utc() - created)
+        .try_into()
+        .unwrap_or(Duration::ZERO);
+    now.checked_sub(age).unwrap_or(now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,23 +219,37 @@ mod tests {
 
     #[test]
     fn route_entries_put_replace_and_remove() {
+        let now = Instant::now();
         let mut t = RouteTable::default();
         let v1 = br#"{"route": "/inference", "stages": 1, "names": ["A"]}"#;
-        assert!(apply_route_entry(&mut t, "inference", Operation::Put, v1));
-        assert_eq!(t.lookup("/inference").unwrap().stages, 1);
+        assert!(apply_route_entry(
+            &mut t,
+            "inference",
+            Operation::Put,
+            v1,
+            now
+        ));
+        assert_eq!(t.lookup("/inference", now).unwrap().stages, 1);
 
         let v2 = br#"{"route": "/inference", "stages": 2}"#;
-        assert!(apply_route_entry(&mut t, "inference", Operation::Put, v2));
-        assert_eq!(t.lookup("/inference").unwrap().stages, 2);
+        assert!(apply_route_entry(
+            &mut t,
+            "inference",
+            Operation::Put,
+            v2,
+            now
+        ));
+        assert_eq!(t.lookup("/inference", now).unwrap().stages, 2);
 
         assert!(!apply_route_entry(
             &mut t,
             "inference",
             Operation::Put,
-            b"{"
+            b"{",
+            now
         ));
         assert_eq!(
-            t.lookup("/inference").unwrap().stages,
+            t.lookup("/inference", now).unwrap().stages,
             2,
             "bad json keeps the old"
         );
@@ -228,12 +258,25 @@ mod tests {
             &mut t,
             "inference",
             Operation::Delete,
-            b""
+            b"",
+            now
         ));
-        assert!(t.lookup("/inference").is_none());
-        apply_route_entry(&mut t, "inference", Operation::Put, v1);
-        apply_route_entry(&mut t, "inference", Operation::Purge, b"");
-        assert!(t.lookup("/inference").is_none());
+        assert!(t.lookup("/inference", now).is_none());
+        apply_route_entry(&mut t, "inference", Operation::Put, v1, now);
+        apply_route_entry(&mut t, "inference", Operation::Purge, b"", now);
+        assert!(t.lookup("/inference", now).is_none());
+    }
+
+    #[test]
+    fn old_entries_are_dated_by_the_server() {
+        let written = written_at(time::OffsetDateTime::now_utc() - Duration::from_secs(120));
+        let age = Instant::now().saturating_duration_since(written);
+        assert!(age >= Duration::from_secs(119), "{age:?}");
+        let future = written_at(time::OffsetDateTime::now_utc() + Duration::from_secs(5));
+        assert!(
+            future <= Instant::now(),
+            "clock skew never dates an entry ahead"
+        );
     }
 
     #[test]

@@ -12,7 +12,13 @@ use crate::Names;
 /// ignore an agent after three missed heartbeats; this only bounds the garbage.
 pub const AGENTS_MAX_AGE: Duration = Duration::from_secs(30);
 
-/// The routes bucket: one value per key, kept until an agent deletes it.
+/// How often a live agent rewrites its route records, whatever its heartbeat.
+pub const ROUTE_REFRESH: Duration = Duration::from_secs(30);
+/// A route record no agent refreshed for this long, with no live agent serving the route,
+/// is abandoned (a renamed or retired route): ingresses stop serving and counting it.
+pub const ROUTE_ABANDONED_AFTER: Duration = Duration::from_secs(3 * ROUTE_REFRESH.as_secs());
+
+/// The routes bucket: one value per key, rewritten by live agents every [`ROUTE_REFRESH`].
 pub fn routes_bucket_config(names: &Names) -> kv::Config {
     kv::Config {
         bucket: names.routes_bucket(),

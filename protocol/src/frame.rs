@@ -23,9 +23,62 @@ pub const KIND_RESULTS: u8 = 3;
 /// Largest frame accepted by default: big enough for a batch of large NATS payloads.
 pub const DEFAULT_MAX_FRAME: usize = 256 * 1024 * 1024;
 
+/// What a worker can say of one item: the four statuses a `RESULTS` frame holds. The
+/// other outcomes (timeout, overloaded, unavailable) are the agent's to give, so a frame
+/// cannot carry them by construction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ItemStatus {
+    Ok = 0,
+    ValidationError = 1,
+    ClientError = 2,
+    ServerError = 3,
+}
+
+impl ItemStatus {
+    pub fn from_code(code: u8) -> Option<ItemStatus> {
+        match code {
+            0 => Some(ItemStatus::Ok),
+            1 => Some(ItemStatus::ValidationError),
+            2 => Some(ItemStatus::ClientError),
+            3 => Some(ItemStatus::ServerError),
+            _ => None,
+        }
+    }
+
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+impl From<ItemStatus> for Outcome {
+    fn from(status: ItemStatus) -> Outcome {
+        match status {
+            ItemStatus::Ok => Outcome::Ok,
+            ItemStatus::ValidationError => Outcome::ValidationError,
+            ItemStatus::ClientError => Outcome::ClientError,
+            ItemStatus::ServerError => Outcome::ServerError,
+        }
+    }
+}
+
+impl TryFrom<Outcome> for ItemStatus {
+    type Error = Outcome;
+
+    /// The item status for an outcome a worker can report; the outcome back otherwise.
+    fn try_from(outcome: Outcome) -> Result<ItemStatus, Outcome> {
+        match outcome {
+            Outcome::Ok => Ok(ItemStatus::Ok),
+            Outcome::ValidationError => Ok(ItemStatus::ValidationError),
+            Outcome::ClientError => Ok(ItemStatus::ClientError),
+            Outcome::ServerError => Ok(ItemStatus::ServerError),
+            other => Err(other),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ItemResult {
-    pub outcome: Outcome,
+    pub status: ItemStatus,
     pub body: Bytes,
 }
 
@@ -68,9 +121,21 @@ impl Frame {
         Ok((buf.len() >= 4 + len).then_some(4 + len))
     }
 
-    /// Parses one whole frame (length prefix included), as sized by [`Frame::check`].
+    /// Parses one whole frame (length prefix included), as sized by [`Frame::check`]. Any
+    /// other input is an error, never a panic: the prefix must match the slice's length.
     pub fn parse(frame: &[u8]) -> Result<Frame, FrameError> {
-        let mut body = Bytes::copy_from_slice(&frame[4..]);
+        let Some((prefix, rest)) = frame.split_first_chunk::<4>() else {
+            return Err(FrameError::Malformed("shorter than a length prefix"));
+        };
+        if u32::from_be_bytes(*prefix) as usize != rest.len() {
+            return Err(FrameError::Malformed(
+                "length prefix does not match the frame",
+            ));
+        }
+        if rest.is_empty() {
+            return Err(FrameError::Empty);
+        }
+        let mut body = Bytes::copy_from_slice(rest);
         let kind = body.get_u8();
         match kind {
             KIND_READY => {
@@ -95,10 +160,10 @@ impl Frame {
                         return Err(FrameError::Malformed("truncated item"));
                     }
                     let code = body.get_u8();
-                    let outcome =
-                        Outcome::from_item_status(code).ok_or(FrameError::UnknownStatus(code))?;
+                    let status =
+                        ItemStatus::from_code(code).ok_or(FrameError::UnknownStatus(code))?;
                     items.push(ItemResult {
-                        outcome,
+                        status,
                         body: take_bytes(&mut body)?,
                     });
                 }
@@ -131,7 +196,7 @@ impl Frame {
                 out.put_u64(*id);
                 out.put_u32(items.len() as u32);
                 for item in items {
-                    out.put_u8(item.outcome.item_status());
+                    out.put_u8(item.status.code());
                     out.put_u32(item.body.len() as u32);
                     out.put_slice(&item.body);
                 }
@@ -222,7 +287,13 @@ mod tests {
                     .unwrap()
                     .iter()
                     .map(|it| ItemResult {
-                        outcome: it["status"].as_str().unwrap().parse().unwrap(),
+                        status: it["status"]
+                            .as_str()
+                            .unwrap()
+                            .parse::<Outcome>()
+                            .unwrap()
+                            .try_into()
+                            .unwrap(),
                         body: text(&it["body"]),
                     })
                     .collect(),
@@ -270,6 +341,31 @@ mod tests {
         .to_bytes();
         for cut in 0..bytes.len() {
             assert_eq!(Frame::check(&bytes[..cut], DEFAULT_MAX_FRAME), Ok(None));
+        }
+    }
+
+    #[test]
+    fn parse_rejects_what_check_would_not_have_sized() {
+        let ready = Frame::Ready { pid: 9 }.to_bytes();
+        for cut in 0..ready.len() {
+            assert!(Frame::parse(&ready[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = ready.to_vec();
+        longer.push(0);
+        assert!(Frame::parse(&longer).is_err());
+        assert_eq!(Frame::parse(&[0, 0, 0, 0]), Err(FrameError::Empty));
+    }
+
+    #[test]
+    fn item_statuses_are_the_four_a_worker_can_report() {
+        for code in 0..=3 {
+            let status = ItemStatus::from_code(code).unwrap();
+            assert_eq!(status.code(), code);
+            assert_eq!(ItemStatus::try_from(Outcome::from(status)), Ok(status));
+        }
+        assert_eq!(ItemStatus::from_code(4), None);
+        for agent_only in [Outcome::Timeout, Outcome::Overloaded, Outcome::Unavailable] {
+            assert_eq!(ItemStatus::try_from(agent_only), Err(agent_only));
         }
     }
 

@@ -8,8 +8,6 @@ pub const REQUEST_ID: &str = "X-Request-Id";
 pub const REPLY_TO: &str = "X-Reply-To";
 /// Absolute deadline, unix milliseconds. Work past it is answered `timeout`, never run.
 pub const DEADLINE: &str = "X-Deadline";
-/// The HTTP route the request came in on, e.g. `/inference`.
-pub const ROUTE: &str = "X-Route";
 /// Comma-separated batch sizes, one per stage already run, appended by each agent.
 pub const BATCH_SIZES: &str = "X-Batch-Sizes";
 /// Outcome of a reply: see [`crate::Outcome`].

@@ -16,7 +16,7 @@ pub mod outcome;
 pub mod records;
 
 pub use connection::{Connection, ConnectionError};
-pub use frame::{Frame, FrameError, ItemResult};
+pub use frame::{Frame, FrameError, ItemResult, ItemStatus};
 pub use names::{route_slug, NameError, Names, CONSUMER};
 pub use outcome::Outcome;
 pub use records::{AgentRecord, RouteRecord, StageLoad};

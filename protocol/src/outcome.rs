@@ -46,26 +46,6 @@ impl Outcome {
             Outcome::Unavailable => "unavailable",
         }
     }
-
-    /// The one-byte item status used in worker `Results` frames.
-    pub fn from_item_status(code: u8) -> Option<Outcome> {
-        match code {
-            0 => Some(Outcome::Ok),
-            1 => Some(Outcome::ValidationError),
-            2 => Some(Outcome::ClientError),
-            3 => Some(Outcome::ServerError),
-            _ => None,
-        }
-    }
-
-    pub fn item_status(self) -> u8 {
-        match self {
-            Outcome::Ok => 0,
-            Outcome::ValidationError => 1,
-            Outcome::ClientError => 2,
-            _ => 3,
-        }
-    }
 }
 
 impl fmt::Display for Outcome {
@@ -99,14 +79,5 @@ mod tests {
             assert_eq!(o.as_str().parse::<Outcome>().unwrap(), o);
         }
         assert!("teapot".parse::<Outcome>().is_err());
-    }
-
-    #[test]
-    fn item_status_codes_match_the_python_side() {
-        assert_eq!(Outcome::from_item_status(0), Some(Outcome::Ok));
-        assert_eq!(Outcome::from_item_status(1), Some(Outcome::ValidationError));
-        assert_eq!(Outcome::from_item_status(2), Some(Outcome::ClientError));
-        assert_eq!(Outcome::from_item_status(3), Some(Outcome::ServerError));
-        assert_eq!(Outcome::from_item_status(4), None);
     }
 }

@@ -173,7 +173,6 @@ class Client:
             "X-Request-Id": request_id,
             "X-Reply-To": f"{self.reply_prefix}.{request_id}",
             "X-Deadline": str(int(time.time() * 1000 + timeout * 1000)),
-            "X-Route": route,
             "Nats-Msg-Id": f"{request_id}.0",
         }
         subject = work_subject(self._namespace, route_slug(route), 0)

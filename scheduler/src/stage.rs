@@ -402,12 +402,13 @@ async fn hand_on(
     let size = msgs.len();
     let mut handoffs = Vec::new();
     for (msg, result) in msgs.iter().zip(results) {
-        ctx.metrics.count_item(result.outcome);
+        let outcome = Outcome::from(result.status);
+        ctx.metrics.count_item(outcome);
         let sizes = append_batch_size(
             handoff::header(msg, natserve_protocol::headers::BATCH_SIZES),
             size,
         );
-        match (&ctx.next_subject, result.outcome) {
+        match (&ctx.next_subject, outcome) {
             (Some(next), Outcome::Ok) => {
                 let headers = handoff_headers(msg, ctx.spec.stage + 1, &sizes);
                 match ctx

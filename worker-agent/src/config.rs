@@ -34,7 +34,11 @@ pub struct Args {
     #[arg(long, env = "NATSERVE_HEARTBEAT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..))]
     pub heartbeat_ms: u64,
     /// On SIGTERM, how long running batches may take to finish.
-    #[arg(long = "agent-grace-ms", env = "NATSERVE_AGENT_GRACE_MS", default_value_t = 30_000)]
+    #[arg(
+        long = "agent-grace-ms",
+        env = "NATSERVE_AGENT_GRACE_MS",
+        default_value_t = 30_000
+    )]
     pub grace_ms: u64,
     /// Most requests a stage's queue holds before publishers get "queue full" (HTTP 429).
     #[arg(long, env = "NATSERVE_MAX_QUEUE", default_value_t = 10_000, value_parser = clap::value_parser!(i64).range(1..))]

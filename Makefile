@@ -28,8 +28,9 @@ run: install
 lint: install
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
-	$(VENV)/bin/ruff check python-worker examples tests
-	$(VENV)/bin/ruff format --check python-worker examples tests
+	$(PY) tools/check_rust_version.py
+	$(VENV)/bin/ruff check python-worker examples tests tools
+	$(VENV)/bin/ruff format --check python-worker examples tests tools
 	$(VENV)/bin/mypy --strict python-worker/natserve
 
 rust-test:

@@ -4,6 +4,9 @@
 //! and answers `POST <route>` by publishing the body to the route's first stage and
 //! waiting for the pipeline's reply on this ingress's own reply subjects.
 
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
 pub mod config;
 pub mod drain;
 pub mod error;

@@ -1,5 +1,8 @@
 //! `natserve-ingress`: parse flags, bind, and run until SIGINT or SIGTERM.
 
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;

@@ -9,7 +9,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: all run test install lint rust-test py-test compose-test clean bench
+.PHONY: all run test install lint rust-test py-test compose-test fuzz-smoke fuzz clean bench
 
 all: test
 
@@ -20,7 +20,7 @@ $(VENV)/bin/python:
 # Builds the Rust binaries (release) through the package's own build, as a user's
 # `pip install ./python-worker` does, plus the test tools.
 install: $(VENV)/bin/python
-	$(PIP) install --quiet ./python-worker pytest ruff mypy
+	$(PIP) install --quiet ./python-worker pytest ruff mypy hypothesis
 
 run: install
 	$(PY) examples/exp.py --address 127.0.0.1 --port 8000
@@ -46,7 +46,19 @@ compose-test: install
 	$(PY) -c 'import yaml' 2>/dev/null || $(PIP) install --quiet pyyaml
 	$(VENV)/bin/pytest -q -rs tests/compose
 
-test: lint rust-test py-test compose-test
+# cargo fuzz on the frame codec and the ingress's HTTP handling (fuzz/), bounded in time.
+# Stable Rust, no sanitizer; instrumented builds are cached in ~/.cache/natserve/fuzz
+# (several minutes the first time on 2 cores, seconds after).
+FUZZ_SECONDS ?= 300
+fuzz-smoke: install
+	$(PY) tools/fuzz.py --seconds 10
+
+# Longer: FUZZ_SECONDS per target, and the Python decoder's property tests scaled up.
+fuzz: install
+	$(PY) tools/fuzz.py --seconds $(FUZZ_SECONDS)
+	NATSERVE_FUZZ_EXAMPLES=200000 $(VENV)/bin/pytest -q tests/unit/test_protocol_fuzz.py
+
+test: lint rust-test py-test fuzz-smoke compose-test
 
 # natserve vs Mosec 0.9.8, same worker code, wrk as the load generator (~8 minutes).
 # Installs what it needs: wrk (apt), Mosec (into .bench-venv), the JetStream floor.

@@ -142,7 +142,7 @@ impl Metrics {
         {
             let table = table.read().unwrap_or_else(|p| p.into_inner());
             self.stage_workers.reset();
-            for (slug, record) in table.routes(std::time::Instant::now()) {
+            for (slug, record) in table.routes(now) {
                 for stage in 0..record.stages {
                     let ready = table.ready_workers(&record.route, stage, now);
                     self.stage_workers

@@ -153,7 +153,13 @@ class _Reader:
 
 
 def parse(frame: bytes | bytearray | memoryview) -> Frame:
-    """Parses one whole frame, length prefix included, as sized by :func:`check`."""
+    """Parses one whole frame, length prefix included, as sized by :func:`check`. Any other
+    input raises `FrameError`: the prefix must match the frame's length."""
+    if len(frame) < 4:
+        raise FrameError("malformed frame: shorter than a length prefix")
+    (length,) = _U32.unpack_from(frame, 0)
+    if length != len(frame) - 4:
+        raise FrameError("malformed frame: length prefix does not match the frame")
     return _parse_body(memoryview(frame)[4:])
 
 

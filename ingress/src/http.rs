@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use natserve_protocol::{headers as wire, route_slug, Names, RouteRecord};
 use tokio::time::Instant;
 use tracing::{debug, error, info_span, warn, Instrument};
@@ -75,10 +75,21 @@ async fn readiness(State(app): State<Arc<App>>) -> Response {
     } else if !app.submitter.is_connected() {
         Err(RequestError::NotReady("nats disconnected".to_owned()))
     } else {
-        let table = app.routes.read().unwrap_or_else(|p| p.into_inner());
-        table
-            .readiness(std::time::Instant::now())
-            .map_err(RequestError::NotReady)
+        let first_streams = {
+            let table = app.routes.read().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            table.readiness(now).map(|()| {
+                table
+                    .routes(now)
+                    .into_iter()
+                    .map(|(slug, r)| (r.route, app.names.stream(&slug, 0)))
+                    .collect::<Vec<_>>()
+            })
+        };
+        match first_streams {
+            Err(reason) => Err(RequestError::NotReady(reason)),
+            Ok(streams) => app.queues_exist(streams).await,
+        }
     };
     match result {
         Ok(()) => (
@@ -168,6 +179,28 @@ fn declares_body(headers: &HeaderMap) -> bool {
 }
 
 impl App {
+    /// Every route's first stage has its stream: a NATS server that kept its store in
+    /// memory comes back without them, and until an agent makes them again a request could
+    /// only be refused.
+    async fn queues_exist(&self, first_streams: Vec<(String, String)>) -> Result<(), RequestError> {
+        let existing: std::collections::HashSet<String> = self
+            .submitter
+            .jetstream()
+            .stream_names()
+            .try_collect()
+            .await
+            .map_err(|e| RequestError::NotReady(format!("cannot list nats streams: {e}")))?;
+        match first_streams
+            .into_iter()
+            .find(|(_, s)| !existing.contains(s))
+        {
+            Some((route, stream)) => Err(RequestError::NotReady(format!(
+                "{route} has no queue yet (stream {stream} is missing)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Takes one request for a known route through the pipeline.
     async fn forward(
         &self,

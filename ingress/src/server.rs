@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::replies::{self, Replies};
 use crate::routes::RouteTable;
 use crate::submit::{Submitter, REPLY_GRACE};
-use crate::watch::Watchers;
+use crate::watch::{Followed, Watchers};
 use natserve_protocol::buckets::{agents_bucket_config, open_bucket, routes_bucket_config};
 
 /// How long the NATS client gets to flush and close at the end.
@@ -61,11 +61,18 @@ pub async fn run(
     let dispatcher = tokio::spawn(replies::dispatch(subscription, replies.clone()));
 
     let submitter = Submitter::new(client.clone(), names.clone(), replies);
-    let routes_store = open_bucket(submitter.jetstream(), routes_bucket_config(&names)).await?;
-    let agents_store = open_bucket(submitter.jetstream(), agents_bucket_config(&names)).await?;
+    let js = submitter.jetstream().clone();
+    let routes = Followed {
+        store: open_bucket(&js, routes_bucket_config(&names)).await?,
+        config: routes_bucket_config(&names),
+    };
+    let agents = Followed {
+        store: open_bucket(&js, agents_bucket_config(&names)).await?,
+        config: agents_bucket_config(&names),
+    };
     let table = RouteTable::shared();
     let watching = CancellationToken::new();
-    let mut watchers = Watchers::spawn(routes_store, agents_store, table.clone(), watching.clone());
+    let mut watchers = Watchers::spawn(js, routes, agents, table.clone(), watching.clone());
     if !watchers.loaded(INITIAL_LOAD_TIMEOUT).await {
         warn!("routes and agents not fully loaded yet; serving what is known");
     }

@@ -2,12 +2,15 @@
 //!
 //! Either the agent or the ingress may start first, so both open the buckets with
 //! get-or-create. Each watcher replays the last value of every key, then follows changes;
-//! if the watch ends it is opened again, so a NATS outage heals by itself.
+//! if the watch fails or ends, the bucket is opened again — created, when a NATS server
+//! that keeps its store in memory came back empty — and watched again, so an outage or a
+//! broker restart heals by itself.
 
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::kv;
+use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
+use natserve_protocol::buckets::open_bucket;
 use natserve_protocol::{AgentRecord, RouteRecord};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -89,11 +92,48 @@ pub struct Watchers {
     loaded: Vec<oneshot::Receiver<()>>,
 }
 
+/// A bucket to follow: the store opened at start-up, and how to open it again.
+#[derive(Debug)]
+pub struct Followed {
+    pub store: kv::Store,
+    pub config: kv::Config,
+}
+
+/// Pause before watching a bucket again after its watch failed or ended.
+const REWATCH_DELAY: Duration = Duration::from_secs(1);
+/// How often a watcher asks whether its bucket is still the one it watches.
+const BUCKET_CHECK: Duration = Duration::from_secs(2);
+
+/// When the server says the bucket's stream was made: `Ok(None)` when it does not exist,
+/// `Err` when the server could not be asked.
+async fn bucket_created(
+    js: &jetstream::Context,
+    bucket: &str,
+) -> Result<Option<time::OffsetDateTime>, ()> {
+    match js.get_stream(format!("KV_{bucket}")).await {
+        Ok(stream) => Ok(Some(stream.cached_info().created)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(api)
+                    if api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => {
+            debug!(bucket, error = %e, "cannot ask for the kv bucket");
+            Err(())
+        }
+    }
+}
+
 impl Watchers {
     /// Starts one watcher per bucket; they stop when `cancel` fires.
     pub fn spawn(
-        routes: kv::Store,
-        agents: kv::Store,
+        js: jetstream::Context,
+        routes: Followed,
+        agents: Followed,
         table: SharedRoutes,
         cancel: CancellationToken,
     ) -> Self {
@@ -101,13 +141,21 @@ impl Watchers {
         let (agents_loaded, agents_rx) = oneshot::channel();
         let tasks = vec![
             tokio::spawn(follow(
+                js.clone(),
                 routes,
                 Bucket::Routes,
                 table.clone(),
                 cancel.clone(),
                 routes_loaded,
             )),
-            tokio::spawn(follow(agents, Bucket::Agents, table, cancel, agents_loaded)),
+            tokio::spawn(follow(
+                js,
+                agents,
+                Bucket::Agents,
+                table,
+                cancel,
+                agents_loaded,
+            )),
         ];
         Self {
             tasks,
@@ -131,12 +179,14 @@ impl Watchers {
 }
 
 async fn follow(
-    store: kv::Store,
+    js: jetstream::Context,
+    followed: Followed,
     which: Bucket,
     table: SharedRoutes,
     cancel: CancellationToken,
     loaded: oneshot::Sender<()>,
 ) {
+    let Followed { mut store, config } = followed;
     let bucket = store.name.clone();
     // The store was opened just now, so its cached state says whether there is anything
     // to replay; if not, the (empty) table is already complete.
@@ -144,7 +194,29 @@ async fn follow(
     if store.status().await.map(|s| s.values()).unwrap_or(1) == 0 {
         let _ = loaded.take().map(|tx| tx.send(()));
     }
+    let mut first = true;
     loop {
+        if !std::mem::take(&mut first) {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(REWATCH_DELAY) => {}
+            }
+            // The bucket may be gone with the server that held it: make it again, so the
+            // agents' next heartbeats have somewhere to land.
+            match open_bucket(&js, config.clone()).await {
+                Ok(reopened) => store = reopened,
+                Err(e) => {
+                    warn!(bucket, error = %e, "kv bucket cannot be opened, retrying");
+                    continue;
+                }
+            }
+        }
+        // A watch does not notice its bucket vanish (a broker restart with memory
+        // storage) or come back made anew by an agent: the bucket's creation time does.
+        let watched = match bucket_created(&js, &bucket).await {
+            Ok(Some(created)) => created,
+            Ok(None) | Err(()) => continue,
+        };
         let watch = tokio::select! {
             _ = cancel.cancelled() => return,
             w = store.watch_with_history(">") => w,
@@ -153,23 +225,30 @@ async fn follow(
             Ok(w) => w,
             Err(e) => {
                 warn!(bucket, error = %e, "kv watch failed to start, retrying");
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
+                continue;
             }
         };
+        let mut check =
+            tokio::time::interval_at(tokio::time::Instant::now() + BUCKET_CHECK, BUCKET_CHECK);
         debug!(bucket, "watching kv bucket");
         loop {
             let next = tokio::select! {
                 _ = cancel.cancelled() => return,
                 n = watch.next() => n,
+                _ = check.tick() => match bucket_created(&js, &bucket).await {
+                    Ok(Some(created)) if created == watched => continue,
+                    Ok(_) => {
+                        warn!(bucket, "kv bucket was lost or made anew, watching again");
+                        break;
+                    }
+                    Err(()) => continue, // unreachable now: the watch resumes with nats
+                },
             };
             let entry = match next {
                 Some(Ok(entry)) => entry,
                 Some(Err(e)) => {
-                    warn!(bucket, error = %e, "kv watch error");
-                    continue;
+                    warn!(bucket, error = %e, "kv watch failed, watching again");
+                    break;
                 }
                 None => {
                     warn!(bucket, "kv watch ended, watching again");

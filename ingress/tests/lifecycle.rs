@@ -46,6 +46,15 @@ async fn readiness_needs_routes_with_ready_workers_on_every_stage() {
     .await;
 
     agent.heartbeat("b", 60_000, &[("/pipe", 1, 2)]).await;
+    eventually("the missing queue to be the reason", || async {
+        get(&http, &ingress, "/").await
+            == (
+                503,
+                "not ready: /pipe has no queue yet (stream t_work_pipe_0 is missing)".into(),
+            )
+    })
+    .await;
+    agent.create_stage("/pipe", 0, 100).await;
     eventually("readiness", || async {
         get(&http, &ingress, "/").await == (200, "ok".into())
     })
@@ -54,6 +63,54 @@ async fn readiness_needs_routes_with_ready_workers_on_every_stage() {
     agent.delete_agent("b").await;
     eventually("readiness to drop with the agent", || async {
         get(&http, &ingress, "/").await.0 == 503
+    })
+    .await;
+    ingress.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_that_lost_everything_heals_without_restarting_the_ingress() {
+    let nats = NatsServer::start();
+    let port = nats.port;
+    let ingress = Ingress::start(config(&nats.url)).await;
+    let http = http();
+    let agent = Agent::connect(&nats.url).await;
+    agent.serve_route("/inference", 1).await;
+    eventually("readiness", || async {
+        http.get(ingress.url("/")).send().await.is_ok()
+            && get(&http, &ingress, "/").await == (200, "ok".into())
+    })
+    .await;
+
+    // Memory storage: the new server knows no stream, bucket or consumer.
+    drop(agent);
+    drop(nats);
+    let nats = NatsServer::start_with("", Some(port));
+    let names = natserve_protocol::Names::new(NS).unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    eventually("the ingress to make its buckets again", || async {
+        js.get_key_value(names.routes_bucket()).await.is_ok()
+            && js.get_key_value(names.agents_bucket()).await.is_ok()
+    })
+    .await;
+    assert_eq!(get(&http, &ingress, "/").await.0, 503);
+
+    // An agent that comes back registers into them, and the ingress sees it.
+    let agent = Agent::connect(&nats.url).await;
+    agent.put_route("/inference", 1).await;
+    agent
+        .heartbeat("agent-1", 60_000, &[("/inference", 0, 1)])
+        .await;
+    eventually("the missing queue to be the reason", || async {
+        get(&http, &ingress, "/")
+            .await
+            .1
+            .contains("has no queue yet")
+    })
+    .await;
+    agent.create_stage("/inference", 0, 100).await;
+    eventually("readiness again", || async {
+        get(&http, &ingress, "/").await == (200, "ok".into())
     })
     .await;
     ingress.stop().await.unwrap();

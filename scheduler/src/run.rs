@@ -76,7 +76,7 @@ pub(crate) async fn run_batch(
                 if msgs.is_empty() {
                     return;
                 }
-                let Some(next) = take(&pool, &cancel).await else {
+                let Some(next) = wait_for_worker(&ctx, &pool, &cancel, &msgs).await else {
                     ctx.outbox.release(&msgs).await;
                     return;
                 };
@@ -117,6 +117,27 @@ pub(crate) async fn run_batch(
                 }
                 return;
             }
+        }
+    }
+}
+
+/// Waits for the next idle worker for `msgs`, which this agent holds meanwhile: they get
+/// `Progress` acks, so JetStream does not hand them to another agent as well. `None` once
+/// `cancel` fires.
+async fn wait_for_worker(
+    ctx: &StageContext,
+    pool: &WorkerPool,
+    cancel: &CancellationToken,
+    msgs: &[jetstream::Message],
+) -> Option<WorkerConn> {
+    let mut progress = tokio::time::interval(ACK_WAIT / 3);
+    progress.tick().await; // the first tick is immediate
+    let next = take(pool, cancel);
+    tokio::pin!(next);
+    loop {
+        tokio::select! {
+            worker = &mut next => return worker,
+            _ = progress.tick() => ctx.outbox.progress(msgs).await,
         }
     }
 }

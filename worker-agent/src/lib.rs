@@ -100,7 +100,7 @@ pub async fn run(
     let registry = prometheus::Registry::new();
     let metrics = AgentMetrics::register(&registry)?;
 
-    // Claim the routes before anything else: an agent whose route collides with a live
+    // Check the routes before anything else: an agent whose route collides with a live
     // one's must not create or pull from the queue they would share.
     let pools: Vec<WorkerPool> = config.stages.iter().map(|_| WorkerPool::new()).collect();
     let loads = config
@@ -111,7 +111,7 @@ pub async fn run(
         .collect();
     let registration =
         Arc::new(Registration::open(&js, &names, settings.heartbeat, &config.routes, loads).await?);
-    registration.claim_routes().await?;
+    registration.check_routes().await?;
 
     let cancelled = Arc::new(Cancellations::default());
     let _cancel_follower = cancelled

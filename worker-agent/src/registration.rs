@@ -123,10 +123,10 @@ impl Registration {
         self.stages.iter().all(|(_, stats)| stats.ready() > 0)
     }
 
-    /// Checks that no live agent serves another route under one of our slugs, then writes
-    /// our route records. A check, then a put: two agents starting in the same instant
-    /// with colliding routes can both pass; every later one is refused.
-    pub async fn claim_routes(&self) -> Result<(), RegistrationError> {
+    /// Checks that no live agent serves another route under one of our slugs; the first
+    /// heartbeat then writes our route records. A check, then a put: two agents starting
+    /// in the same instant with colliding routes can both pass; every later one is refused.
+    pub async fn check_routes(&self) -> Result<(), RegistrationError> {
         for (slug, ours) in &self.route_records {
             let entry = self
                 .routes
@@ -152,7 +152,6 @@ impl Registration {
             }
             warn!(route = %ours.route, stale = %theirs.route, slug = %slug, "replacing a stale route record no live agent serves");
         }
-        self.put_routes().await;
         Ok(())
     }
 

@@ -7,10 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::context::PublishError;
 use async_nats::{jetstream, Client, HeaderMap, Message};
 use bytes::Bytes;
-use natserve_protocol::{headers, Names, Outcome};
+use natserve_protocol::{headers, Names, Outcome, Rejection};
 use tokio::time::Instant;
 
 use crate::error::RequestError;
@@ -21,8 +21,6 @@ pub const HEADER_RESERVE: usize = 4 * 1024;
 /// How long after the deadline a reply is still awaited: the agent answers work that
 /// expired in its queue with `timeout`, and that answer is better than our own 504.
 pub const REPLY_GRACE: Duration = Duration::from_millis(250);
-/// JetStream error code of a publish rejected by a full stream (`discard: new`).
-pub const STREAM_FULL_CODE: u64 = 10077;
 
 /// A reply as it came from the pipeline.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,33 +191,25 @@ pub fn classify_publish_error(
     route: &str,
     nats_limit: usize,
 ) -> RequestError {
-    match error.kind() {
-        PublishErrorKind::StreamNotFound => RequestError::NotServed {
+    match Rejection::from_publish_error(error) {
+        Rejection::NoStream => RequestError::NotServed {
             route: route.to_owned(),
         },
-        PublishErrorKind::MaxPayloadExceeded => RequestError::BodyTooLarge {
+        Rejection::TooLarge => RequestError::BodyTooLarge {
             limit: nats_limit,
             why: "nats max_payload",
         },
-        _ if is_stream_full(error) => RequestError::QueueFull {
+        Rejection::QueueFull => RequestError::QueueFull {
             route: route.to_owned(),
         },
-        _ => RequestError::Nats(error.to_string()),
-    }
-}
-
-fn is_stream_full(error: &PublishError) -> bool {
-    let api_error =
-        std::error::Error::source(error).and_then(|s| s.downcast_ref::<jetstream::Error>());
-    match api_error {
-        Some(e) => e.error_code().0 == STREAM_FULL_CODE,
-        None => error.to_string().contains("maximum messages exceeded"),
+        Rejection::Unreachable | Rejection::Other => RequestError::Nats(error.to_string()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use async_nats::jetstream::context::PublishErrorKind;
 
     fn message(headers: &[(&str, &str)], body: &'static str) -> Message {
         let mut h = HeaderMap::new();

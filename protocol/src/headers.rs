@@ -18,3 +18,32 @@ pub const CONTENT_TYPE: &str = "Content-Type";
 pub const TRACEPARENT: &str = "traceparent";
 /// JetStream de-duplication id: `<request id>.<stage>`.
 pub const MSG_ID: &str = "Nats-Msg-Id";
+
+/// One header of a message, as text; `None` when the message has no headers or not this one.
+pub fn get<'a>(headers: Option<&'a async_nats::HeaderMap>, name: &str) -> Option<&'a str> {
+    headers?.get(name).map(|v| v.as_str())
+}
+
+/// The message's deadline ([`DEADLINE`], unix ms); `None` when absent or not a number.
+/// Every Rust reader of the header goes through here.
+pub fn deadline_ms(headers: Option<&async_nats::HeaderMap>) -> Option<u64> {
+    get(headers, DEADLINE)?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_deadline_in_unix_ms() {
+        let mut h = async_nats::HeaderMap::new();
+        assert_eq!(deadline_ms(None), None);
+        assert_eq!(deadline_ms(Some(&h)), None);
+        h.insert(DEADLINE, "1700000000123");
+        assert_eq!(deadline_ms(Some(&h)), Some(1_700_000_000_123));
+        h.insert(DEADLINE, "soon");
+        assert_eq!(deadline_ms(Some(&h)), None);
+        h.insert(REQUEST_ID, "abc");
+        assert_eq!(get(Some(&h), REQUEST_ID), Some("abc"));
+    }
+}

@@ -6,6 +6,9 @@
 //! frame codec spoken over each Python worker's Unix socket. The README's "Wire
 //! protocol" section documents the same.
 
+#![forbid(unsafe_code)]
+
+pub mod agent_config;
 pub mod buckets;
 pub mod connection;
 pub mod frame;
@@ -14,12 +17,15 @@ pub mod names;
 pub mod nats;
 pub mod outcome;
 pub mod records;
+pub mod streams;
 
+pub use agent_config::{AgentConfig, ConfigError, RouteSpec, StageSpec};
 pub use connection::{Connection, ConnectionError};
 pub use frame::{Frame, FrameError, ItemResult, ItemStatus};
 pub use names::{route_slug, NameError, Names, CONSUMER};
 pub use outcome::Outcome;
 pub use records::{AgentRecord, RouteRecord, StageLoad};
+pub use streams::{QueueConfig, Rejection};
 
 /// Unix milliseconds now, the unit of every deadline on the wire.
 pub fn unix_ms() -> u64 {

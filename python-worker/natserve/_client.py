@@ -38,11 +38,52 @@ from .errors import (
 
 logger = logging.getLogger("natserve.client")
 
-#: JetStream's "maximum messages exceeded": the stage's queue is full.
+#: JetStream API error code of a publish a full stream refused (``discard: new``,
+#: "maximum messages exceeded"); ``natserve_protocol::streams::STREAM_FULL_CODE`` in Rust.
 _ERR_QUEUE_FULL = 10077
 #: Seconds between reconnect attempts. The client reconnects forever once connected:
 #: each request is bounded by its own timeout instead (nats-py gives up after 60 by default).
 _RECONNECT_WAIT_S = 1
+
+
+def publish_rejection(err: Exception) -> str:
+    """Why JetStream refused a publish, in the kinds of the Rust ``Rejection``:
+    ``queue_full``, ``no_stream``, ``too_large``, ``unreachable`` or ``other``. Read from
+    the exception's type and the JetStream ``err_code``, never from its text."""
+    if isinstance(err, nats.js.errors.NoStreamResponseError):
+        return "no_stream"
+    if isinstance(err, nats.errors.MaxPayloadError):
+        return "too_large"
+    if isinstance(err, nats.js.errors.APIError):
+        return "queue_full" if err.err_code == _ERR_QUEUE_FULL else "other"
+    if isinstance(
+        err,
+        (
+            nats.errors.TimeoutError,
+            nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionDrainingError,
+            nats.errors.ConnectionReconnectingError,
+            nats.errors.NoServersError,
+            nats.errors.StaleConnectionError,
+            nats.errors.OutboundBufferLimitError,
+        ),
+    ):
+        return "unreachable"
+    return "other"
+
+
+def error_for_publish(err: Exception, route: str, subject: str) -> NatserveError:
+    """The exception a refused publish of a request to ``route`` stands for."""
+    kind = publish_rejection(err)
+    if kind == "no_stream":
+        return UnavailableError(f"route {route} is not served (no stream for {subject})")
+    if kind == "queue_full":
+        return UnavailableError(f"overloaded: the queue of {route} is full")
+    if kind == "too_large":
+        return UnavailableError(f"request too large for the NATS max_payload ({subject})")
+    if isinstance(err, nats.errors.TimeoutError):
+        return RequestTimeoutError(f"publish to {subject} timed out")
+    return UnavailableError(f"publish to {subject} failed: {err}")
 
 
 def error_for_reply(status: Optional[str], body: bytes) -> NatserveError:
@@ -181,18 +222,8 @@ class Client:
         try:
             try:
                 await self._js.publish(subject, body, timeout=timeout, headers=headers)
-            except nats.js.errors.NoStreamResponseError as err:
-                raise UnavailableError(
-                    f"route {route} is not served (no stream for {subject})"
-                ) from err
-            except nats.js.errors.APIError as err:
-                if err.err_code == _ERR_QUEUE_FULL:
-                    raise UnavailableError(f"overloaded: the queue of {route} is full") from err
-                raise UnavailableError(f"publish to {subject} failed: {err}") from err
-            except nats.errors.TimeoutError as err:
-                raise RequestTimeoutError(f"publish to {subject} timed out") from err
             except nats.errors.Error as err:
-                raise UnavailableError(f"publish to {subject} failed: {err}") from err
+                raise error_for_publish(err, route, subject) from err
             try:
                 msg = await asyncio.wait_for(future, max(deadline - time.monotonic(), 0.001))
             except asyncio.TimeoutError as err:

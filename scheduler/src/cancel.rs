@@ -57,11 +57,7 @@ impl Cancellations {
                 let Ok(id) = std::str::from_utf8(&msg.payload) else {
                     continue;
                 };
-                let deadline = msg
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(headers::DEADLINE))
-                    .and_then(|v| v.as_str().parse().ok())
+                let deadline = headers::deadline_ms(msg.headers.as_ref())
                     .unwrap_or_else(|| unix_ms() + 60_000);
                 debug!(request = id, "request cancelled by its ingress");
                 self.insert(id, deadline);

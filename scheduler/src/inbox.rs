@@ -1,9 +1,10 @@
-//! Pull requests over one long-lived inbox subscription per stage.
+//! Pull requests over one long-lived inbox subscription per pull loop.
 //!
 //! async-nats's `batch()`/`fetch()` subscribe a fresh inbox for every pull and unsubscribe
 //! it afterwards: two more protocol operations and a subscription set-up per pull, on the
-//! path between a worker turning idle and its next batch. A stage only ever has one pull
-//! in flight, so it can instead subscribe once to `<inbox>.*` and send each pull request
+//! path between a worker turning idle and its next batch. A stage runs one pull loop per
+//! worker process, each with its own `PullInbox` and at most one pull in flight, so each
+//! loop can instead subscribe once to `<inbox>.*` and send each pull request
 //! (`$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`) with its own reply subject
 //! `<inbox>.<n>`. Work messages arrive with their stream subject; the server's status
 //! messages (404 no messages, 408 request expired, 409 ...) arrive on the reply subject
@@ -63,7 +64,7 @@ pub fn classify(msg: &async_nats::Message, current: &str) -> Delivery {
     }
 }
 
-/// A stage's pull consumer, pulled through one inbox subscription.
+/// A stage's pull consumer, as one pull loop pulls it: through one inbox subscription.
 pub struct PullInbox {
     consumer: jetstream::consumer::PullConsumer,
     context: jetstream::Context,

@@ -6,17 +6,19 @@
 //! [`WorkerPool`]: the agent puts ready worker connections in, the scheduler takes an idle
 //! one out for each batch and puts it back when the batch is done.
 
+#![forbid(unsafe_code)]
+
 pub mod batcher;
 pub mod cancel;
-pub mod handoff;
 pub mod inbox;
 pub mod metrics;
+pub mod outbox;
 pub mod pool;
-pub mod spec;
+mod pull;
+pub mod run;
 pub mod stage;
 
 pub use cancel::Cancellations;
 pub use metrics::{AgentMetrics, StageMetrics};
-pub use pool::{PoolSender, WorkerConn, WorkerPool, WorkerStats};
-pub use spec::StageSpec;
+pub use pool::{FailureKind, PoolSender, WorkerConn, WorkerError, WorkerPool, WorkerStats};
 pub use stage::{ensure_stage, run_stage, StageError};

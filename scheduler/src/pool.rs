@@ -1,33 +1,65 @@
 //! Idle worker connections of one stage, and the counters the agent's heartbeat reports.
 //!
-//! A [`WorkerConn`] is in exactly one place: the pool (idle) or a running batch. Dropping
-//! it retires the worker: its supervisor terminates the process and starts a fresh one,
-//! so a worker that failed a batch is never handed work again.
+//! A [`WorkerConn`] is in exactly one place: the pool (idle), a pull loop waiting for
+//! work for it, or a running batch. Dropping it retires the worker: its supervisor
+//! terminates the process and starts a fresh one, so a worker that failed a batch is
+//! never handed work again.
+//!
+//! Any number of pull loops take from one pool at once. The idle list sits behind a
+//! plain mutex that is never held across an `.await`; a FIFO semaphore with one permit
+//! per idle worker is what takers wait on, so they are served in the order they asked.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use natserve_protocol::{Connection, ConnectionError, Frame, ItemResult};
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+
+/// What became of a batch whose worker failed, which decides what becomes of its items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The batch never reached a live worker: another worker may run it as if nothing
+    /// happened.
+    NotDelivered,
+    /// The worker took the batch and then died or broke protocol: the items may have run,
+    /// or may be what killed it.
+    LostMidBatch,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("worker connection failed: {0}")]
-    Connection(#[from] ConnectionError),
-    #[error("worker closed its socket")]
+    #[error("worker process had exited before the batch was sent")]
+    Exited,
+    #[error("batch could not be sent: {0}")]
+    Send(#[source] ConnectionError),
+    #[error("worker connection failed mid-batch: {0}")]
+    Receive(#[source] ConnectionError),
+    #[error("worker closed its socket mid-batch")]
     Closed,
     #[error("worker answered {0}")]
     Protocol(String),
+}
+
+impl WorkerError {
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            WorkerError::Exited | WorkerError::Send(_) => FailureKind::NotDelivered,
+            WorkerError::Receive(_) | WorkerError::Closed | WorkerError::Protocol(_) => {
+                FailureKind::LostMidBatch
+            }
+        }
+    }
 }
 
 /// Live counts of a stage's workers on this agent.
 #[derive(Debug, Default)]
 pub struct WorkerStats {
     ready: AtomicU32,
-    free: AtomicU32,
+    busy: AtomicU32,
 }
 
 impl WorkerStats {
@@ -35,8 +67,11 @@ impl WorkerStats {
         self.ready.load(Ordering::Relaxed)
     }
 
+    /// Ready workers not running a batch: idle in the pool or waiting in a pull loop for
+    /// work, i.e. what this agent could start now.
     pub fn free(&self) -> u32 {
-        self.free.load(Ordering::Relaxed)
+        self.ready()
+            .saturating_sub(self.busy.load(Ordering::Relaxed))
     }
 
     pub fn worker_up(&self) {
@@ -45,6 +80,21 @@ impl WorkerStats {
 
     pub fn worker_down(&self) {
         self.ready.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Counts a batch as running until the returned guard is dropped.
+    pub fn batch_running(self: &Arc<Self>) -> BusyGuard {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        BusyGuard(self.clone())
+    }
+}
+
+/// One running batch, as [`WorkerStats::free`] counts it.
+pub struct BusyGuard(Arc<WorkerStats>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -83,13 +133,22 @@ impl WorkerConn {
         self.alive.load(Ordering::Acquire)
     }
 
-    /// Runs one batch: one result per item, in order, or an error that retires the worker.
+    /// Runs one batch: one result per item, in order, or an error that retires the worker
+    /// and says whether the batch got to it ([`WorkerError::kind`]).
     pub async fn run(&mut self, items: Vec<Bytes>) -> Result<Vec<ItemResult>, WorkerError> {
+        // A worker can die while idle, e.g. while its pull loop waits for work.
+        if !self.is_alive() {
+            return Err(WorkerError::Exited);
+        }
         self.next_batch += 1;
         let id = self.next_batch;
         let count = items.len();
-        self.conn.write_frame(&Frame::Batch { id, items }).await?;
-        match self.conn.read_frame().await? {
+        // A write to a socket whose peer is gone fails (EPIPE): the batch stayed here.
+        self.conn
+            .write_frame(&Frame::Batch { id, items })
+            .await
+            .map_err(WorkerError::Send)?;
+        match self.conn.read_frame().await.map_err(WorkerError::Receive)? {
             None => Err(WorkerError::Closed),
             Some(Frame::Results { id: got, items }) if got == id && items.len() == count => {
                 Ok(items)
@@ -109,57 +168,95 @@ impl Drop for WorkerConn {
     }
 }
 
-/// The receiving side, owned by the stage's scheduler.
-pub struct WorkerPool {
-    rx: mpsc::UnboundedReceiver<WorkerConn>,
-    tx: PoolSender,
+#[derive(Default)]
+struct Idle {
+    workers: VecDeque<WorkerConn>,
+    /// Set when the scheduler's side is dropped: workers put back after that retire.
+    closed: bool,
 }
 
-/// The sending side: supervisors add fresh workers, batches return idle ones.
+struct Shared {
+    idle: Mutex<Idle>,
+    /// One permit per worker in `idle`.
+    available: Semaphore,
+    stats: Arc<WorkerStats>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Idle> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The taking side, owned by the stage's scheduler and shared by its pull loops and
+/// batches. Dropping it retires every idle worker.
+pub struct WorkerPool {
+    shared: Arc<Shared>,
+}
+
+/// The putting side: supervisors add fresh workers, batches return idle ones.
 #[derive(Clone)]
 pub struct PoolSender {
-    tx: mpsc::UnboundedSender<WorkerConn>,
-    stats: Arc<WorkerStats>,
+    shared: Arc<Shared>,
 }
 
 impl PoolSender {
     pub fn put(&self, worker: WorkerConn) {
-        self.stats.free.fetch_add(1, Ordering::Relaxed);
-        if let Err(mpsc::error::SendError(worker)) = self.tx.send(worker) {
-            // The scheduler is gone (shutdown): dropping retires the worker.
-            self.stats.free.fetch_sub(1, Ordering::Relaxed);
-            drop(worker);
+        let mut idle = self.shared.lock();
+        if idle.closed {
+            drop(idle);
+            drop(worker); // the scheduler is gone (shutdown): retire it
+            return;
         }
+        idle.workers.push_back(worker);
+        drop(idle);
+        self.shared.available.add_permits(1);
     }
 
     pub fn stats(&self) -> &Arc<WorkerStats> {
-        &self.stats
+        &self.shared.stats
     }
 }
 
 impl WorkerPool {
     pub fn new() -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
         Self {
-            rx,
-            tx: PoolSender {
-                tx,
-                stats: Arc::new(WorkerStats::default()),
-            },
+            shared: Arc::new(Shared {
+                idle: Mutex::default(),
+                available: Semaphore::new(0),
+                stats: Arc::default(),
+            }),
         }
     }
 
     pub fn sender(&self) -> PoolSender {
-        self.tx.clone()
+        PoolSender {
+            shared: self.shared.clone(),
+        }
     }
 
-    /// Waits for an idle worker whose process is still alive.
-    pub async fn take(&mut self) -> Option<WorkerConn> {
+    pub fn stats(&self) -> &Arc<WorkerStats> {
+        &self.shared.stats
+    }
+
+    /// Waits for an idle worker whose process is still alive. Cancel-safe: a taker
+    /// dropped while waiting takes nothing.
+    pub async fn take(&self) -> WorkerConn {
         loop {
-            let worker = self.rx.recv().await?;
-            self.tx.stats.free.fetch_sub(1, Ordering::Relaxed);
-            if worker.is_alive() {
-                return Some(worker);
+            let permit = self
+                .shared
+                .available
+                .acquire()
+                .await
+                .expect("the pool never closes its semaphore");
+            permit.forget();
+            let worker = self.shared.lock().workers.pop_front();
+            match worker {
+                Some(worker) if worker.is_alive() => return worker,
+                // Dead while idle: dropping it tells its supervisor, which has likely
+                // started the replacement already.
+                Some(dead) => drop(dead),
+                None => unreachable!("a permit is added only after its worker"),
             }
         }
     }
@@ -168,5 +265,45 @@ impl WorkerPool {
 impl Default for WorkerPool {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        let idle = {
+            let mut idle = self.shared.lock();
+            idle.closed = true;
+            std::mem::take(&mut idle.workers)
+        };
+        drop(idle); // retires them, outside the lock
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_counts_ready_workers_not_running_a_batch() {
+        let stats = Arc::new(WorkerStats::default());
+        stats.worker_up();
+        stats.worker_up();
+        assert_eq!((stats.ready(), stats.free()), (2, 2));
+        let running = stats.batch_running();
+        assert_eq!(stats.free(), 1);
+        stats.worker_down();
+        let second = stats.batch_running();
+        assert_eq!(stats.free(), 0, "never below zero");
+        drop((running, second));
+        assert_eq!((stats.ready(), stats.free()), (1, 1));
+    }
+
+    #[test]
+    fn failure_kinds_tell_delivery_apart() {
+        assert_eq!(WorkerError::Exited.kind(), FailureKind::NotDelivered);
+        let io = || ConnectionError::Io(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        assert_eq!(WorkerError::Send(io()).kind(), FailureKind::NotDelivered);
+        assert_eq!(WorkerError::Receive(io()).kind(), FailureKind::LostMidBatch);
+        assert_eq!(WorkerError::Closed.kind(), FailureKind::LostMidBatch);
     }
 }

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, Iterator, List
 
 import nats
+import nats.errors
+import nats.js.errors as js_errors
 import pytest
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from natserve import Client
 from natserve._binaries import BinaryNotFoundError, find
-from natserve._client import error_for_reply
+from natserve._client import error_for_publish, error_for_reply, publish_rejection
 from natserve._nats_server import LocalNatsServer, config_text
 from natserve.errors import (
     ClientError,
@@ -45,6 +47,35 @@ def test_reply_status_maps_to_an_exception(status: Any, body: str, error: type) 
     err = error_for_reply(status, body.encode())
     assert type(err) is error
     assert body in str(err)
+
+
+@pytest.mark.parametrize(
+    ("err", "kind", "error"),
+    [
+        (js_errors.NoStreamResponseError(), "no_stream", UnavailableError),
+        (js_errors.APIError(code=503, err_code=10077), "queue_full", UnavailableError),
+        (
+            js_errors.ServiceUnavailableError(code=503, err_code=10077),
+            "queue_full",
+            UnavailableError,
+        ),
+        # The text is never read: only the err_code says "queue full".
+        (
+            js_errors.APIError(code=503, err_code=10001, description="maximum messages exceeded"),
+            "other",
+            UnavailableError,
+        ),
+        (nats.errors.MaxPayloadError(), "too_large", UnavailableError),
+        (nats.errors.TimeoutError(), "unreachable", RequestTimeoutError),
+        (nats.errors.ConnectionClosedError(), "unreachable", UnavailableError),
+        (nats.errors.Error("?"), "other", UnavailableError),
+    ],
+)
+def test_a_refused_publish_maps_by_type_and_err_code(
+    err: Exception, kind: str, error: type
+) -> None:
+    assert publish_rejection(err) == kind
+    assert type(error_for_publish(err, "/r", "ns.work.r.0")) is error
 
 
 def test_timeout_error_is_a_builtin_timeout_error() -> None:

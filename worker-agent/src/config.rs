@@ -1,12 +1,13 @@
-//! The agent's flags and the pipeline description the launcher hands it.
+//! The agent's flags, and the settings `run` takes, built from them. The pipeline the
+//! launcher hands over (`--config`) is `natserve_protocol::AgentConfig`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use async_nats::jetstream::stream::StorageType;
 use clap::{Parser, ValueEnum};
-use natserve_scheduler::StageSpec;
-use serde::{Deserialize, Serialize};
+use natserve_protocol::QueueConfig;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -62,103 +63,59 @@ pub enum Storage {
     File,
 }
 
-impl Args {
-    pub fn heartbeat(&self) -> Duration {
-        Duration::from_millis(self.heartbeat_ms)
-    }
-
-    pub fn grace(&self) -> Duration {
-        Duration::from_millis(self.grace_ms)
-    }
+/// What `run` needs to know besides the pipeline: [`Args`] as values, or whatever a
+/// test or an embedding program builds.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub nats: String,
+    pub namespace: String,
+    /// `None`: a fresh temporary directory, removed when the agent stops.
+    pub socket_dir: Option<PathBuf>,
+    pub metrics_address: Option<SocketAddr>,
+    pub heartbeat: Duration,
+    /// On shutdown, how long running batches may take to finish.
+    pub grace: Duration,
+    pub queue: QueueConfig,
+    pub prefetch: bool,
 }
 
-/// A route and the worker names of all its stages, whether or not this agent hosts them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RouteSpec {
-    pub route: String,
-    pub names: Vec<String>,
-}
-
-/// The pipeline description, as `docs/protocol.md` specifies it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Pipeline {
-    /// Command that starts one worker process (the user's script, run again).
-    pub worker_cmd: Vec<String>,
-    pub routes: Vec<RouteSpec>,
-    /// The stages this agent hosts.
-    pub stages: Vec<StageSpec>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} is not a valid pipeline description: {source}")]
-    Parse {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl Pipeline {
-    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let pipeline: Pipeline =
-            serde_json::from_slice(&text).map_err(|source| ConfigError::Parse {
-                path: path.to_owned(),
-                source,
-            })?;
-        pipeline.validate()?;
-        Ok(pipeline)
-    }
-
-    fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |m: String| Err(ConfigError::Invalid(m));
-        if self.worker_cmd.is_empty() {
-            return invalid("worker_cmd is empty".into());
+impl AgentSettings {
+    /// Settings with the flags' defaults, for `namespace` on the server at `nats`.
+    pub fn new(nats: &str, namespace: &str) -> Self {
+        Self {
+            nats: nats.to_owned(),
+            namespace: namespace.to_owned(),
+            socket_dir: None,
+            metrics_address: None,
+            heartbeat: Duration::from_millis(2000),
+            grace: Duration::from_millis(30_000),
+            queue: QueueConfig {
+                max_messages: 10_000,
+                storage: StorageType::Memory,
+            },
+            prefetch: false,
         }
-        for route in &self.routes {
-            natserve_protocol::route_slug(&route.route)
-                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        }
-        for s in &self.stages {
-            let Some(route) = self.route(&s.route) else {
-                return invalid(format!("stage {} names unknown route {}", s.stage, s.route));
-            };
-            if s.stage as usize >= route.names.len() {
-                return invalid(format!("{} has no stage {}", s.route, s.stage));
-            }
-            if s.num == 0 || s.max_batch_size == 0 {
-                return invalid(format!(
-                    "{} stage {}: num and max_batch_size must be >= 1",
-                    s.route, s.stage
-                ));
-            }
-            if let Some(env) = &s.env {
-                if env.len() != s.num as usize {
-                    return invalid(format!(
-                        "{} stage {}: env has {} entries for {} workers",
-                        s.route,
-                        s.stage,
-                        env.len(),
-                        s.num
-                    ));
-                }
-            }
-        }
-        Ok(())
     }
+}
 
-    pub fn route(&self, route: &str) -> Option<&RouteSpec> {
-        self.routes.iter().find(|r| r.route == route)
+impl From<&Args> for AgentSettings {
+    fn from(args: &Args) -> Self {
+        Self {
+            nats: args.nats.clone(),
+            namespace: args.namespace.clone(),
+            socket_dir: args.socket_dir.clone(),
+            metrics_address: args.metrics_address,
+            heartbeat: Duration::from_millis(args.heartbeat_ms),
+            grace: Duration::from_millis(args.grace_ms),
+            queue: QueueConfig {
+                max_messages: args.max_queue,
+                storage: match args.storage {
+                    Storage::Memory => StorageType::Memory,
+                    Storage::File => StorageType::File,
+                },
+            },
+            prefetch: args.prefetch,
+        }
     }
 }
 
@@ -166,39 +123,26 @@ impl Pipeline {
 mod tests {
     use super::*;
 
-    const SAMPLE: &str = r#"{
-      "worker_cmd": ["/usr/bin/python3", "/app/exp.py"],
-      "routes": [{"route": "/inference", "names": ["Pre", "Infer"]}],
-      "stages": [{"route": "/inference", "stage": 1, "name": "Infer",
-                  "worker": "__main__:Infer", "num": 2,
-                  "max_batch_size": 8, "max_wait_ms": 10, "timeout_ms": 0,
-                  "env": [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}],
-                  "mime": "application/json"}]
-    }"#;
-
     #[test]
-    fn parses_the_documented_format() {
-        let p: Pipeline = serde_json::from_str(SAMPLE).unwrap();
-        p.validate().unwrap();
-        assert_eq!(p.stages[0].max_batch_size, 8);
-        assert_eq!(p.route("/inference").unwrap().names.len(), 2);
-    }
-
-    #[test]
-    fn rejects_an_env_list_of_the_wrong_length() {
-        let mut p: Pipeline = serde_json::from_str(SAMPLE).unwrap();
-        p.stages[0].num = 3;
-        assert!(p
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("env has 2 entries for 3 workers"));
-    }
-
-    #[test]
-    fn rejects_a_stage_outside_its_route() {
-        let mut p: Pipeline = serde_json::from_str(SAMPLE).unwrap();
-        p.stages[0].stage = 2;
-        assert!(p.validate().is_err());
+    fn settings_follow_the_flags() {
+        let args = Args::try_parse_from([
+            "natserve-agent",
+            "--config",
+            "/x.json",
+            "--agent-grace-ms",
+            "1500",
+            "--storage",
+            "file",
+            "--max-queue",
+            "7",
+        ])
+        .unwrap();
+        let s = AgentSettings::from(&args);
+        assert_eq!(s.grace, Duration::from_millis(1500));
+        assert_eq!(s.queue.max_messages, 7);
+        assert_eq!(s.queue.storage, StorageType::File);
+        let defaults = AgentSettings::new(&args.nats, &args.namespace);
+        assert_eq!(s.heartbeat, defaults.heartbeat);
+        assert!(!s.prefetch);
     }
 }

@@ -5,6 +5,8 @@
 //! pulling, let running batches finish and ack (up to the grace period), stop the
 //! workers, flush NATS.
 
+#![deny(unsafe_code)]
+
 pub mod config;
 mod http;
 pub mod registration;
@@ -16,15 +18,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use natserve_protocol::Names;
-use natserve_scheduler::stage::{QueueConfig, StageContext};
+use natserve_protocol::{AgentConfig, Names};
+use natserve_scheduler::stage::StageContext;
 use natserve_scheduler::{ensure_stage, run_stage, AgentMetrics, Cancellations, WorkerPool};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-pub use config::{Args, Pipeline};
-use registration::Registration;
+pub use config::{AgentSettings, Args};
+use registration::{Registration, RegistrationError};
 use supervisor::{supervise, Slot};
 
 /// In a fresh cluster the NATS server may still be starting: the first connect retries.
@@ -33,7 +35,7 @@ const CONNECT_WITHIN: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
-    Config(#[from] config::ConfigError),
+    Config(#[from] natserve_protocol::ConfigError),
     #[error(transparent)]
     Name(#[from] natserve_protocol::NameError),
     #[error(transparent)]
@@ -41,7 +43,7 @@ pub enum AgentError {
     #[error(transparent)]
     Stage(#[from] natserve_scheduler::StageError),
     #[error(transparent)]
-    Registration(#[from] natserve_protocol::buckets::BucketError),
+    Registration(#[from] RegistrationError),
     #[error("socket directory {path}: {source}")]
     SocketDir {
         path: PathBuf,
@@ -66,8 +68,8 @@ impl Drop for TempDir {
     }
 }
 
-fn socket_dir(args: &Args) -> Result<(PathBuf, TempDir), AgentError> {
-    let (path, owned) = match &args.socket_dir {
+fn socket_dir(settings: &AgentSettings) -> Result<(PathBuf, TempDir), AgentError> {
+    let (path, owned) = match &settings.socket_dir {
         Some(p) => (p.clone(), false),
         None => {
             let unique = &uuid::Uuid::new_v4().simple().to_string()[..8];
@@ -83,25 +85,33 @@ fn socket_dir(args: &Args) -> Result<(PathBuf, TempDir), AgentError> {
     Ok((path, guard))
 }
 
+/// Runs the agent for `config`'s stages until `shutdown` resolves, then drains.
 pub async fn run(
-    args: Args,
-    pipeline: Pipeline,
+    settings: AgentSettings,
+    config: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let names = Names::new(&args.namespace)?;
+    config.validate()?;
+    let names = Names::new(&settings.namespace)?;
     let client =
-        natserve_protocol::nats::connect(&args.nats, "natserve-agent", CONNECT_WITHIN).await?;
+        natserve_protocol::nats::connect(&settings.nats, "natserve-agent", CONNECT_WITHIN).await?;
     let js = jetstream::new(client.clone());
-    let (dir, _dir_guard) = socket_dir(&args)?;
+    let (dir, _dir_guard) = socket_dir(&settings)?;
     let registry = prometheus::Registry::new();
     let metrics = AgentMetrics::register(&registry)?;
-    let queue = QueueConfig {
-        max_messages: args.max_queue,
-        storage: match args.storage {
-            config::Storage::Memory => jetstream::stream::StorageType::Memory,
-            config::Storage::File => jetstream::stream::StorageType::File,
-        },
-    };
+
+    // Check the routes before anything else: an agent whose route collides with a live
+    // one's must not create or pull from the queue they would share.
+    let pools: Vec<WorkerPool> = config.stages.iter().map(|_| WorkerPool::new()).collect();
+    let loads = config
+        .stages
+        .iter()
+        .zip(&pools)
+        .map(|(spec, pool)| (spec.clone(), pool.stats().clone()))
+        .collect();
+    let registration =
+        Arc::new(Registration::open(&js, &names, settings.heartbeat, &config.routes, loads).await?);
+    registration.check_routes().await?;
 
     let cancelled = Arc::new(Cancellations::default());
     let _cancel_follower = cancelled
@@ -114,18 +124,16 @@ pub async fn run(
     let pullers = TaskTracker::new();
     let batches = TaskTracker::new();
     let supervisors = TaskTracker::new();
-    let worker_cmd = Arc::new(pipeline.worker_cmd.clone());
-    let mut loads = Vec::new();
-    for spec in &pipeline.stages {
-        let consumer = ensure_stage(&js, &names, spec, &queue).await?;
-        let route = pipeline.route(&spec.route).expect("validated on load");
+    let worker_cmd = Arc::new(config.worker_cmd.clone());
+    for (spec, pool) in config.stages.iter().zip(pools) {
+        let consumer = ensure_stage(&js, &names, spec, &settings.queue).await?;
+        let stages_in_route = config.route(&spec.route).expect("validated").names.len() as u32;
         let slug = natserve_protocol::route_slug(&spec.route)?;
-        let pool = WorkerPool::new();
         let shared = Arc::new(spec.clone());
-        for worker_id in 1..=spec.num {
+        for worker_id in 1..=spec.num.get() {
             let slot = Slot {
                 spec: shared.clone(),
-                stages_in_route: route.names.len() as u32,
+                stages_in_route,
                 worker_id,
                 worker_cmd: worker_cmd.clone(),
                 socket: dir.join(format!("{slug}-{}-{worker_id}.sock", spec.stage)),
@@ -133,15 +141,14 @@ pub async fn run(
             };
             supervisors.spawn(supervise(slot, draining.clone(), stop_workers.clone()));
         }
-        loads.push((spec.clone(), pool.sender().stats().clone()));
         let ctx = StageContext::new(
             spec.clone(),
-            route.names.len() as u32,
+            stages_in_route,
             &names,
             client.clone(),
             metrics.stage(&spec.route, spec.stage),
         )?
-        .with_prefetch(args.prefetch)
+        .with_prefetch(settings.prefetch)
         .with_cancellations(cancelled.clone());
         pullers.spawn(run_stage(
             Arc::new(ctx),
@@ -150,11 +157,9 @@ pub async fn run(
             draining.clone(),
             batches.clone(),
         ));
-        info!(route = %spec.route, stage = spec.stage, name = %spec.name, workers = spec.num, "stage hosted");
+        info!(route = %spec.route, stage = spec.stage, name = %spec.name, workers = spec.num.get(), "stage hosted");
     }
 
-    let registration =
-        Arc::new(Registration::open(&js, &names, args.heartbeat(), &pipeline.routes, loads).await?);
     info!(agent = registration.id(), "agent registered");
     let stop_heartbeat = CancellationToken::new();
     let heartbeat = tokio::spawn({
@@ -162,7 +167,7 @@ pub async fn run(
         let cancel = stop_heartbeat.clone();
         async move { registration.heartbeat_until(cancel).await }
     });
-    if let Some(addr) = args.metrics_address {
+    if let Some(addr) = settings.metrics_address {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(AgentError::Bind)?;
@@ -183,12 +188,12 @@ pub async fn run(
     pullers.close();
     pullers.wait().await;
     batches.close();
-    if tokio::time::timeout(args.grace(), batches.wait())
+    if tokio::time::timeout(settings.grace, batches.wait())
         .await
         .is_err()
     {
         warn!(
-            grace_ms = args.grace_ms,
+            grace_ms = settings.grace.as_millis() as u64,
             "batches still running after the grace period; stopping workers anyway"
         );
     }

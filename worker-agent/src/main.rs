@@ -4,7 +4,8 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use natserve_agent::{run, Args, Pipeline};
+use natserve_agent::{run, AgentSettings, Args};
+use natserve_protocol::AgentConfig;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -38,7 +39,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let pipeline = match Pipeline::load(&args.config) {
+    let config = match AgentConfig::load(&args.config) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("natserve-agent: error: --config: {e}");
@@ -46,7 +47,8 @@ fn main() -> ExitCode {
         }
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(run(args, pipeline, shutdown_signal())) {
+    let settings = AgentSettings::from(&args);
+    match runtime.block_on(run(settings, config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "agent failed");

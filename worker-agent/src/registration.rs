@@ -1,22 +1,46 @@
 //! The agent's presence in NATS: its routes in `<ns>_routes`, itself in `<ns>_agents`
 //! refreshed every heartbeat, and its record deleted when it stops cleanly.
+//!
+//! Routes are keyed by slug, and two routes can share one (`/a/b` and `/a_b`): they would
+//! share a queue. An agent refuses to start on a slug whose record names another route
+//! while a live agent still serves that route; a record nobody serves is stale and is
+//! overwritten.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
+use futures::TryStreamExt;
 use natserve_protocol::buckets::{
     agents_bucket_config, open_bucket, routes_bucket_config, BucketError,
 };
-use natserve_protocol::{AgentRecord, Names, RouteRecord, StageLoad};
-use natserve_scheduler::{StageSpec, WorkerStats};
+use natserve_protocol::{
+    unix_ms, AgentRecord, Names, RouteRecord, RouteSpec, StageLoad, StageSpec,
+};
+use natserve_scheduler::WorkerStats;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::config::RouteSpec;
-
 /// Routes are rewritten every this many heartbeats, healing a NATS server that lost them.
 const ROUTES_EVERY: u32 = 15;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistrationError {
+    #[error(transparent)]
+    Bucket(#[from] BucketError),
+    #[error(
+        "route {route} maps to the NATS name {slug:?}, which route {other} uses and a live \
+         agent ({agent}) serves: the two would share one queue; rename one of them"
+    )]
+    RouteTaken {
+        route: String,
+        other: String,
+        slug: String,
+        agent: String,
+    },
+    #[error("cannot read the routes or agents bucket: {0}")]
+    Read(String),
+}
 
 pub struct Registration {
     agents: kv::Store,
@@ -35,7 +59,7 @@ impl Registration {
         heartbeat: Duration,
         routes: &[RouteSpec],
         stages: Vec<(StageSpec, Arc<WorkerStats>)>,
-    ) -> Result<Self, BucketError> {
+    ) -> Result<Self, RegistrationError> {
         let agents = open_bucket(js, agents_bucket_config(names)).await?;
         let routes_kv = open_bucket(js, routes_bucket_config(names)).await?;
         let host = hostname();
@@ -86,7 +110,7 @@ impl Registration {
                     route: spec.route.clone(),
                     stage: spec.stage,
                     name: spec.name.clone(),
-                    workers: spec.num,
+                    workers: spec.num.get(),
                     ready: stats.ready(),
                     free: stats.free(),
                 })
@@ -97,6 +121,70 @@ impl Registration {
     /// Every hosted stage has at least one ready worker.
     pub fn is_ready(&self) -> bool {
         self.stages.iter().all(|(_, stats)| stats.ready() > 0)
+    }
+
+    /// Checks that no live agent serves another route under one of our slugs; the first
+    /// heartbeat then writes our route records. A check, then a put: two agents starting
+    /// in the same instant with colliding routes can both pass; every later one is refused.
+    pub async fn check_routes(&self) -> Result<(), RegistrationError> {
+        for (slug, ours) in &self.route_records {
+            let entry = self
+                .routes
+                .entry(slug)
+                .await
+                .map_err(|e| RegistrationError::Read(e.to_string()))?;
+            let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+                continue;
+            };
+            let Ok(theirs) = serde_json::from_slice::<RouteRecord>(&entry.value) else {
+                continue; // unreadable: ours replaces it
+            };
+            if theirs.route == ours.route {
+                continue;
+            }
+            if let Some(agent) = self.live_agent_serving(&theirs.route).await? {
+                return Err(RegistrationError::RouteTaken {
+                    route: ours.route.clone(),
+                    other: theirs.route,
+                    slug: slug.clone(),
+                    agent,
+                });
+            }
+            warn!(route = %ours.route, stale = %theirs.route, slug = %slug, "replacing a stale route record no live agent serves");
+        }
+        Ok(())
+    }
+
+    /// The id of an agent whose heartbeat is fresh (three beats, as every reader counts)
+    /// and that hosts a stage of `route`.
+    async fn live_agent_serving(&self, route: &str) -> Result<Option<String>, RegistrationError> {
+        let read = |e: &dyn std::fmt::Display| RegistrationError::Read(e.to_string());
+        let keys: Vec<String> = self
+            .agents
+            .keys()
+            .await
+            .map_err(|e| read(&e))?
+            .try_collect()
+            .await
+            .map_err(|e| read(&e))?;
+        let now_ms = unix_ms() as i128;
+        for key in keys {
+            let Some(entry) = self.agents.entry(&key).await.map_err(|e| read(&e))? else {
+                continue;
+            };
+            let Ok(agent) = serde_json::from_slice::<AgentRecord>(&entry.value) else {
+                continue;
+            };
+            let age_ms = now_ms - entry.created.unix_timestamp_nanos() / 1_000_000;
+            let fresh = age_ms <= 3 * i128::from(agent.heartbeat_ms);
+            if entry.operation == kv::Operation::Put
+                && fresh
+                && agent.stages.iter().any(|s| s.route == route)
+            {
+                return Ok(Some(agent.id));
+            }
+        }
+        Ok(None)
     }
 
     async fn put_routes(&self) {
@@ -133,15 +221,9 @@ impl Registration {
 }
 
 fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its whole length; gethostname NUL-terminates or
-    // truncates within it.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "unknown".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// KV keys allow letters, digits and `-_=./`; anything else in a hostname becomes `-`.

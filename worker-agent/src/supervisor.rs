@@ -1,17 +1,23 @@
-//! Keeps one Python worker process alive: starts it with its socket and environment,
+//! Keeps one Python worker process alive: starts `worker_cmd` with its socket and
+//! environment (`NATSERVE_WORKER_SPEC`, `NATSERVE_WORKER_STAGES`, `NATSERVE_WORKER_ID`,
+//! `NATSERVE_SOCKET`, plus the stage's per-worker `env`), accepts its one connection,
 //! waits for READY, hands the connection to the stage's pool, and replaces the process
-//! when it exits, crashes or is retired after a failed batch.
+//! when it exits, crashes, or is retired because its connection was dropped (a failed or
+//! hung batch, or a worker found dead). Restarts back off exponentially unless the
+//! process had lived long enough to count as healthy.
 //!
 //! Two tokens order the shutdown: `draining` stops restarts (batches may still finish),
-//! `stop` terminates the process (SIGTERM, then SIGKILL after a grace period).
+//! `stop` terminates the process (SIGTERM, then SIGKILL after a grace period). On Linux
+//! the kernel also kills the process if the agent itself dies (PR_SET_PDEATHSIG).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use natserve_protocol::StageSpec;
 use natserve_protocol::{frame::DEFAULT_MAX_FRAME, Connection, Frame};
-use natserve_scheduler::{PoolSender, StageSpec, WorkerConn};
+use natserve_scheduler::{PoolSender, WorkerConn};
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
@@ -54,24 +60,29 @@ impl Slot {
             .env("NATSERVE_SOCKET", &self.socket)
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
-        if let Some(env) = self
-            .spec
-            .env
-            .as_ref()
-            .and_then(|e| e.get(self.worker_id as usize - 1))
-        {
+        if let Some(env) = self.spec.worker_env(self.worker_id) {
             cmd.envs(env);
         }
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent. It makes
-        // the kernel kill the worker if the agent dies without cleaning up.
         #[cfg(target_os = "linux")]
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         cmd
+    }
+}
+
+/// Makes the kernel kill the worker if the agent dies without cleaning up.
+#[cfg(target_os = "linux")]
+// The one place the agent needs `unsafe`: std marks every `pre_exec` hook unsafe, as it
+// runs between fork and exec. This one only calls prctl(2), which is async-signal-safe,
+// allocates nothing and touches no memory of the parent.
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: see above; the closure captures nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            // Best effort, as before: a worker is still supervised without it.
+            let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+            Ok(())
+        });
     }
 }
 
@@ -194,10 +205,9 @@ async fn accept_ready(
 /// SIGTERM, then SIGKILL if the process is still there after a grace period.
 async fn terminate(child: &mut Child) {
     if let Some(pid) = child.id() {
-        // SAFETY: plain syscall on a pid we own and have not reaped yet.
-        unsafe {
-            libc::kill(pid as libc::pid_t, libc::SIGTERM);
-        }
+        // A pid we own and have not reaped yet, so it cannot name another process.
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         if tokio::time::timeout(TERM_GRACE, child.wait()).await.is_ok() {
             return;
         }

@@ -1,0 +1,323 @@
+//! The launcher → agent contract: the JSON document (`--config`) that tells an agent which
+//! routes exist, which of their stages it hosts, and how to start a worker process.
+//!
+//! `tests/golden/agent_config.json` is the reference document; the Python launcher's
+//! tests assert the same file from the writer's side. Unknown keys are refused, so a key
+//! renamed on one side fails loudly instead of falling back to a default. Counts that
+//! must be at least one are `NonZeroU32`, so no reader needs a `.max(1)` guard.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::route_slug;
+
+/// The whole document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Command that starts one worker process; the agent runs it as is.
+    pub worker_cmd: Vec<String>,
+    /// Every route of the program, whether or not this agent hosts a stage of it.
+    pub routes: Vec<RouteSpec>,
+    /// The stages this agent hosts.
+    pub stages: Vec<StageSpec>,
+}
+
+/// A route and the worker names of all its stages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    pub route: String,
+    pub names: Vec<String>,
+}
+
+/// One stage as this agent hosts it. Each worker process also gets it, as JSON, in
+/// `NATSERVE_WORKER_SPEC`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSpec {
+    pub route: String,
+    /// 0-based index of this stage in its route's pipeline.
+    pub stage: u32,
+    /// Worker class name, for humans.
+    pub name: String,
+    /// Where a worker process finds the stage's code, opaque to the agent: for Python,
+    /// `module:qualname`.
+    pub worker: String,
+    /// Worker processes this agent runs for the stage.
+    pub num: NonZeroU32,
+    pub max_batch_size: NonZeroU32,
+    /// Longest wait for a batch to fill, measured from its first item.
+    pub max_wait_ms: u64,
+    /// Longest one batch may run before its worker is killed; 0 means only the items'
+    /// own deadlines bound it.
+    #[serde(default)]
+    pub timeout_ms: u64,
+    /// One environment dict per worker process (e.g. GPU pinning).
+    #[serde(default)]
+    pub env: Option<Vec<BTreeMap<String, String>>>,
+    /// Media type of the last stage's output.
+    #[serde(default = "default_mime")]
+    pub mime: String,
+}
+
+fn default_mime() -> String {
+    "application/json".to_owned()
+}
+
+impl StageSpec {
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.max_wait_ms)
+    }
+
+    /// The stage's own bound on one batch; `None` when only the items' deadlines bound it.
+    pub fn batch_timeout(&self) -> Option<Duration> {
+        (self.timeout_ms > 0).then(|| Duration::from_millis(self.timeout_ms))
+    }
+
+    /// The environment of worker `worker_id` (1-based), if the launcher gave one.
+    pub fn worker_env(&self, worker_id: u32) -> Option<&BTreeMap<String, String>> {
+        let index = usize::try_from(worker_id).ok()?.checked_sub(1)?;
+        self.env.as_ref()?.get(index)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("not a valid agent config: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl AgentConfig {
+    /// Reads, parses and validates the document at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_json(&text)
+    }
+
+    /// Parses and validates one document.
+    pub fn from_json(json: &[u8]) -> Result<Self, ConfigError> {
+        let config: AgentConfig = serde_json::from_slice(json)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// What serde cannot check: routes that make valid and distinct NATS names, stages
+    /// inside their route, one env entry per worker.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.worker_cmd.is_empty() {
+            return invalid("worker_cmd is empty".into());
+        }
+        let mut slugs: BTreeMap<String, &str> = BTreeMap::new();
+        for route in &self.routes {
+            let slug = route_slug(&route.route).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            if let Some(other) = slugs.insert(slug.clone(), &route.route) {
+                return invalid(format!(
+                    "routes {other} and {} share the NATS name {slug}: rename one",
+                    route.route
+                ));
+            }
+        }
+        for s in &self.stages {
+            let Some(route) = self.route(&s.route) else {
+                return invalid(format!("stage {} names unknown route {}", s.stage, s.route));
+            };
+            if s.stage as usize >= route.names.len() {
+                return invalid(format!("{} has no stage {}", s.route, s.stage));
+            }
+            if let Some(env) = &s.env {
+                if env.len() != s.num.get() as usize {
+                    return invalid(format!(
+                        "{} stage {}: env has {} entries for {} workers",
+                        s.route,
+                        s.stage,
+                        env.len(),
+                        s.num
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn route(&self, route: &str) -> Option<&RouteSpec> {
+        self.routes.iter().find(|r| r.route == route)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOLDEN: &str = include_str!("../../tests/golden/agent_config.json");
+
+    fn nz(n: u32) -> NonZeroU32 {
+        NonZeroU32::new(n).unwrap()
+    }
+
+    fn golden() -> AgentConfig {
+        AgentConfig::from_json(GOLDEN.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn golden_config_has_every_field() {
+        let gpu = |n: &str| BTreeMap::from([("CUDA_VISIBLE_DEVICES".to_owned(), n.to_owned())]);
+        let expected = AgentConfig {
+            worker_cmd: [
+                "/usr/bin/python3",
+                "-m",
+                "natserve.worker",
+                "/srv/app.py",
+                "--port",
+                "8000",
+            ]
+            .map(String::from)
+            .to_vec(),
+            routes: vec![
+                RouteSpec {
+                    route: "/inference".into(),
+                    names: vec!["Preprocess".into(), "Inference".into()],
+                },
+                RouteSpec {
+                    route: "/v1/embed".into(),
+                    names: vec!["Embed".into()],
+                },
+            ],
+            stages: vec![
+                StageSpec {
+                    route: "/inference".into(),
+                    stage: 0,
+                    name: "Preprocess".into(),
+                    worker: "__main__:Preprocess".into(),
+                    num: nz(1),
+                    max_batch_size: nz(1),
+                    max_wait_ms: 0,
+                    timeout_ms: 0,
+                    env: None,
+                    mime: "application/json".into(),
+                },
+                StageSpec {
+                    route: "/inference".into(),
+                    stage: 1,
+                    name: "Inference".into(),
+                    worker: "__main__:Inference".into(),
+                    num: nz(2),
+                    max_batch_size: nz(8),
+                    max_wait_ms: 10,
+                    timeout_ms: 500,
+                    env: Some(vec![gpu("0"), gpu("1")]),
+                    mime: "application/json".into(),
+                },
+                StageSpec {
+                    route: "/v1/embed".into(),
+                    stage: 0,
+                    name: "Embed".into(),
+                    worker: "models.text:Embed".into(),
+                    num: nz(1),
+                    max_batch_size: nz(16),
+                    max_wait_ms: 5,
+                    timeout_ms: 0,
+                    env: None,
+                    mime: "application/msgpack".into(),
+                },
+            ],
+        };
+        assert_eq!(golden(), expected);
+    }
+
+    #[test]
+    fn golden_config_round_trips() {
+        let config = golden();
+        let json = serde_json::to_vec(&config).unwrap();
+        assert_eq!(AgentConfig::from_json(&json).unwrap(), config);
+        // The serialized keys are the golden file's keys, not just a self-consistent set.
+        let ours: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        let theirs: serde_json::Value = serde_json::from_str(GOLDEN).unwrap();
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn a_renamed_key_is_refused() {
+        for (from, to) in [
+            ("\"max_batch_size\"", "\"max_batch\""),
+            ("\"worker_cmd\"", "\"cmd\""),
+            ("\"names\"", "\"workers\""),
+            ("\"timeout_ms\"", "\"timeout\""),
+        ] {
+            let renamed = GOLDEN.replacen(from, to, 1);
+            assert!(
+                AgentConfig::from_json(renamed.as_bytes()).is_err(),
+                "{from} -> {to} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_workers_or_batch_size_is_refused_by_the_type() {
+        for key in ["\"num\": 1", "\"max_batch_size\": 1"] {
+            let zero = GOLDEN.replacen(key, &key.replace('1', "0"), 1);
+            let err = AgentConfig::from_json(zero.as_bytes()).unwrap_err();
+            assert!(matches!(err, ConfigError::Parse(_)), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn rejects_an_env_list_of_the_wrong_length() {
+        let mut c = golden();
+        c.stages[1].num = nz(3);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("env has 2 entries for 3 workers"), "{err}");
+    }
+
+    #[test]
+    fn rejects_a_stage_outside_its_route() {
+        let mut c = golden();
+        c.stages[0].stage = 2;
+        assert!(c.validate().is_err());
+        c.stages[0].route = "/nowhere".into();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn rejects_routes_sharing_a_slug_or_invalid_ones() {
+        let mut c = golden();
+        c.routes.push(RouteSpec {
+            route: "/v1_embed".into(),
+            names: vec!["Other".into()],
+        });
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("/v1/embed") && err.contains("/v1_embed"),
+            "{err}"
+        );
+        let mut c = golden();
+        c.routes[1].route = "/v1/embed!".into();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn worker_env_is_per_worker() {
+        let c = golden();
+        assert_eq!(
+            c.stages[1].worker_env(2).unwrap()["CUDA_VISIBLE_DEVICES"],
+            "1"
+        );
+        assert!(c.stages[1].worker_env(0).is_none());
+        assert!(c.stages[0].worker_env(1).is_none());
+    }
+}

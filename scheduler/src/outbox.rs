@@ -1,0 +1,279 @@
+//! Where a result goes, and the ack that follows it: the next stage's work stream
+//! (JetStream, de-duplicated), or the requester's reply subject (core NATS). Every reply,
+//! hand-off and ack of a stage goes through its [`Outbox`], so "acked only once its
+//! result is safe" is kept in one place.
+
+use async_nats::jetstream::{self, AckKind};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use natserve_protocol::{headers, ItemResult, Outcome, Rejection};
+use tracing::warn;
+
+use crate::StageMetrics;
+
+/// The body of the error reply to a message that cannot be handed on without an id.
+pub const MISSING_REQUEST_ID: &str =
+    "work message has no X-Request-Id header: it is needed to hand the request to the next stage";
+
+/// One stage's way out.
+pub struct Outbox {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    /// Work subject of the next stage; `None` at the last stage.
+    next_subject: Option<String>,
+    route: String,
+    stage: u32,
+    /// Media type of a successful reply.
+    mime: String,
+    metrics: StageMetrics,
+}
+
+impl Outbox {
+    pub fn new(
+        client: async_nats::Client,
+        next_subject: Option<String>,
+        route: String,
+        stage: u32,
+        mime: String,
+        metrics: StageMetrics,
+    ) -> Self {
+        Self {
+            js: jetstream::new(client.clone()),
+            client,
+            next_subject,
+            route,
+            stage,
+            mime,
+            metrics,
+        }
+    }
+
+    /// Whether a successful result goes to another stage rather than to the requester.
+    pub fn hands_off(&self) -> bool {
+        self.next_subject.is_some()
+    }
+
+    /// Sends every result where it belongs, then acks each input once its result is safe:
+    /// a hand-off only after JetStream acknowledged it.
+    pub async fn hand_on(&self, msgs: &[jetstream::Message], results: Vec<ItemResult>) {
+        let size = msgs.len();
+        let mut handoffs = Vec::new();
+        for (msg, result) in msgs.iter().zip(results) {
+            let sizes = append_batch_size(header(msg, headers::BATCH_SIZES), size);
+            let next = match (&self.next_subject, Outcome::from(result.status)) {
+                (Some(next), Outcome::Ok) => next,
+                (_, outcome) => {
+                    self.metrics.count_item(outcome);
+                    self.reply(msg, outcome, result.body, Some(&sizes)).await;
+                    ack(msg, AckKind::Ack).await;
+                    continue;
+                }
+            };
+            let Some(h) = handoff_headers(msg.headers.as_ref(), self.stage + 1, &sizes) else {
+                let body = Bytes::from_static(MISSING_REQUEST_ID.as_bytes());
+                self.finish(msg, Outcome::ClientError, body, Some(&sizes))
+                    .await;
+                continue;
+            };
+            self.metrics.count_item(Outcome::Ok);
+            match self
+                .js
+                .publish_with_headers(next.clone(), h, result.body)
+                .await
+            {
+                Ok(ack) => handoffs.push((msg, ack, sizes)),
+                Err(e) => self.fail_handoff(msg, &e, &sizes).await,
+            }
+        }
+        for (msg, pub_ack, sizes) in handoffs {
+            match pub_ack.await {
+                Ok(_) => ack(msg, AckKind::Ack).await,
+                Err(e) => self.fail_handoff(msg, &e, &sizes).await,
+            }
+        }
+    }
+
+    async fn fail_handoff(
+        &self,
+        msg: &jetstream::Message,
+        err: &jetstream::context::PublishError,
+        sizes: &str,
+    ) {
+        let rejection = Rejection::from_publish_error(err);
+        let (outcome, text) = handoff_failure(rejection);
+        warn!(route = %self.route, stage = self.stage, ?rejection, error = %err, "hand-off failed");
+        self.finish(
+            msg,
+            outcome,
+            Bytes::from_static(text.as_bytes()),
+            Some(sizes),
+        )
+        .await;
+    }
+
+    /// Answers a request that will not go further and terminates its message.
+    pub async fn finish(
+        &self,
+        msg: &jetstream::Message,
+        outcome: Outcome,
+        body: Bytes,
+        sizes: Option<&str>,
+    ) {
+        self.metrics.count_item(outcome);
+        self.reply(msg, outcome, body, sizes).await;
+        ack(msg, AckKind::Term).await;
+    }
+
+    /// Terminates a request nobody waits for any more, without an answer.
+    pub async fn drop_unanswered(&self, msg: &jetstream::Message) {
+        ack(msg, AckKind::Term).await;
+    }
+
+    /// Hands messages no worker here will run back to the queue: JetStream redelivers
+    /// them at once (to this agent or another) instead of after the ack wait.
+    pub async fn release(&self, msgs: &[jetstream::Message]) {
+        for msg in msgs {
+            ack(msg, AckKind::Nak(None)).await;
+        }
+    }
+
+    /// Tells JetStream a long batch is still running, so it does not redeliver it.
+    pub async fn progress(&self, msgs: &[jetstream::Message]) {
+        for msg in msgs {
+            let _ = msg.ack_with(AckKind::Progress).await;
+        }
+    }
+
+    /// Publishes the one reply a request gets. Messages without a reply subject were
+    /// submitted fire-and-forget and get none.
+    async fn reply(
+        &self,
+        msg: &jetstream::Message,
+        outcome: Outcome,
+        body: Bytes,
+        batch_sizes: Option<&str>,
+    ) {
+        let Some(to) = header(msg, headers::REPLY_TO) else {
+            return;
+        };
+        let mut h = HeaderMap::new();
+        h.insert(headers::STATUS, outcome.as_str());
+        if let Some(id) = header(msg, headers::REQUEST_ID) {
+            h.insert(headers::REQUEST_ID, id);
+        }
+        if let Some(sizes) = batch_sizes {
+            h.insert(headers::BATCH_SIZES, sizes);
+        }
+        if outcome == Outcome::Ok {
+            h.insert(headers::CONTENT_TYPE, self.mime.as_str());
+        }
+        if let Err(e) = self
+            .client
+            .publish_with_headers(to.to_owned(), h, body)
+            .await
+        {
+            warn!(subject = to, error = %e, "reply publish failed");
+        }
+    }
+}
+
+async fn ack(msg: &jetstream::Message, kind: AckKind) {
+    if let Err(e) = msg.ack_with(kind).await {
+        warn!(error = %e, "ack failed; the message will be redelivered");
+    }
+}
+
+/// A header of a received message, as text.
+pub fn header<'a>(msg: &'a jetstream::Message, name: &str) -> Option<&'a str> {
+    headers::get(msg.headers.as_ref(), name)
+}
+
+/// `X-Batch-Sizes` after this stage ran the item in a batch of `size`.
+pub fn append_batch_size(previous: Option<&str>, size: usize) -> String {
+    match previous {
+        Some(p) if !p.is_empty() => format!("{p},{size}"),
+        _ => size.to_string(),
+    }
+}
+
+/// Headers for handing an item to stage `next`: the request's own, with its
+/// de-duplication id `<request id>.<next>` and the batch sizes so far. `None` without a
+/// request id: any fixed stand-in would make JetStream drop every such request after the
+/// first as a duplicate, and ack its input, so it would silently never run.
+pub fn handoff_headers(
+    received: Option<&HeaderMap>,
+    next: u32,
+    batch_sizes: &str,
+) -> Option<HeaderMap> {
+    let id = headers::get(received, headers::REQUEST_ID).filter(|id| !id.is_empty())?;
+    let msg_id = format!("{id}.{next}");
+    let mut h = received.cloned().unwrap_or_default();
+    h.insert(headers::MSG_ID, msg_id.as_str());
+    h.insert(headers::BATCH_SIZES, batch_sizes);
+    Some(h)
+}
+
+/// The outcome a refused hand-off means for the request, and the body that says why.
+pub fn handoff_failure(rejection: Rejection) -> (Outcome, &'static str) {
+    match rejection {
+        Rejection::QueueFull => (Outcome::Overloaded, "next stage's queue is full"),
+        Rejection::NoStream => (Outcome::Unavailable, "next stage is not served"),
+        Rejection::Unreachable => (
+            Outcome::Unavailable,
+            "could not hand the request to the next stage",
+        ),
+        Rejection::TooLarge => (
+            Outcome::ServerError,
+            "intermediate result exceeds the NATS max_payload",
+        ),
+        Rejection::Other => (
+            Outcome::ServerError,
+            "could not hand the request to the next stage",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_sizes_accumulate_per_stage() {
+        assert_eq!(append_batch_size(None, 3), "3");
+        assert_eq!(append_batch_size(Some(""), 3), "3");
+        assert_eq!(append_batch_size(Some("3"), 8), "3,8");
+    }
+
+    #[test]
+    fn a_handoff_is_deduplicated_by_request_id_and_stage() {
+        let mut received = HeaderMap::new();
+        received.insert(headers::REQUEST_ID, "r1");
+        received.insert(headers::DEADLINE, "123");
+        let h = handoff_headers(Some(&received), 2, "4,1").unwrap();
+        assert_eq!(headers::get(Some(&h), headers::MSG_ID), Some("r1.2"));
+        assert_eq!(headers::get(Some(&h), headers::BATCH_SIZES), Some("4,1"));
+        assert_eq!(headers::get(Some(&h), headers::DEADLINE), Some("123"));
+    }
+
+    #[test]
+    fn a_handoff_without_request_id_is_refused_not_given_a_shared_id() {
+        assert!(handoff_headers(None, 1, "1").is_none());
+        let mut no_id = HeaderMap::new();
+        no_id.insert(headers::DEADLINE, "123");
+        assert!(handoff_headers(Some(&no_id), 1, "1").is_none());
+        no_id.insert(headers::REQUEST_ID, "");
+        assert!(handoff_headers(Some(&no_id), 1, "1").is_none());
+    }
+
+    #[test]
+    fn refused_handoffs_keep_their_outcomes() {
+        assert_eq!(handoff_failure(Rejection::QueueFull).0, Outcome::Overloaded);
+        assert_eq!(handoff_failure(Rejection::NoStream).0, Outcome::Unavailable);
+        assert_eq!(
+            handoff_failure(Rejection::Unreachable).0,
+            Outcome::Unavailable
+        );
+        assert_eq!(handoff_failure(Rejection::TooLarge).0, Outcome::ServerError);
+        assert_eq!(handoff_failure(Rejection::Other).0, Outcome::ServerError);
+    }
+}

@@ -1,0 +1,211 @@
+//! Running: one batch on one worker, kept alive with `Progress` acks, bounded by the hang
+//! limit, and what a failed worker means for the batch's items. A batch that never
+//! reached a live worker runs on the next one, never fails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use natserve_protocol::streams::ACK_WAIT;
+use natserve_protocol::{headers, unix_ms, ItemResult, Outcome};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+use crate::pool::{FailureKind, WorkerConn, WorkerError, WorkerPool};
+use crate::pull::{take, triage};
+use crate::stage::StageContext;
+
+/// Without a stage timeout, a batch still running this long after its items' deadline
+/// counts as hung: its worker is replaced.
+pub const HANG_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a batch may run before its worker is considered hung: the stage's timeout,
+/// else [`HANG_GRACE`] past the latest deadline among its items. `None` when neither
+/// exists: then nothing bounds the batch (`timeout_ms = 0` means only the items' own
+/// deadlines do, and these items have none).
+pub fn hang_limit(
+    timeout: Option<Duration>,
+    deadlines_ms: impl IntoIterator<Item = Option<u64>>,
+    now_ms: u64,
+) -> Option<Duration> {
+    if let Some(limit) = timeout {
+        return Some(limit);
+    }
+    let latest = deadlines_ms.into_iter().flatten().max()?;
+    Some(Duration::from_millis(latest.saturating_sub(now_ms)) + HANG_GRACE)
+}
+
+enum BatchEnd {
+    Done(Vec<ItemResult>),
+    Failed(WorkerError),
+    Hung(Duration),
+}
+
+/// Runs `msgs` on `worker` and hands the results on. Should the batch not reach the
+/// worker (it died while idle), it goes to the next idle worker; at shutdown, back to the
+/// queue.
+pub(crate) async fn run_batch(
+    ctx: Arc<StageContext>,
+    pool: Arc<WorkerPool>,
+    mut worker: WorkerConn,
+    mut msgs: Vec<jetstream::Message>,
+    cancel: CancellationToken,
+) {
+    ctx.metrics.batch_size.observe(msgs.len() as f64);
+    loop {
+        let running = pool.stats().batch_running();
+        let end = attempt(&ctx, &mut worker, &msgs).await;
+        drop(running);
+        match end {
+            BatchEnd::Done(results) => {
+                // The worker is idle as soon as its results are in: it may pull its next
+                // batch while this one's hand-offs and acks complete (each input is still
+                // acked only after its result is safe).
+                pool.sender().put(worker);
+                ctx.outbox.hand_on(&msgs, results).await;
+                return;
+            }
+            BatchEnd::Failed(e) if e.kind() == FailureKind::NotDelivered => {
+                warn!(worker = worker.label(), error = %e, items = msgs.len(), "batch never reached its worker; running it on another");
+                ctx.metrics.worker_failures.inc();
+                drop(worker);
+                // Time passed while it waited: what expired meanwhile is answered, not run.
+                msgs = triage(&ctx, msgs).await;
+                if msgs.is_empty() {
+                    return;
+                }
+                let Some(next) = wait_for_worker(&ctx, &pool, &cancel, &msgs).await else {
+                    ctx.outbox.release(&msgs).await;
+                    return;
+                };
+                worker = next;
+            }
+            BatchEnd::Failed(e) => {
+                error!(worker = worker.label(), error = %e, "worker failed a batch; replacing it");
+                ctx.metrics.worker_failures.inc();
+                drop(worker);
+                let body = Bytes::from_static(
+                    b"internal error: worker process failed while running this request",
+                );
+                for msg in &msgs {
+                    ctx.outbox
+                        .finish(msg, Outcome::ServerError, body.clone(), None)
+                        .await;
+                }
+                return;
+            }
+            BatchEnd::Hung(limit) => {
+                error!(
+                    worker = worker.label(),
+                    limit_ms = limit.as_millis() as u64,
+                    "batch ran past its limit; replacing the worker"
+                );
+                ctx.metrics.worker_failures.inc();
+                drop(worker);
+                let body = Bytes::from(format!(
+                    "stage {} of {} did not finish within {} ms",
+                    ctx.spec.stage,
+                    ctx.spec.route,
+                    limit.as_millis()
+                ));
+                for msg in &msgs {
+                    ctx.outbox
+                        .finish(msg, Outcome::Timeout, body.clone(), None)
+                        .await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Waits for the next idle worker for `msgs`, which this agent holds meanwhile: they get
+/// `Progress` acks, so JetStream does not hand them to another agent as well. `None` once
+/// `cancel` fires.
+async fn wait_for_worker(
+    ctx: &StageContext,
+    pool: &WorkerPool,
+    cancel: &CancellationToken,
+    msgs: &[jetstream::Message],
+) -> Option<WorkerConn> {
+    let mut progress = tokio::time::interval(ACK_WAIT / 3);
+    progress.tick().await; // the first tick is immediate
+    let next = take(pool, cancel);
+    tokio::pin!(next);
+    loop {
+        tokio::select! {
+            worker = &mut next => return worker,
+            _ = progress.tick() => ctx.outbox.progress(msgs).await,
+        }
+    }
+}
+
+/// One try of the batch on one worker.
+async fn attempt(
+    ctx: &StageContext,
+    worker: &mut WorkerConn,
+    msgs: &[jetstream::Message],
+) -> BatchEnd {
+    let started = Instant::now();
+    let payloads: Vec<Bytes> = msgs.iter().map(|m| m.payload.clone()).collect();
+    let limit = hang_limit(
+        ctx.spec.batch_timeout(),
+        msgs.iter()
+            .map(|m| headers::deadline_ms(m.headers.as_ref())),
+        unix_ms(),
+    );
+    let run = worker.run(payloads);
+    tokio::pin!(run);
+    let mut progress = tokio::time::interval_at(started + ACK_WAIT / 3, ACK_WAIT / 3);
+    let hang = async {
+        match limit {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(hang);
+    let end = loop {
+        tokio::select! {
+            result = &mut run => break match result {
+                Ok(results) => BatchEnd::Done(results),
+                Err(e) => BatchEnd::Failed(e),
+            },
+            _ = progress.tick() => ctx.outbox.progress(msgs).await,
+            _ = &mut hang => break BatchEnd::Hung(limit.unwrap_or_default()),
+        }
+    };
+    ctx.metrics
+        .batch_seconds
+        .observe(started.elapsed().as_secs_f64());
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_000_000;
+
+    #[test]
+    fn a_stage_timeout_is_the_limit() {
+        let t = Some(Duration::from_millis(500));
+        assert_eq!(hang_limit(t, [Some(NOW + 60_000)], NOW), t);
+        assert_eq!(hang_limit(t, [None], NOW), t);
+    }
+
+    #[test]
+    fn without_a_timeout_the_latest_deadline_bounds_the_batch() {
+        let limit = hang_limit(None, [Some(NOW + 2_000), None, Some(NOW + 3_000)], NOW);
+        assert_eq!(limit, Some(Duration::from_millis(3_000) + HANG_GRACE));
+        let past = hang_limit(None, [Some(NOW - 5)], NOW);
+        assert_eq!(past, Some(HANG_GRACE));
+    }
+
+    #[test]
+    fn without_a_timeout_or_any_deadline_nothing_bounds_the_batch() {
+        assert_eq!(hang_limit(None, [None, None], NOW), None);
+        assert_eq!(hang_limit(None, [], NOW), None);
+    }
+}

@@ -2,6 +2,11 @@
 //! `<ns>.cancel`; the agent remembers the id until the request's deadline and drops the
 //! message unrun when it comes up, instead of spending a worker on an answer nobody reads.
 //! A cancel that arrives after the request started changes nothing: it finishes.
+//!
+//! Anyone who can publish on the cancel subject can fill this table, so it is bounded: at
+//! most [`CAPACITY`] ids of at most [`MAX_ID_LEN`] bytes, each kept no longer than
+//! [`MAX_REMEMBER`] whatever deadline it claims. A cancel that does not fit is dropped: the
+//! request then runs, which is what it would have done without the cancel.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,35 +15,78 @@ use futures::StreamExt;
 use natserve_protocol::{headers, unix_ms};
 use tracing::debug;
 
-/// Past this many remembered ids, expired ones are forgotten on the next insert.
-const PRUNE_AT: usize = 1024;
+/// Most ids remembered at once (a few MiB at most).
+pub const CAPACITY: usize = 65_536;
+/// Longest id remembered; natserve's own are 32 characters.
+pub const MAX_ID_LEN: usize = 128;
+/// Longest an id is remembered, whatever its deadline says.
+pub const MAX_REMEMBER_MS: u64 = 10 * 60 * 1000;
+/// Expired ids are swept once the table holds this many, then at twice what a sweep left,
+/// so sweeping stays proportional to inserts.
+const FIRST_SWEEP_AT: usize = 1024;
 
-#[derive(Debug, Default)]
+/// A full table is swept at most this often.
+const FULL_SWEEP_EVERY_MS: u64 = 1000;
+
+#[derive(Debug)]
+struct Table {
+    ids: HashMap<String, u64>,
+    sweep_at: usize,
+    swept_ms: u64,
+}
+
+#[derive(Debug)]
 pub struct Cancellations {
-    ids: Mutex<HashMap<String, u64>>,
+    table: Mutex<Table>,
+}
+
+impl Default for Cancellations {
+    fn default() -> Self {
+        Self {
+            table: Mutex::new(Table {
+                ids: HashMap::new(),
+                sweep_at: FIRST_SWEEP_AT,
+                swept_ms: 0,
+            }),
+        }
+    }
 }
 
 impl Cancellations {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
-        self.ids.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Remembers `id` until `deadline_ms` (unix ms), after which it expires anyway.
-    pub fn insert(&self, id: &str, deadline_ms: u64) {
-        let mut ids = self.lock();
-        if ids.len() >= PRUNE_AT {
-            let now = unix_ms();
-            ids.retain(|_, deadline| *deadline > now);
+    /// Remembers `id` until `deadline_ms` (unix ms) or [`MAX_REMEMBER_MS`] from now,
+    /// whichever comes first; false when it was not remembered (too long, or table full).
+    pub fn insert(&self, id: &str, deadline_ms: u64) -> bool {
+        if id.len() > MAX_ID_LEN {
+            return false;
         }
-        ids.insert(id.to_owned(), deadline_ms);
+        let now = unix_ms();
+        let until = deadline_ms.min(now + MAX_REMEMBER_MS);
+        let mut table = self.lock();
+        let full = table.ids.len() >= CAPACITY;
+        if table.ids.len() >= table.sweep_at
+            && (!full || now >= table.swept_ms + FULL_SWEEP_EVERY_MS)
+        {
+            table.ids.retain(|_, deadline| *deadline > now);
+            table.sweep_at = (table.ids.len() * 2).clamp(FIRST_SWEEP_AT, CAPACITY);
+            table.swept_ms = now;
+        }
+        if table.ids.len() >= CAPACITY && !table.ids.contains_key(id) {
+            return false;
+        }
+        table.ids.insert(id.to_owned(), until);
+        true
     }
 
     pub fn contains(&self, id: &str) -> bool {
-        self.lock().contains_key(id)
+        self.lock().ids.contains_key(id)
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().ids.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -59,8 +107,11 @@ impl Cancellations {
                 };
                 let deadline = headers::deadline_ms(msg.headers.as_ref())
                     .unwrap_or_else(|| unix_ms() + 60_000);
-                debug!(request = id, "request cancelled by its ingress");
-                self.insert(id, deadline);
+                if self.insert(id, deadline) {
+                    debug!(request = id, "request cancelled by its ingress");
+                } else {
+                    debug!("cancellation not remembered: table full or id too long");
+                }
             }
         }))
     }
@@ -75,7 +126,7 @@ mod tests {
         let c = Cancellations::default();
         let now = unix_ms();
         c.insert("live", now + 60_000);
-        for i in 0..PRUNE_AT - 1 {
+        for i in 0..FIRST_SWEEP_AT - 1 {
             c.insert(&format!("old-{i}"), now - 1);
         }
         assert!(c.contains("live") && c.contains("old-0"));
@@ -83,5 +134,20 @@ mod tests {
         assert!(c.contains("live") && c.contains("new"));
         assert!(!c.contains("old-0"), "expired ids are pruned");
         assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn a_flood_of_far_future_cancels_stays_bounded() {
+        let c = Cancellations::default();
+        let far = u64::MAX / 2;
+        let remembered = (0..100_000)
+            .filter(|i| c.insert(&format!("{i:032x}"), far))
+            .count();
+        assert_eq!(remembered, CAPACITY);
+        assert_eq!(c.len(), CAPACITY);
+        assert!(!c.insert(&"x".repeat(MAX_ID_LEN + 1), unix_ms() + 1000));
+        // No deadline keeps an id longer than MAX_REMEMBER_MS.
+        let until = c.lock().ids.values().copied().max().unwrap();
+        assert!(until <= unix_ms() + MAX_REMEMBER_MS, "{until}");
     }
 }

@@ -20,7 +20,9 @@ from typing import List, Mapping, Optional, Sequence
 
 from ._agent_config import (
     StageSelectionError,
+    UnimportableWorkerError,
     agent_config,
+    check_importable,
     select_stages,
     worker_command,
     write_agent_config,
@@ -29,8 +31,8 @@ from ._binaries import AGENT, INGRESS, BinaryNotFoundError, find
 from ._logging import configure
 from ._nats_server import LocalNatsServer, NatsServerError
 from ._processes import Child
-from ._server import StageSpec
 from ._settings import Settings, fail, parse_settings
+from ._stage import StageSpec
 
 logger = logging.getLogger("natserve.launcher")
 
@@ -110,6 +112,11 @@ def main(routes: Mapping[str, Sequence[StageSpec]], argv: Sequence[str]) -> int:
             stages = select_stages(routes, settings.stages)
         except StageSelectionError as err:
             fail("--stages", str(err))
+        try:
+            check_importable(stages)
+        except UnimportableWorkerError as err:
+            logger.error("%s", err)
+            return 1
     try:
         agent_bin = find(AGENT) if settings.runs_agent else ""
         ingress_bin = find(INGRESS) if settings.runs_ingress else ""

@@ -129,12 +129,14 @@ def test_filtered_config_lists_all_routes_but_only_hosted_stages() -> None:
     assert [(s["route"], s["stage"]) for s in config["stages"]] == [("/inference", 1)]
 
 
-def test_worker_command_reruns_this_program_with_its_arguments(
+def test_worker_command_imports_this_program_through_natserves_entry_point(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(sys, "argv", ["app.py", "--port", "9", "--mine"])
     assert worker_command() == [
         sys.executable,
+        "-m",
+        "natserve._worker_main",
         os.path.abspath("app.py"),
         "--port",
         "9",

@@ -24,6 +24,18 @@ from natserve._settings import Settings
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = REPO / "examples" / "pipeline.py"
 
+
+class Echo(Worker):
+    def forward(self, data: object) -> object:
+        return data
+
+
+def echo_server() -> Server:
+    server = Server()
+    server.append_worker(Echo)
+    return server
+
+
 FAKE = """#!{python}
 import json, os, shutil, signal, sys, time
 name = os.path.basename(sys.argv[0])
@@ -123,8 +135,14 @@ def test_starts_agent_and_ingress_then_stops_them_in_order(tmp_path: Path) -> No
     # each child leads its own session: a terminal's Ctrl-C reaches only the launcher
     assert agent["sid"] == agent["pid"] and ingress["sid"] == ingress["pid"]
     config = json.loads((launch.out / "agent-config.json").read_text())
-    assert config["worker_cmd"][:2] == [sys.executable, str(PIPELINE)]
-    assert config["worker_cmd"][2:] == [
+    # natserve's worker entry point imports the script; it does not run it as __main__
+    assert config["worker_cmd"][:4] == [
+        sys.executable,
+        "-m",
+        "natserve._worker_main",
+        str(PIPELINE),
+    ]
+    assert config["worker_cmd"][4:] == [
         "--nats", "nats://127.0.0.1:4999", "--port", "8123", "--timeout", "1500",
         "--namespace", "t1", "--log-level", "debug", "--user-flag", "x",
     ]  # fmt: skip
@@ -225,17 +243,11 @@ def test_rust_binaries_get_their_spelling_of_the_log_level() -> None:
 def test_a_missing_binary_fails_before_anything_starts(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    class Echo(Worker):
-        def forward(self, data: object) -> object:
-            return data
-
     def missing(name: str) -> str:
         raise BinaryNotFoundError(f"cannot find the {name!r} executable: pip install it")
 
-    server = Server()
-    server.append_worker(Echo)
     monkeypatch.setattr(_launcher, "find", missing)
-    assert _launcher.main(server.routes, ["--nats", "nats://127.0.0.1:1"]) == 1
+    assert _launcher.main(echo_server().routes, ["--nats", "nats://127.0.0.1:1"]) == 1
     assert "cannot find the 'natserve-agent' executable: pip install it" in capsys.readouterr().err
 
 
@@ -252,3 +264,41 @@ def test_a_nats_server_that_dies_at_start_is_reported_with_its_log(
     with pytest.raises(NatsServerError, match=r"exited with code 7.*bad config line 3"):
         server.start(timeout=5)
     server.stop()
+
+
+def test_a_worker_class_defined_in_a_function_is_refused_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Local(Worker):
+        def forward(self, data: object) -> object:
+            return data
+
+    started: List[str] = []
+    monkeypatch.setattr(_launcher, "find", lambda name: started.append(name) or name)
+    server = Server()
+    server.append_worker(Echo)
+    server.append_worker(Local)
+    assert _launcher.main(server.routes, ["--nats", "nats://127.0.0.1:1"]) == 1
+    err = capsys.readouterr().err
+    assert "worker Local of /inference stage 1 is defined inside a function" in err
+    assert f"({__name__}:{Local.__qualname__})" in err and "<locals>" in err
+    assert "define the class at module level" in err
+    assert started == []  # refused before looking for any binary
+
+
+def test_an_ingress_does_not_import_workers_so_it_does_not_refuse_them(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Local(Worker):
+        def forward(self, data: object) -> object:
+            return data
+
+    def missing(name: str) -> str:
+        raise BinaryNotFoundError(f"no {name}")
+
+    server = Server()
+    server.append_worker(Local)
+    monkeypatch.setattr(_launcher, "find", missing)
+    argv = ["--nats", "nats://127.0.0.1:1", "--role", "ingress"]
+    assert _launcher.main(server.routes, argv) == 1
+    assert "defined inside a function" not in capsys.readouterr().err

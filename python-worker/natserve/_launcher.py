@@ -3,9 +3,9 @@
 It starts, as ``--role`` asks, a local nats-server (unless ``--nats`` is given), the agent
 (with a config naming the stages it hosts) and the ingress, each in its own session and
 tied to the launcher's life. It then waits. On SIGINT/SIGTERM it stops them in a fixed
-order — ingress (SIGTERM, up to 15 s, then SIGKILL), agent (30 s), nats-server — and exits
-0. If a child exits on its own it logs that with its exit code, stops the rest in the same
-order and exits 1.
+order — ingress, agent, nats-server — and exits 0. Each child gets SIGTERM and is killed
+only after its own drain budget (`kill_deadlines`) has passed. If a child exits on its own
+it logs that with its exit code, stops the rest in the same order and exits 1.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import FrameType
-from typing import List, Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 from ._agent_config import (
     StageSelectionError,
@@ -36,9 +36,25 @@ from ._stage import StageSpec
 
 logger = logging.getLogger("natserve.launcher")
 
-INGRESS_GRACE_S = 15.0
-AGENT_GRACE_S = 30.0
 POLL_INTERVAL_S = 0.1
+#: The agent's supervisor gives each worker process this long from SIGTERM to SIGKILL
+#: (worker-agent/src/supervisor.rs, TERM_GRACE), all workers at once, after the drain.
+WORKER_STOP_S = 5.0
+#: Beyond a child's own budget: flushing NATS, deregistering, exiting.
+KILL_MARGIN_S = 5.0
+
+
+def kill_deadlines(settings: Settings) -> Tuple[float, float]:
+    """Seconds from SIGTERM to SIGKILL for the ingress and for the agent.
+
+    Each is the child's own drain budget plus a margin, so the launcher never cuts short
+    a drain the child was told it may take: the ingress answers its in-flight requests
+    for up to ``--ingress-grace-ms``; the agent lets running batches finish for up to
+    ``--agent-grace-ms``, then stops its workers.
+    """
+    ingress = settings.ingress_grace_ms / 1000 + KILL_MARGIN_S
+    agent = settings.agent_grace_ms / 1000 + WORKER_STOP_S + KILL_MARGIN_S
+    return ingress, agent
 
 
 def rust_log_level(level: str) -> str:
@@ -47,13 +63,24 @@ def rust_log_level(level: str) -> str:
 
 
 def agent_argv(binary: str, settings: Settings, nats_url: str, config: Path) -> List[str]:
-    return [
+    argv = [
         binary,
         "--nats", nats_url,
         "--namespace", settings.namespace,
         "--config", str(config),
         "--log-level", rust_log_level(settings.log_level),
+        "--max-queue", str(settings.max_queue),
+        "--storage", settings.storage,
+        "--prefetch", "true" if settings.prefetch else "false",
+        "--heartbeat-ms", str(settings.heartbeat_ms),
+        "--agent-grace-ms", str(settings.agent_grace_ms),
     ]  # fmt: skip
+    # Unset means the agent's own behaviour: no metrics server, a fresh temp directory.
+    if settings.metrics_address is not None:
+        argv += ["--metrics-address", settings.metrics_address]
+    if settings.socket_dir is not None:
+        argv += ["--socket-dir", settings.socket_dir]
+    return argv
 
 
 def ingress_argv(binary: str, settings: Settings, nats_url: str) -> List[str]:
@@ -66,6 +93,7 @@ def ingress_argv(binary: str, settings: Settings, nats_url: str) -> List[str]:
         "--timeout", str(settings.timeout),
         "--max-body-size", str(settings.max_body_size),
         "--log-level", rust_log_level(settings.log_level),
+        "--ingress-grace-ms", str(settings.ingress_grace_ms),
     ]  # fmt: skip
 
 
@@ -124,6 +152,7 @@ def main(routes: Mapping[str, Sequence[StageSpec]], argv: Sequence[str]) -> int:
         logger.error("%s", err)
         return 1
 
+    ingress_kill_s, agent_kill_s = kill_deadlines(settings)
     stop = _Stop()
     stop.install()
     # Stop order: ingress first (no new requests), then the agent (finish batches), then
@@ -147,14 +176,14 @@ def main(routes: Mapping[str, Sequence[StageSpec]], argv: Sequence[str]) -> int:
                 agent = Child(
                     "natserve-agent",
                     agent_argv(agent_bin, settings, nats_url, config),
-                    grace=AGENT_GRACE_S,
+                    grace=agent_kill_s,
                 )
                 children.insert(0, agent)
             if settings.runs_ingress:
                 ingress = Child(
                     "natserve-ingress",
                     ingress_argv(ingress_bin, settings, nats_url),
-                    grace=INGRESS_GRACE_S,
+                    grace=ingress_kill_s,
                 )
                 children.insert(0, ingress)
                 logger.info("serving http://%s:%d", settings.address, settings.port)

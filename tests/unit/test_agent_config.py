@@ -149,7 +149,7 @@ def test_launcher_refuses_an_unknown_stage_with_one_line(
 ) -> None:
     with pytest.raises(SystemExit) as info:
         launcher_main(make_server().routes, ["--stages", "Inference,Missing"])
-    assert info.value.code == 2
+    assert info.value.code == 64
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("natserve: error: --stages: unknown stage 'Missing' (known: ")

@@ -1,5 +1,5 @@
-"""The agent's JSON config (docs/protocol.md, "Agent <-> Python worker") and the
-``--stages`` selection of which stages one agent hosts.
+"""The agent's JSON config (docs/protocol.md, "Agent <-> Python worker"), the command that
+starts a worker process, and the ``--stages`` selection of which stages one agent hosts.
 """
 
 from __future__ import annotations
@@ -10,11 +10,33 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
-from ._server import StageSpec
+from ._stage import StageSpec
+
+#: The module `worker_command` runs; see `natserve._worker_main`.
+WORKER_ENTRY = "natserve._worker_main"
 
 
 class StageSelectionError(ValueError):
     """A ``--stages`` entry names no stage of this program."""
+
+
+class UnimportableWorkerError(TypeError):
+    """A stage's class could not be found by a worker process importing the program."""
+
+
+def check_importable(stages: Sequence[StageSpec]) -> None:
+    """Refuses classes a worker process could not find by ``module:qualname``.
+
+    A class defined inside a function exists only while that function runs in the
+    launcher; the worker process imports the program and has no way to reach it.
+    """
+    for stage in stages:
+        if "<locals>" in stage.worker.__qualname__:
+            raise UnimportableWorkerError(
+                f"worker {stage.name} of {stage.route} stage {stage.index} is defined inside "
+                f"a function ({stage.worker_ref}), so a worker process cannot import it: "
+                "define the class at module level"
+            )
 
 
 def _key(stage: StageSpec) -> str:
@@ -43,8 +65,9 @@ def select_stages(
 
 
 def worker_command() -> List[str]:
-    """How the agent re-runs this very program as a worker process."""
-    return [sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]]
+    """How the agent starts a worker process of this program: natserve's worker entry
+    point, given this program's script and arguments to import it the way spawn does."""
+    return [sys.executable, "-m", WORKER_ENTRY, os.path.abspath(sys.argv[0]), *sys.argv[1:]]
 
 
 def agent_config(
@@ -64,7 +87,7 @@ def agent_config(
                 "route": s.route,
                 "stage": s.index,
                 "name": s.name,
-                "worker": f"{s.worker.__module__}:{s.worker.__qualname__}",
+                "worker": s.worker_ref,
                 "num": s.num,
                 "max_batch_size": s.max_batch_size,
                 "max_wait_ms": s.max_wait_time,

@@ -3,9 +3,9 @@
 It starts, as ``--role`` asks, a local nats-server (unless ``--nats`` is given), the agent
 (with a config naming the stages it hosts) and the ingress, each in its own session and
 tied to the launcher's life. It then waits. On SIGINT/SIGTERM it stops them in a fixed
-order — ingress (SIGTERM, up to 15 s, then SIGKILL), agent (30 s), nats-server — and exits
-0. If a child exits on its own it logs that with its exit code, stops the rest in the same
-order and exits 1.
+order — ingress, agent, nats-server — and exits 0. Each child gets SIGTERM and is killed
+only after its own drain budget (`kill_deadlines`) has passed. If a child exits on its own
+it logs that with its exit code, stops the rest in the same order and exits 1.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 from types import FrameType
-from typing import List, Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 from ._agent_config import (
     StageSelectionError,
+    UnimportableWorkerError,
     agent_config,
+    check_importable,
     select_stages,
     worker_command,
     write_agent_config,
@@ -29,14 +31,33 @@ from ._binaries import AGENT, INGRESS, BinaryNotFoundError, find
 from ._logging import configure
 from ._nats_server import LocalNatsServer, NatsServerError
 from ._processes import Child
-from ._server import StageSpec
 from ._settings import Settings, fail, parse_settings
+from ._stage import StageSpec
 
 logger = logging.getLogger("natserve.launcher")
 
-INGRESS_GRACE_S = 15.0
-AGENT_GRACE_S = 30.0
 POLL_INTERVAL_S = 0.1
+#: The agent's supervisor gives each worker process this long from SIGTERM to SIGKILL
+#: (worker-agent/src/supervisor.rs, TERM_GRACE), all workers at once, after the drain.
+WORKER_STOP_S = 5.0
+#: Beyond a child's own budget: flushing NATS and exiting take well under a second on a
+#: healthy host. Kept small because whatever runs the launcher has its own deadline
+#: (docker-compose.yml gives the worker container 40 s, the agent's default budget is
+#: 30 s + 5 s for its workers).
+KILL_MARGIN_S = 3.0
+
+
+def kill_deadlines(settings: Settings) -> Tuple[float, float]:
+    """Seconds from SIGTERM to SIGKILL for the ingress and for the agent.
+
+    Each is the child's own drain budget plus a margin, so the launcher never cuts short
+    a drain the child was told it may take: the ingress answers its in-flight requests
+    for up to ``--ingress-grace-ms``; the agent lets running batches finish for up to
+    ``--agent-grace-ms``, then stops its workers.
+    """
+    ingress = settings.ingress_grace_ms / 1000 + KILL_MARGIN_S
+    agent = settings.agent_grace_ms / 1000 + WORKER_STOP_S + KILL_MARGIN_S
+    return ingress, agent
 
 
 def rust_log_level(level: str) -> str:
@@ -45,13 +66,24 @@ def rust_log_level(level: str) -> str:
 
 
 def agent_argv(binary: str, settings: Settings, nats_url: str, config: Path) -> List[str]:
-    return [
+    argv = [
         binary,
         "--nats", nats_url,
         "--namespace", settings.namespace,
         "--config", str(config),
         "--log-level", rust_log_level(settings.log_level),
+        "--max-queue", str(settings.max_queue),
+        "--storage", settings.storage,
+        "--prefetch", "true" if settings.prefetch else "false",
+        "--heartbeat-ms", str(settings.heartbeat_ms),
+        "--agent-grace-ms", str(settings.agent_grace_ms),
     ]  # fmt: skip
+    # Unset means the agent's own behaviour: no metrics server, a fresh temp directory.
+    if settings.metrics_address is not None:
+        argv += ["--metrics-address", settings.metrics_address]
+    if settings.socket_dir is not None:
+        argv += ["--socket-dir", settings.socket_dir]
+    return argv
 
 
 def ingress_argv(binary: str, settings: Settings, nats_url: str) -> List[str]:
@@ -64,6 +96,7 @@ def ingress_argv(binary: str, settings: Settings, nats_url: str) -> List[str]:
         "--timeout", str(settings.timeout),
         "--max-body-size", str(settings.max_body_size),
         "--log-level", rust_log_level(settings.log_level),
+        "--ingress-grace-ms", str(settings.ingress_grace_ms),
     ]  # fmt: skip
 
 
@@ -110,6 +143,11 @@ def main(routes: Mapping[str, Sequence[StageSpec]], argv: Sequence[str]) -> int:
             stages = select_stages(routes, settings.stages)
         except StageSelectionError as err:
             fail("--stages", str(err))
+        try:
+            check_importable(stages)
+        except UnimportableWorkerError as err:
+            logger.error("%s", err)
+            return 1
     try:
         agent_bin = find(AGENT) if settings.runs_agent else ""
         ingress_bin = find(INGRESS) if settings.runs_ingress else ""
@@ -117,6 +155,7 @@ def main(routes: Mapping[str, Sequence[StageSpec]], argv: Sequence[str]) -> int:
         logger.error("%s", err)
         return 1
 
+    ingress_kill_s, agent_kill_s = kill_deadlines(settings)
     stop = _Stop()
     stop.install()
     # Stop order: ingress first (no new requests), then the agent (finish batches), then
@@ -140,14 +179,14 @@ def main(routes: Mapping[str, Sequence[StageSpec]], argv: Sequence[str]) -> int:
                 agent = Child(
                     "natserve-agent",
                     agent_argv(agent_bin, settings, nats_url, config),
-                    grace=AGENT_GRACE_S,
+                    grace=agent_kill_s,
                 )
                 children.insert(0, agent)
             if settings.runs_ingress:
                 ingress = Child(
                     "natserve-ingress",
                     ingress_argv(ingress_bin, settings, nats_url),
-                    grace=INGRESS_GRACE_S,
+                    grace=ingress_kill_s,
                 )
                 children.insert(0, ingress)
                 logger.info("serving http://%s:%d", settings.address, settings.port)

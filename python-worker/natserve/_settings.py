@@ -2,13 +2,18 @@
 
 Each flag can also come from the environment variable ``NATSERVE_<NAME>`` (``--max-body-size``
 is ``NATSERVE_MAX_BODY_SIZE``); a flag beats its variable, which beats the default. A bad
-value exits with status 2 and one line on stderr naming the flag. Arguments that are not
-natserve flags are left alone, so a user's script can parse its own.
+value exits with status 64 (EX_USAGE, as the Rust binaries do) and one line on stderr
+naming the flag. Arguments that are not natserve flags are left alone, so a user's script
+can parse its own.
+
+This is the one table of settings: the launcher passes each agent and ingress setting on
+to its binary as the same flag, so nothing is reachable only through the environment.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import sys
@@ -19,6 +24,17 @@ from ._names import NAMESPACE_PATTERN, is_namespace
 
 ROLES = ("all", "agent", "ingress")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+STORAGES = ("memory", "file")
+
+#: Exit status of a bad flag or variable value (sysexits' EX_USAGE), the Rust binaries' too.
+EXIT_USAGE = 64
+
+# The Rust binaries keep counts and milliseconds in 64-bit integers.
+_MAX_I64 = 2**63 - 1
+
+# What clap's BoolishValueParser (the agent's --prefetch) accepts.
+_TRUE = ("true", "yes", "y", "on", "1")
+_FALSE = ("false", "no", "n", "off", "0")
 
 
 @dataclass(frozen=True)
@@ -34,6 +50,14 @@ class Settings:
     max_body_size: int = 8 * 1024 * 1024
     log_level: str = "info"
     namespace: str = "natserve"
+    max_queue: int = 10_000
+    storage: str = "memory"
+    prefetch: bool = False
+    metrics_address: Optional[str] = None
+    heartbeat_ms: int = 2000
+    agent_grace_ms: int = 30_000
+    ingress_grace_ms: int = 10_000
+    socket_dir: Optional[str] = None
 
     @property
     def runs_agent(self) -> bool:
@@ -45,10 +69,10 @@ class Settings:
 
 
 def fail(flag: str, message: str) -> NoReturn:
-    """Exits with status 2 after one line on stderr naming ``flag``."""
+    """Exits with status 64 after one line on stderr naming ``flag``."""
     line = f"natserve: error: {flag}: {message}".replace("\n", " ")
     print(line, file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    raise SystemExit(EXIT_USAGE)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,7 +83,7 @@ class _Parser(argparse.ArgumentParser):
             flag, _, rest = message[len("argument ") :].partition(": ")
             fail(flag.split("/")[-1], rest)
         print(f"natserve: error: {message}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+        raise SystemExit(EXIT_USAGE)
 
 
 def _int_at_least(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
@@ -67,8 +91,11 @@ def _int_at_least(minimum: int, maximum: Optional[int] = None) -> Callable[[str]
         if not re.fullmatch(r"\s*[0-9]+\s*", raw):
             raise ValueError(f"invalid int value {raw!r}")
         value = int(raw)
-        if value < minimum or (maximum is not None and value > maximum):
-            upper = f" and <= {maximum}" if maximum is not None else ""
+        too_big = maximum is not None and value > maximum
+        if value < minimum or too_big:
+            # A 64-bit limit is worth naming only to whoever went past it.
+            shown = maximum is not None and (too_big or maximum < _MAX_I64)
+            upper = f" and <= {maximum}" if shown else ""
             raise ValueError(f"invalid value {raw!r}: must be >= {minimum}{upper}")
         return value
 
@@ -103,6 +130,41 @@ def _stage_list(raw: str) -> Tuple[str, ...]:
     if not items:
         raise ValueError(f"invalid value {raw!r}: expected a comma-separated list of stages")
     return items
+
+
+def _boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"invalid value {raw!r} (choose from true, false)")
+
+
+def _socket_address(raw: str) -> str:
+    """``IP:PORT`` as Rust's ``SocketAddr`` parses it (``[::1]:9100`` for IPv6)."""
+    wanted = "expected IP:PORT, like 0.0.0.0:9100 or [::]:9100"
+    host, sep, port = raw.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host, version = host[1:-1], 6
+    else:
+        version = 4
+    try:
+        valid = bool(sep) and ipaddress.ip_address(host).version == version
+    except ValueError:
+        valid = False
+    if not valid or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"invalid address {raw!r}: {wanted}")
+    return raw.strip()
+
+
+def _directory(raw: str) -> str:
+    value = raw.strip()
+    if not value or "\0" in value:
+        raise ValueError(f"invalid directory {raw!r}: must be a non-empty path")
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise ValueError(f"invalid directory {raw!r}: it exists and is not a directory")
+    return value
 
 
 @dataclass(frozen=True)
@@ -142,11 +204,56 @@ _OPTIONS: List[_Option] = [
     _Option("--max-body-size", _int_at_least(1), "largest request body in bytes", "BYTES"),
     _Option("--log-level", _choice(LOG_LEVELS), "debug, info, warning or error", "LEVEL"),
     _Option("--namespace", _namespace, "prefix of every NATS name this service uses", "NS"),
+    _Option(
+        "--max-queue",
+        _int_at_least(1, _MAX_I64),
+        "agent: most requests a stage's queue holds before new ones get 429",
+        "N",
+    ),
+    _Option("--storage", _choice(STORAGES), "agent: stage queues in memory or file", "KIND"),
+    _Option(
+        "--prefetch",
+        _boolean,
+        "agent: pull each worker's next batch while it runs the current one (true or false)",
+        "BOOL",
+    ),
+    _Option(
+        "--metrics-address",
+        _socket_address,
+        "agent: serve its /metrics and /ready on IP:PORT; off when unset",
+        "ADDR",
+    ),
+    _Option(
+        "--heartbeat-ms",
+        _int_at_least(100, _MAX_I64),
+        "agent: how often it refreshes its registration, ms",
+        "MS",
+    ),
+    _Option(
+        "--agent-grace-ms",
+        _int_at_least(0, _MAX_I64),
+        "agent: on SIGTERM, how long running batches may take to finish, ms",
+        "MS",
+    ),
+    _Option(
+        "--ingress-grace-ms",
+        _int_at_least(0, _MAX_I64),
+        "ingress: on SIGTERM, how long in-flight requests may take, ms",
+        "MS",
+    ),
+    _Option(
+        "--socket-dir",
+        _directory,
+        "agent: directory of the workers' Unix sockets; a fresh temporary one when unset",
+        "DIR",
+    ),
 ]
 
 
 def _default_text(opt: _Option) -> str:
     value = getattr(Settings(), opt.dest)
+    if isinstance(value, bool):
+        return str(value).lower()
     return "none" if value is None else str(value)
 
 

@@ -1,30 +1,216 @@
-"""The worker-process loop: what `Server.run()` becomes inside a process an agent started.
+"""The worker process: what an agent runs for each worker of a stage it hosts.
 
-The agent sets ``NATSERVE_WORKER_ROUTE``, ``NATSERVE_WORKER_STAGE``,
-``NATSERVE_WORKER_ID`` and ``NATSERVE_SOCKET`` and re-runs the user's program. This
-process then connects to the socket, builds its `Worker` (``worker_id``, ``stage`` and
-``max_batch_size`` set before ``__init__``), warms it up, sends READY with its pid and
-answers every BATCH with one RESULTS frame of the same id (see `natserve._batch` for how
-items fail independently). It exits 0 when the agent closes the socket, and non-zero
-when the worker cannot start or the agent breaks the protocol; the agent restarts it.
+The agent runs ``worker_cmd`` (``python -m natserve._worker_main SCRIPT ARGS...``) with
+``NATSERVE_WORKER_SPEC`` (the stage's entry of the agent config, JSON),
+``NATSERVE_WORKER_STAGES``, ``NATSERVE_WORKER_ID`` and ``NATSERVE_SOCKET`` set. This
+process imports the user's script the way multiprocessing's spawn does (as
+``__mp_main__``, so its ``if __name__ == "__main__":`` block does not run), finds the
+stage's `Worker` class from the spec's ``module:qualname``, and takes every parameter
+from the spec, never from re-running ``append_worker``. It then connects to the socket,
+builds the worker (``worker_id``, ``stage`` and ``max_batch_size`` set before
+``__init__``), warms it up, sends READY with its pid and answers every BATCH with one
+RESULTS frame of the same id (see `natserve._batch` for how items fail independently).
+It exits 0 when the agent closes the socket, and 1 when the worker cannot start or the
+agent breaks the protocol; the agent restarts it.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.machinery
+import importlib.util
 import json
 import logging
 import os
 import socket
+import sys
+from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Sequence, Type
 
 from ._batch import BatchRunner
 from ._logging import configure
 from ._protocol import DEFAULT_MAX_FRAME, Batch, Connection, FrameError, Ready, Results
-from ._server import StageSpec
 from ._settings import parse_settings
 from ._worker_base import Worker
 
 logger = logging.getLogger("natserve.worker")
+
+#: The module name multiprocessing's spawn gives a re-imported main script: anything but
+#: ``"__main__"``, so the script's main block stays out of worker processes.
+SCRIPT_MODULE = "__mp_main__"
+
+# True only while this process imports the user's script; `Server.run()` then returns at
+# once, so a script without a main guard does not launch a second service from a worker.
+_importing_script = False
+
+
+def importing_script() -> bool:
+    """Whether the user's script is being imported by a worker process right now."""
+    return _importing_script
+
+
+class WorkerSpecError(ValueError):
+    """The agent's description of this worker is missing, malformed or names no class."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One worker process's stage, as the agent described it (docs/protocol.md)."""
+
+    route: str
+    stage: int
+    name: str
+    worker: str  # module:qualname
+    max_batch_size: int
+    mime: str
+    stages: int  # in the route
+    worker_id: int  # 1-based within the stage on this agent
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.stages - 1
+
+    @property
+    def label(self) -> str:
+        return f"[{self.route}:{self.stage} #{self.worker_id}]"
+
+
+def _field(spec: Mapping[str, Any], key: str) -> Any:
+    if key not in spec:
+        raise WorkerSpecError(f"NATSERVE_WORKER_SPEC has no {key!r}")
+    return spec[key]
+
+
+def _str_field(spec: Mapping[str, Any], key: str) -> str:
+    value = _field(spec, key)
+    if not isinstance(value, str):
+        raise WorkerSpecError(f"NATSERVE_WORKER_SPEC: {key} must be a string, got {value!r}")
+    return value
+
+
+def _int_field(spec: Mapping[str, Any], key: str, minimum: int) -> int:
+    value = _field(spec, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise WorkerSpecError(
+            f"NATSERVE_WORKER_SPEC: {key} must be an integer >= {minimum}, got {value!r}"
+        )
+    return value
+
+
+def _env_count(env: Mapping[str, str], name: str, minimum: int) -> int:
+    raw = env.get(name)
+    if raw is None:
+        raise WorkerSpecError(f"{name} is not set; this process must be started by an agent")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise WorkerSpecError(f"{name} must be an integer >= {minimum}, got {raw!r}")
+    return value
+
+
+def spec_from_env(env: Mapping[str, str]) -> WorkerSpec:
+    """The spec the agent put in ``env``; raises `WorkerSpecError` saying what is wrong."""
+    raw = env.get("NATSERVE_WORKER_SPEC")
+    if not raw:
+        raise WorkerSpecError(
+            "NATSERVE_WORKER_SPEC is not set; this process must be started by an agent"
+        )
+    try:
+        spec = json.loads(raw)
+    except ValueError as err:
+        raise WorkerSpecError(f"NATSERVE_WORKER_SPEC is not JSON ({err}): {raw[:200]!r}") from err
+    if not isinstance(spec, dict):
+        raise WorkerSpecError(f"NATSERVE_WORKER_SPEC must be a JSON object, got {raw[:200]!r}")
+    worker = _str_field(spec, "worker")
+    if worker.count(":") != 1 or not all(worker.split(":")):
+        raise WorkerSpecError(
+            f"NATSERVE_WORKER_SPEC: worker must be 'module:qualname', got {worker!r}"
+        )
+    stage = _int_field(spec, "stage", 0)
+    stages = _env_count(env, "NATSERVE_WORKER_STAGES", 1)
+    if stage >= stages:
+        raise WorkerSpecError(
+            f"NATSERVE_WORKER_SPEC: stage {stage} is not below NATSERVE_WORKER_STAGES={stages}"
+        )
+    return WorkerSpec(
+        route=_str_field(spec, "route"),
+        stage=stage,
+        name=_str_field(spec, "name"),
+        worker=worker,
+        max_batch_size=_int_field(spec, "max_batch_size", 1),
+        mime=_str_field(spec, "mime"),
+        stages=stages,
+        worker_id=_env_count(env, "NATSERVE_WORKER_ID", 1),
+    )
+
+
+def resolve_worker(ref: str) -> Type[Worker]:
+    """The `Worker` subclass ``module:qualname`` names (``Outer.Inner`` for a nested one)."""
+    module_name, _, qualname = ref.partition(":")
+    if "<locals>" in qualname:
+        raise WorkerSpecError(
+            f"worker {ref!r} is defined inside a function; define it at module level"
+        )
+    module = sys.modules.get(module_name)
+    if module is None:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise WorkerSpecError(f"cannot import the module of worker {ref!r}: {err}") from err
+    found: Any = module
+    for part in qualname.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            where = getattr(module, "__file__", None) or module_name
+            raise WorkerSpecError(
+                f"worker {ref!r}: {where} has no {qualname!r} once imported; define the class "
+                "at module level, outside any `if __name__ == '__main__':` block"
+            ) from None
+    if not (isinstance(found, type) and issubclass(found, Worker)):
+        raise WorkerSpecError(f"worker {ref!r} is {found!r}, not a natserve.Worker subclass")
+    return found
+
+
+def import_script(path: str, argv: Sequence[str]) -> Any:
+    """Imports the user's script as multiprocessing's spawn does; returns the module.
+
+    The module is named ``__mp_main__`` and also registered as ``__main__`` (so
+    ``__main__:Cls`` resolves, and pickle finds classes by that name), ``sys.argv`` is
+    what the user started the launcher with, and, as ``python SCRIPT`` would, the script's
+    directory replaces the current one at the front of ``sys.path``.
+    """
+    global _importing_script
+    path = os.path.abspath(path)
+    sys.argv = [path, *argv]
+    if not getattr(sys.flags, "safe_path", False):  # -P / PYTHONSAFEPATH (3.11+) add neither
+        # `python -m` put the working directory first; `python SCRIPT` puts its directory.
+        if sys.path and sys.path[0] in ("", os.getcwd()):
+            sys.path[0] = os.path.dirname(path)
+        else:
+            sys.path.insert(0, os.path.dirname(path))
+    loader = importlib.machinery.SourceFileLoader(SCRIPT_MODULE, path)
+    spec = importlib.util.spec_from_file_location(SCRIPT_MODULE, path, loader=loader)
+    if spec is None:
+        raise ImportError(f"cannot load {path} as a Python script")
+    module = importlib.util.module_from_spec(spec)
+    # As for a script run directly (and as spawn expects in its children), __main__ has no
+    # spec; multiprocessing inside a worker then re-imports the script by path.
+    module.__spec__ = None
+    sys.modules[SCRIPT_MODULE] = module
+    sys.modules["__main__"] = module
+    _importing_script = True
+    try:
+        loader.exec_module(module)
+    finally:
+        _importing_script = False
+    return module
 
 
 def build_worker(cls: Type[Worker], *, worker_id: int, stage: int, max_batch_size: int) -> Worker:
@@ -63,28 +249,24 @@ def warm_up(worker: Worker) -> int:
 
 def serve(
     sock: socket.socket,
-    stages: Sequence[StageSpec],
-    stage: int,
-    worker_id: int,
+    cls: Type[Worker],
+    spec: WorkerSpec,
     *,
     max_frame: int = DEFAULT_MAX_FRAME,
 ) -> int:
-    """Serves one stage over a connected socket until the agent closes it; the exit code."""
-    spec = stages[stage]
+    """Serves ``spec``'s stage with ``cls`` over a connected socket until the agent closes
+    it; returns the exit code."""
     conn = Connection(sock, max_frame)
     try:
-        return _serve(conn, spec, stage == len(stages) - 1, worker_id)
+        return _serve(conn, cls, spec)
     finally:
         conn.close()
 
 
-def _serve(conn: Connection, spec: StageSpec, last: bool, worker_id: int) -> int:
+def _serve(conn: Connection, cls: Type[Worker], spec: WorkerSpec) -> int:
     try:
         worker = build_worker(
-            spec.worker,
-            worker_id=worker_id,
-            stage=spec.index,
-            max_batch_size=spec.max_batch_size,
+            cls, worker_id=spec.worker_id, stage=spec.stage, max_batch_size=spec.max_batch_size
         )
         warmed = warm_up(worker)
     except Exception:
@@ -94,7 +276,7 @@ def _serve(conn: Connection, spec: StageSpec, last: bool, worker_id: int) -> int
             spec.name,
         )
         return 1
-    runner = BatchRunner(worker, first=spec.index == 0, last=last)
+    runner = BatchRunner(worker, first=spec.first, last=spec.last)
     try:
         conn.write_frame(Ready(pid=os.getpid()))
         logger.info("worker %s ready (pid %d, %d warm-up examples)", spec.name, os.getpid(), warmed)
@@ -115,45 +297,54 @@ def _serve(conn: Connection, spec: StageSpec, last: bool, worker_id: int) -> int
         return 1
 
 
-def _env_int(env: Mapping[str, str], name: str) -> Optional[int]:
-    try:
-        return int(env[name])
-    except (KeyError, ValueError):
-        return None
-
-
-def main(
-    routes: Mapping[str, Sequence[StageSpec]],
-    argv: Sequence[str],
-    env: Optional[Mapping[str, str]] = None,
-) -> int:
-    """Entry point of a worker process, configured by the agent's environment."""
-    env = os.environ if env is None else env
-    settings, _ = parse_settings(argv, env)
-    try:
-        spec = json.loads(env.get("NATSERVE_WORKER_SPEC", ""))
-        route, stage = str(spec["route"]), int(spec["stage"])
-    except (ValueError, KeyError, TypeError):
-        route, stage = "", None
-    worker_id = _env_int(env, "NATSERVE_WORKER_ID")
-    path = env.get("NATSERVE_SOCKET", "")
-    configure(settings.log_level, prefix=f"[{route}:{stage} #{worker_id}]")
-    stages = routes.get(route)
-    if stages is None or stage is None or not 0 <= stage < len(stages) or worker_id is None:
-        logger.error(
-            "this program has no stage %r of route %r (worker id %r); the agent and the "
-            "program it runs disagree: known routes %s",
-            stage,
-            route,
-            env.get("NATSERVE_WORKER_ID"),
-            {r: len(s) for r, s in routes.items()},
-        )
-        return 1
+def _connect(path: str) -> Optional[socket.socket]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
     except OSError as err:
-        logger.error("cannot connect to the agent's socket %s: %s", path, err)
+        logger.error("cannot connect to the agent's socket %r: %s", path, err)
         sock.close()
+        return None
+    return sock
+
+
+def main(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
+    """Entry point of a worker process: ``argv`` is the user's script, then its arguments."""
+    env = os.environ if env is None else env
+    if not argv:
+        configure("info")
+        logger.error("no script to import: run as `python -m natserve._worker_main SCRIPT ...`")
         return 1
-    return serve(sock, stages, stage, worker_id)
+    script, args = argv[0], list(argv[1:])
+    settings, _ = parse_settings(args, env)
+    configure(settings.log_level)
+    try:
+        spec = spec_from_env(env)
+    except WorkerSpecError as err:
+        logger.error("cannot start a worker: %s", err)
+        return 1
+    configure(settings.log_level, prefix=spec.label)
+    try:
+        import_script(script, args)
+    except Exception:
+        logger.exception("cannot start worker %s: importing %s failed", spec.name, script)
+        return 1
+    try:
+        cls = resolve_worker(spec.worker)
+    except WorkerSpecError as err:
+        logger.error("cannot start worker %s: %s", spec.name, err)
+        return 1
+    if cls.resp_mime_type != spec.mime:
+        # The agent labels responses with the spec's type; differing means the launcher
+        # and this process did not import the same code.
+        logger.warning(
+            "worker %s declares resp_mime_type %r but the agent was told %r; responses carry %r",
+            spec.name,
+            cls.resp_mime_type,
+            spec.mime,
+            spec.mime,
+        )
+    sock = _connect(env.get("NATSERVE_SOCKET", ""))
+    if sock is None:
+        return 1
+    return serve(sock, cls, spec)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import json
+import sys
 from typing import Any, List, Optional
 
 import msgpack  # type: ignore[import-untyped]  # ships no type hints
@@ -90,12 +91,15 @@ class Worker(abc.ABC):
             return json.dumps(data).encode()
         except (TypeError, ValueError) as err:
             raise EncodingError(f"cannot serialize the result as JSON: {err}") from err
+        except RecursionError as err:
+            raise EncodingError("cannot serialize the result as JSON: nested too deeply") from err
 
     def deserialize(self, data: bytes) -> Any:
         """First stage: the raw request body to one `forward` input. JSON by default.
 
         Raises:
-            DecodingError: the body is empty or not JSON.
+            DecodingError: the body is empty, not JSON, or nested deeper than the
+                interpreter's recursion limit lets the decoder go.
         """
         if not data:
             raise DecodingError("empty request body, expected JSON")
@@ -103,6 +107,13 @@ class Worker(abc.ABC):
             return json.loads(data)
         except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
             raise DecodingError(f"request body is not valid JSON: {err}") from err
+        except RecursionError as err:
+            # A nesting bomb is the client's fault; the decoder's own depth check (the
+            # recursion limit) costs nothing on ordinary bodies, a pre-scan would.
+            raise DecodingError(
+                "request body is nested too deeply to decode as JSON "
+                f"(deeper than about {sys.getrecursionlimit()} levels)"
+            ) from err
 
     def serialize_ipc(self, data: Any) -> bytes:
         """Between stages: one `forward` result to bytes for the next stage. msgpack."""
@@ -119,6 +130,10 @@ class Worker(abc.ABC):
         """Between stages: the previous stage's bytes to one `forward` input. msgpack."""
         try:
             return msgpack.unpackb(data, raw=False)
+        except msgpack.StackError as err:
+            raise ServerError(
+                "cannot decode the previous stage's output with msgpack: nested too deeply"
+            ) from err
         except (ValueError, TypeError, msgpack.UnpackException) as err:
             raise ServerError(
                 f"cannot decode the previous stage's output with msgpack: {err}"

@@ -47,5 +47,7 @@ class MsgpackMixin:
             raise DecodingError("empty request body, expected msgpack")
         try:
             return msgpack.unpackb(data, raw=False)
+        except msgpack.StackError as err:  # its message is empty
+            raise DecodingError("request body is nested too deeply to decode as msgpack") from err
         except (ValueError, TypeError, msgpack.UnpackException) as err:
             raise DecodingError(f"request body is not valid msgpack: {err}") from err

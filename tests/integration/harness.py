@@ -62,6 +62,11 @@ class Proc:
         self.args = args
         self.log = log
         full_env = dict(os.environ)
+        # natserve from this source tree, in the launcher and (inherited through the agent)
+        # in every worker process, rather than whatever copy is installed in the venv.
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO / "python-worker"), os.environ.get("PYTHONPATH")) if p
+        )
         full_env.update(env or {})
         self._out = open(log, "wb")
         self.popen = subprocess.Popen(

@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from typing import List, Optional, Sequence
 
 from natserve import Server
+from natserve._agent_config import agent_config
 from natserve._protocol import Batch, Connection, Frame, ItemResult, Ready, Results
-from natserve._worker import serve
+from natserve._worker import WorkerSpec, serve, spec_from_env
+
+
+def worker_spec(server: Server, *, route: str, stage: int, worker_id: int) -> WorkerSpec:
+    """The spec a worker process would get from an agent running ``server``'s config:
+    the config entry the launcher writes, read back through the worker's own parser."""
+    stages = server.routes[route]
+    entry = agent_config(server.routes, [stages[stage]], ["python"])["stages"][0]
+    return spec_from_env(
+        {
+            "NATSERVE_WORKER_SPEC": json.dumps(entry),
+            "NATSERVE_WORKER_STAGES": str(len(stages)),
+            "NATSERVE_WORKER_ID": str(worker_id),
+        }
+    )
 
 
 class FakeAgent:
-    """Plays the agent's side of one worker's socket; the worker runs in a thread."""
+    """Plays the agent's side of one worker's socket; the worker runs in a thread.
+
+    The class is handed over directly rather than resolved from the spec's
+    ``module:qualname``, so tests may define workers inside their functions.
+    """
 
     def __init__(
         self, server: Server, *, route: str = "/inference", stage: int = 0, worker_id: int = 1
@@ -21,10 +41,11 @@ class FakeAgent:
         ours.settimeout(10)
         self.conn = Connection(ours)
         self.exit_code: Optional[int] = None
-        stages = server.routes[route]
+        cls = server.routes[route][stage].worker
+        spec = worker_spec(server, route=route, stage=stage, worker_id=worker_id)
 
         def run() -> None:
-            self.exit_code = serve(theirs, stages, stage, worker_id)
+            self.exit_code = serve(theirs, cls, spec)
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()

@@ -129,12 +129,14 @@ def test_filtered_config_lists_all_routes_but_only_hosted_stages() -> None:
     assert [(s["route"], s["stage"]) for s in config["stages"]] == [("/inference", 1)]
 
 
-def test_worker_command_reruns_this_program_with_its_arguments(
+def test_worker_command_imports_this_program_through_natserves_entry_point(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(sys, "argv", ["app.py", "--port", "9", "--mine"])
     assert worker_command() == [
         sys.executable,
+        "-m",
+        "natserve._worker_main",
         os.path.abspath("app.py"),
         "--port",
         "9",
@@ -147,7 +149,76 @@ def test_launcher_refuses_an_unknown_stage_with_one_line(
 ) -> None:
     with pytest.raises(SystemExit) as info:
         launcher_main(make_server().routes, ["--stages", "Inference,Missing"])
-    assert info.value.code == 2
+    assert info.value.code == 64
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("natserve: error: --stages: unknown stage 'Missing' (known: ")
+
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "agent_config.json"
+
+
+def golden_server() -> Server:
+    """The service tests/golden/agent_config.json describes, built through the public API.
+
+    Its classes pretend to live where the golden file says (``__main__`` for the
+    script's own classes, ``models.text`` for an imported one).
+    """
+
+    def located(cls: Any, module: str) -> Any:
+        cls.__module__, cls.__qualname__ = module, cls.__name__
+        return cls
+
+    class Preprocess(Worker):
+        def forward(self, data: Any) -> Any:
+            return data
+
+    class Inference(Worker):
+        def forward(self, data: List[Any]) -> List[Any]:
+            return data
+
+    class Embed(MsgpackMixin, Worker):
+        def forward(self, data: List[Any]) -> List[Any]:
+            return data
+
+    server = Server()
+    server.append_worker(located(Preprocess, "__main__"))
+    server.append_worker(
+        located(Inference, "__main__"),
+        num=2,
+        max_batch_size=8,
+        max_wait_time=10,
+        timeout=500,
+        env=[{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}],
+    )
+    server.append_worker(
+        located(Embed, "models.text"), max_batch_size=16, max_wait_time=5, route="/v1/embed"
+    )
+    return server
+
+
+def test_the_python_writer_produces_the_golden_agent_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The Rust loader is tested against the same file: a key renamed on either side fails.
+    golden = json.loads(GOLDEN.read_text())
+    monkeypatch.setattr(sys, "argv", ["/srv/app.py", "--port", "8000"])
+    server = golden_server()
+    written = json.loads(
+        json.dumps(
+            agent_config(server.routes, select_stages(server.routes, None), worker_command())
+        )
+    )
+    assert {k: v for k, v in written.items() if k != "worker_cmd"} == {
+        k: v for k, v in golden.items() if k != "worker_cmd"
+    }
+    assert list(written) == list(golden)
+    for ours, theirs in zip(written["stages"], golden["stages"]):
+        assert list(ours) == list(theirs)  # same keys, same order
+    # worker_cmd: the interpreter, natserve's worker entry point, then the script and its
+    # arguments, as the golden file shows them (it names its own interpreter path).
+    assert written["worker_cmd"] == [
+        sys.executable, "-m", "natserve._worker_main", "/srv/app.py", "--port", "8000",
+    ]  # fmt: skip
+    assert written["worker_cmd"][3:] == golden["worker_cmd"][3:]
+    assert golden["worker_cmd"][1] == "-m"

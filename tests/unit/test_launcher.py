@@ -24,6 +24,18 @@ from natserve._settings import Settings
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = REPO / "examples" / "pipeline.py"
 
+
+class Echo(Worker):
+    def forward(self, data: object) -> object:
+        return data
+
+
+def echo_server() -> Server:
+    server = Server()
+    server.append_worker(Echo)
+    return server
+
+
 FAKE = """#!{python}
 import json, os, shutil, signal, sys, time
 name = os.path.basename(sys.argv[0])
@@ -114,17 +126,25 @@ def test_starts_agent_and_ingress_then_stops_them_in_order(tmp_path: Path) -> No
     assert agent["argv"] == [
         "--nats", "nats://127.0.0.1:4999", "--namespace", "t1",
         "--config", config_path, "--log-level", "debug",
+        "--max-queue", "10000", "--storage", "memory", "--prefetch", "false",
+        "--heartbeat-ms", "2000", "--agent-grace-ms", "30000",
     ]  # fmt: skip
     assert ingress["argv"] == [
         "--nats", "nats://127.0.0.1:4999", "--namespace", "t1", "--address", "0.0.0.0",
         "--port", "8123", "--timeout", "1500", "--max-body-size", "2048",
-        "--log-level", "debug",
+        "--log-level", "debug", "--ingress-grace-ms", "10000",
     ]  # fmt: skip
     # each child leads its own session: a terminal's Ctrl-C reaches only the launcher
     assert agent["sid"] == agent["pid"] and ingress["sid"] == ingress["pid"]
     config = json.loads((launch.out / "agent-config.json").read_text())
-    assert config["worker_cmd"][:2] == [sys.executable, str(PIPELINE)]
-    assert config["worker_cmd"][2:] == [
+    # natserve's worker entry point imports the script; it does not run it as __main__
+    assert config["worker_cmd"][:4] == [
+        sys.executable,
+        "-m",
+        "natserve._worker_main",
+        str(PIPELINE),
+    ]
+    assert config["worker_cmd"][4:] == [
         "--nats", "nats://127.0.0.1:4999", "--port", "8123", "--timeout", "1500",
         "--namespace", "t1", "--log-level", "debug", "--user-flag", "x",
     ]  # fmt: skip
@@ -208,34 +228,30 @@ def test_without_nats_flag_a_local_nats_server_is_started(tmp_path: Path) -> Non
 def test_joining_a_cluster_needs_its_nats_url(tmp_path: Path, role: str) -> None:
     launch = Launch(tmp_path, ["--role", role])
     err = launch.finish()
-    assert launch.proc.returncode == 2
+    assert launch.proc.returncode == 64
     assert err.strip().splitlines() == [
         f"natserve: error: --nats: --role {role} joins a cluster: give its NATS URL"
     ]
 
 
 def test_rust_binaries_get_their_spelling_of_the_log_level() -> None:
+    def level(argv: List[str]) -> str:
+        return argv[argv.index("--log-level") + 1]
+
     settings = Settings(log_level="warning")
-    assert agent_argv("a", settings, "nats://x", Path("c"))[-2:] == ["--log-level", "warn"]
-    assert ingress_argv("i", settings, "nats://x")[-2:] == ["--log-level", "warn"]
-    debug = Settings(log_level="debug")
-    assert ingress_argv("i", debug, "nats://x")[-2:] == ["--log-level", "debug"]
+    assert level(agent_argv("a", settings, "nats://x", Path("c"))) == "warn"
+    assert level(ingress_argv("i", settings, "nats://x")) == "warn"
+    assert level(ingress_argv("i", Settings(log_level="debug"), "nats://x")) == "debug"
 
 
 def test_a_missing_binary_fails_before_anything_starts(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    class Echo(Worker):
-        def forward(self, data: object) -> object:
-            return data
-
     def missing(name: str) -> str:
         raise BinaryNotFoundError(f"cannot find the {name!r} executable: pip install it")
 
-    server = Server()
-    server.append_worker(Echo)
     monkeypatch.setattr(_launcher, "find", missing)
-    assert _launcher.main(server.routes, ["--nats", "nats://127.0.0.1:1"]) == 1
+    assert _launcher.main(echo_server().routes, ["--nats", "nats://127.0.0.1:1"]) == 1
     assert "cannot find the 'natserve-agent' executable: pip install it" in capsys.readouterr().err
 
 
@@ -252,3 +268,119 @@ def test_a_nats_server_that_dies_at_start_is_reported_with_its_log(
     with pytest.raises(NatsServerError, match=r"exited with code 7.*bad config line 3"):
         server.start(timeout=5)
     server.stop()
+
+
+def test_every_agent_and_ingress_setting_reaches_its_binary_as_the_same_flag() -> None:
+    settings = Settings(
+        max_queue=5,
+        storage="file",
+        prefetch=True,
+        metrics_address="127.0.0.1:9100",
+        heartbeat_ms=250,
+        agent_grace_ms=1234,
+        ingress_grace_ms=4321,
+        socket_dir="/tmp/sockets",
+    )
+    agent = agent_argv("a", settings, "nats://x", Path("c"))
+    assert agent[agent.index("--max-queue") :] == [
+        "--max-queue", "5", "--storage", "file", "--prefetch", "true",
+        "--heartbeat-ms", "250", "--agent-grace-ms", "1234",
+        "--metrics-address", "127.0.0.1:9100", "--socket-dir", "/tmp/sockets",
+    ]  # fmt: skip
+    ingress = ingress_argv("i", settings, "nats://x")
+    assert ingress[-2:] == ["--ingress-grace-ms", "4321"]
+    assert "--metrics-address" not in agent_argv("a", Settings(), "nats://x", Path("c"))
+
+
+class _RecordedChild:
+    """Stands in for `Child`: records the kill deadline, then 'exits' at the first poll."""
+
+    graces: Dict[str, float] = {}
+
+    def __init__(self, name: str, argv: List[str], *, grace: float) -> None:
+        self.name = name
+        _RecordedChild.graces[name] = grace
+
+    def poll(self) -> Optional[int]:
+        return 0
+
+    def stop(self) -> Optional[int]:
+        return 0
+
+
+def kill_deadlines_given(monkeypatch: pytest.MonkeyPatch, argv: List[str]) -> Dict[str, float]:
+    """The SIGTERM-to-SIGKILL deadline `_launcher.main` gives each child for ``argv``."""
+    _RecordedChild.graces = {}
+    monkeypatch.setattr(_launcher, "Child", _RecordedChild)
+    monkeypatch.setattr(_launcher, "find", lambda name: "/fake/" + name)
+    monkeypatch.setattr(_launcher._Stop, "install", lambda self: None)  # keep pytest's SIGINT
+    assert _launcher.main(echo_server().routes, ["--nats", "nats://127.0.0.1:1", *argv]) == 1
+    return dict(_RecordedChild.graces)
+
+
+@pytest.mark.parametrize(
+    ("argv", "ingress_grace_s", "agent_grace_s"),
+    [
+        ([], 10.0, 30.0),  # the binaries' defaults
+        (["--ingress-grace-ms", "60000", "--agent-grace-ms", "90000"], 60.0, 90.0),
+        (["--ingress-grace-ms", "0", "--agent-grace-ms", "0"], 0.0, 0.0),
+    ],
+)
+def test_kill_deadlines_outlast_the_childrens_own_drains(
+    monkeypatch: pytest.MonkeyPatch, argv: List[str], ingress_grace_s: float, agent_grace_s: float
+) -> None:
+    # Bug 4: fixed 15 s / 30 s SIGKILLs cut the agent's 30 s drain (plus the 5 s it gives
+    # each worker from SIGTERM to SIGKILL) and any longer ingress grace short.
+    deadlines = kill_deadlines_given(monkeypatch, argv)
+    assert deadlines["natserve-ingress"] > ingress_grace_s
+    assert deadlines["natserve-agent"] > agent_grace_s + 5.0
+
+
+def test_kill_deadlines_follow_the_environment_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NATSERVE_AGENT_GRACE_MS", "120000")
+    monkeypatch.setenv("NATSERVE_INGRESS_GRACE_MS", "45000")
+    deadlines = kill_deadlines_given(monkeypatch, [])
+    assert deadlines["natserve-ingress"] > 45.0
+    assert deadlines["natserve-agent"] > 125.0
+    assert _launcher.kill_deadlines(Settings(agent_grace_ms=120000, ingress_grace_ms=45000)) == (
+        deadlines["natserve-ingress"],
+        deadlines["natserve-agent"],
+    )
+
+
+def test_a_worker_class_defined_in_a_function_is_refused_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Local(Worker):
+        def forward(self, data: object) -> object:
+            return data
+
+    started: List[str] = []
+    monkeypatch.setattr(_launcher, "find", lambda name: started.append(name) or name)
+    server = Server()
+    server.append_worker(Echo)
+    server.append_worker(Local)
+    assert _launcher.main(server.routes, ["--nats", "nats://127.0.0.1:1"]) == 1
+    err = capsys.readouterr().err
+    assert "worker Local of /inference stage 1 is defined inside a function" in err
+    assert f"({__name__}:{Local.__qualname__})" in err and "<locals>" in err
+    assert "define the class at module level" in err
+    assert started == []  # refused before looking for any binary
+
+
+def test_an_ingress_does_not_import_workers_so_it_does_not_refuse_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Local(Worker):
+        def forward(self, data: object) -> object:
+            return data
+
+    server = Server()
+    server.append_worker(Local)
+    _RecordedChild.graces = {}
+    monkeypatch.setattr(_launcher, "Child", _RecordedChild)
+    monkeypatch.setattr(_launcher, "find", lambda name: "/fake/" + name)
+    monkeypatch.setattr(_launcher._Stop, "install", lambda self: None)
+    argv = ["--nats", "nats://127.0.0.1:1", "--role", "ingress"]
+    assert _launcher.main(server.routes, argv) == 1  # the fake child "exited"
+    assert list(_RecordedChild.graces) == ["natserve-ingress"]

@@ -94,3 +94,16 @@ def test_worker_without_forward_is_refused_up_front() -> None:
 def test_run_without_workers_says_what_to_do() -> None:
     with pytest.raises(RuntimeError, match=r"append_worker"):
         Server().run()
+
+
+@pytest.mark.parametrize(
+    ("route", "what"), [("/metrics", "Prometheus metrics"), ("/", "readiness check")]
+)
+def test_routes_the_ingress_answers_itself_are_refused(route: str, what: str) -> None:
+    server = Server()
+    with pytest.raises(ValueError) as info:
+        server.append_worker(Echo, route=route)
+    message = str(info.value)
+    for word in ("route", repr(route), what, "choose another path"):
+        assert word in message, (word, message)
+    assert server.routes == {}

@@ -1,4 +1,4 @@
-"""Launcher flags: defaults, NATSERVE_* env, precedence, one-line errors with status 2."""
+"""Launcher flags: defaults, NATSERVE_* env, precedence, one-line errors with status 64."""
 
 from __future__ import annotations
 
@@ -116,14 +116,66 @@ def test_prefixes_of_natserve_flags_are_not_taken_as_flags() -> None:
             "expected a comma-separated list of stages",
         ),
         (["--port"], {}, "natserve: error: --port: expected one argument"),
+        (["--max-queue", "0"], {}, "natserve: error: --max-queue: invalid value '0': must be >= 1"),
+        (
+            ["--storage", "disk"],
+            {},
+            "natserve: error: --storage: invalid choice 'disk' (choose from memory, file)",
+        ),
+        (
+            [],
+            {"NATSERVE_PREFETCH": "maybe"},
+            "natserve: error: --prefetch: invalid value 'maybe' (choose from true, false) "
+            "(from NATSERVE_PREFETCH)",
+        ),
+        (
+            ["--metrics-address", "localhost:9100"],
+            {},
+            "natserve: error: --metrics-address: invalid address 'localhost:9100': "
+            "expected IP:PORT, like 0.0.0.0:9100 or [::]:9100",
+        ),
+        (
+            ["--metrics-address", "0.0.0.0:99999"],
+            {},
+            "natserve: error: --metrics-address: invalid address '0.0.0.0:99999': "
+            "expected IP:PORT, like 0.0.0.0:9100 or [::]:9100",
+        ),
+        (
+            ["--metrics-address", "::1:9100"],
+            {},
+            "natserve: error: --metrics-address: invalid address '::1:9100': "
+            "expected IP:PORT, like 0.0.0.0:9100 or [::]:9100",
+        ),
+        (
+            ["--heartbeat-ms", "99"],
+            {},
+            "natserve: error: --heartbeat-ms: invalid value '99': must be >= 100",
+        ),
+        (
+            ["--agent-grace-ms", "-1"],
+            {},
+            "natserve: error: --agent-grace-ms: invalid int value '-1'",
+        ),
+        (
+            [],
+            {"NATSERVE_INGRESS_GRACE_MS": "10s"},
+            "natserve: error: --ingress-grace-ms: invalid int value '10s' "
+            "(from NATSERVE_INGRESS_GRACE_MS)",
+        ),
+        (
+            ["--socket-dir", __file__],
+            {},
+            f"natserve: error: --socket-dir: invalid directory {__file__!r}: "
+            "it exists and is not a directory",
+        ),
     ],
 )
-def test_bad_values_exit_2_with_one_line_naming_the_flag(
+def test_bad_values_exit_64_with_one_line_naming_the_flag(
     argv: List[str], env: Dict[str, str], line: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as info:
         parse_settings(argv, env=env)
-    assert info.value.code == 2
+    assert info.value.code == 64  # EX_USAGE, as the Rust binaries exit on a bad value
     captured = capsys.readouterr()
     assert captured.err == line + "\n"
     assert captured.out == ""
@@ -144,7 +196,32 @@ def test_help_lists_every_flag_with_its_default(capsys: pytest.CaptureFixture[st
         ("--max-body-size", "8388608"),
         ("--log-level", "info"),
         ("--namespace", "natserve"),
+        ("--max-queue", "10000"),
+        ("--storage", "memory"),
+        ("--prefetch", "false"),
+        ("--metrics-address", "none"),
+        ("--heartbeat-ms", "2000"),
+        ("--agent-grace-ms", "30000"),
+        ("--ingress-grace-ms", "10000"),
+        ("--socket-dir", "none"),
     ]:
         assert flag in text
         env = "NATSERVE_" + flag[2:].replace("-", "_").upper()
         assert f"(default: {default}; env {env})" in text, flag
+
+
+def test_agent_and_ingress_settings_from_flags_and_env() -> None:
+    argv = [
+        "--max-queue", "50", "--storage", "FILE", "--prefetch", "yes",
+        "--metrics-address", "[::]:9100", "--heartbeat-ms", "100",
+        "--agent-grace-ms", "0", "--socket-dir", "/tmp/natserve-sockets",
+    ]  # fmt: skip
+    env = {"NATSERVE_INGRESS_GRACE_MS": "2500", "NATSERVE_MAX_QUEUE": "7"}
+    settings, rest = parse_settings(argv, env=env)
+    assert rest == []
+    assert (settings.max_queue, settings.storage, settings.prefetch) == (50, "file", True)
+    assert (settings.metrics_address, settings.heartbeat_ms) == ("[::]:9100", 100)
+    assert (settings.agent_grace_ms, settings.ingress_grace_ms) == (0, 2500)
+    assert settings.socket_dir == "/tmp/natserve-sockets"
+    assert parse_settings([], env={"NATSERVE_PREFETCH": "0"})[0].prefetch is False
+    assert parse_settings([], env={"NATSERVE_PREFETCH": "1"})[0].prefetch is True

@@ -20,6 +20,7 @@ from natserve.errors import (
     ServerError,
     ValidationError,
 )
+from natserve.mixin import MsgpackMixin
 
 Start = Callable[..., FakeAgent]
 
@@ -256,3 +257,35 @@ def test_an_unexpected_frame_from_the_agent_ends_the_worker(start_worker: Start)
     agent.ready()
     agent.conn.write_frame(Ready(pid=1))
     assert agent.join() == 1
+
+
+NESTING_BOMB = b"[" * 100_000 + b"]" * 100_000
+
+
+def test_a_json_nesting_bomb_is_a_decoding_error_not_a_crash() -> None:
+    with pytest.raises(DecodingError, match="nested too deeply") as info:
+        Exp().deserialize(NESTING_BOMB)
+    assert "JSON" in str(info.value)
+
+
+def test_a_json_nesting_bomb_is_answered_400_beside_its_batch_mates(start_worker: Start) -> None:
+    agent = start_worker(server_with(Exp))
+    agent.ready()
+    bomb, ok = agent.batch([NESTING_BOMB, b'{"x": 0}'])
+    assert bomb.status == Status.CLIENT_ERROR
+    assert bomb.body.startswith(b"decoding error: request body is nested too deeply")
+    assert body_json(ok) == {"y": 1.0}
+
+
+def test_moderately_nested_json_still_decodes() -> None:
+    depth = 200
+    assert Exp().deserialize(b"[" * depth + b"]" * depth) is not None
+
+
+def test_a_msgpack_nesting_bomb_is_a_decoding_error_that_says_so() -> None:
+    class Packed(MsgpackMixin, Worker):
+        def forward(self, data: Any) -> Any:
+            return data
+
+    with pytest.raises(DecodingError, match="nested too deeply"):
+        Packed().deserialize(b"\x91" * 100_000 + b"\xc0")

@@ -1,23 +1,20 @@
 """The worker-process loop across stages: JSON at the edges, msgpack (or an opt-in mixin)
-between stages, warm-up before READY, the worker's identity, and the entry point."""
+between stages, warm-up before READY and the worker's identity (the entry point of a
+worker process is in test_worker_process.py)."""
 
 from __future__ import annotations
 
 import json
 import math
 import pickle
-import socket
-import threading
 from datetime import date
-from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import msgpack
 
 from fake_agent import FakeAgent
 from natserve import Server, Worker
-from natserve._protocol import Batch, Connection, Ready, Results, Status
-from natserve._worker import main as worker_main
+from natserve._protocol import Status
 from natserve.mixin import MsgpackMixin, PickleMixin
 
 Start = Callable[..., FakeAgent]
@@ -202,42 +199,3 @@ def test_msgpack_mixin_at_the_edges(start_worker: Start) -> None:
     assert garbage.status == Status.CLIENT_ERROR
     assert garbage.body.startswith(b"decoding error: request body is not valid msgpack")
     assert empty.body == b"decoding error: empty request body, expected msgpack"
-
-
-def test_main_connects_to_the_socket_named_in_the_environment(tmp_path: Path) -> None:
-    path = str(tmp_path / "w.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(1)
-    server = server_with(Exp, route="/v1/exp")
-    env = {
-        "NATSERVE_SOCKET": path,
-        "NATSERVE_WORKER_SPEC": json.dumps({"route": "/v1/exp", "stage": 0}),
-        "NATSERVE_WORKER_ID": "2",
-    }
-    codes: List[int] = []
-    thread = threading.Thread(target=lambda: codes.append(worker_main(server.routes, [], env)))
-    thread.start()
-    sock, _ = listener.accept()
-    sock.settimeout(10)
-    conn = Connection(sock)
-    assert isinstance(conn.read_frame(), Ready)
-    conn.write_frame(Batch(id=5, items=[b'{"x": 0}']))
-    frame = conn.read_frame()
-    assert isinstance(frame, Results) and frame.items[0].body == b'{"y": 1.0}'
-    conn.close()
-    thread.join(10)
-    listener.close()
-    assert codes == [0]
-
-
-def test_main_refuses_a_stage_the_program_does_not_have() -> None:
-    server = server_with(Exp)
-    env = {
-        "NATSERVE_SOCKET": "/nonexistent.sock",
-        "NATSERVE_WORKER_SPEC": json.dumps({"route": "/inference", "stage": 1}),
-        "NATSERVE_WORKER_ID": "1",
-    }
-    assert worker_main(server.routes, [], env) == 1
-    env["NATSERVE_WORKER_SPEC"] = json.dumps({"route": "/inference", "stage": 0})  # right stage, but nobody listens
-    assert worker_main(server.routes, [], env) == 1

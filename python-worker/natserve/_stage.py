@@ -1,0 +1,122 @@
+"""The stage record `Server.append_worker` keeps, and the checks of its arguments.
+
+Its own module so that the launcher, the agent config writer and `Server` can all use it
+without importing one another in a circle. Every check raises with the argument, the value
+and what would be right, so a mistake shows in the launcher, not later in a worker process
+on another host.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Type
+
+from ._names import ROUTE_PATTERN, is_route, route_slug
+from ._worker_base import Worker
+
+START_METHODS = ("spawn", "fork")
+
+#: Paths the ingress answers itself; a stage there could never be reached.
+RESERVED_ROUTES: Mapping[str, str] = {
+    "/": "the ingress's readiness check (GET /)",
+    "/metrics": "the ingress's Prometheus metrics (GET /metrics)",
+}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of one route, as `Server.append_worker` recorded it."""
+
+    route: str
+    index: int
+    worker: Type[Worker]
+    num: int
+    max_batch_size: int
+    max_wait_time: int  # ms
+    timeout: int  # ms, 0: only the request's deadline applies
+    env: Optional[List[Dict[str, str]]]
+    start_method: str
+
+    @property
+    def name(self) -> str:
+        return self.worker.__name__
+
+    @property
+    def mime(self) -> str:
+        return self.worker.resp_mime_type
+
+    @property
+    def worker_ref(self) -> str:
+        """Where a worker process finds the class: ``module:qualname``."""
+        return f"{self.worker.__module__}:{self.worker.__qualname__}"
+
+
+def check_worker(worker: Any) -> Type[Worker]:
+    if not (inspect.isclass(worker) and issubclass(worker, Worker)):
+        raise TypeError(
+            f"append_worker: worker must be a subclass of natserve.Worker, got {worker!r}"
+        )
+    if inspect.isabstract(worker):
+        raise TypeError(
+            f"append_worker: worker {worker.__name__} must implement forward(self, data)"
+        )
+    return worker
+
+
+def check_int(name: str, value: Any, minimum: int, meaning: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"append_worker: {name} must be an int {meaning}, got {type(value).__name__} {value!r}"
+        )
+    if value < minimum:
+        raise ValueError(f"append_worker: {name} must be an int {meaning}, got {value!r}")
+    return value
+
+
+def check_start_method(start_method: Any) -> str:
+    if start_method not in START_METHODS:
+        raise ValueError(
+            f"append_worker: start_method must be 'spawn' or 'fork', got {start_method!r}"
+        )
+    return str(start_method)
+
+
+def check_env(env: Any, num: int) -> Optional[List[Dict[str, str]]]:
+    if env is None:
+        return None
+    wanted = f"None or a list of exactly num={num} dicts of str to str, one per worker process"
+    if not isinstance(env, (list, tuple)):
+        raise TypeError(f"append_worker: env must be {wanted}, got {type(env).__name__} {env!r}")
+    if len(env) != num:
+        raise ValueError(f"append_worker: env must be {wanted}, got a list of {len(env)}")
+    checked: List[Dict[str, str]] = []
+    for i, item in enumerate(env):
+        if not isinstance(item, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in item.items()
+        ):
+            raise TypeError(f"append_worker: env[{i}] must be a dict of str to str, got {item!r}")
+        checked.append(dict(item))
+    return checked
+
+
+def check_route(route: Any, known: Sequence[str]) -> str:
+    """``route`` if it can be served beside the ``known`` routes of the same server."""
+    if isinstance(route, str) and route in RESERVED_ROUTES:
+        raise ValueError(
+            f"append_worker: route {route!r} is {RESERVED_ROUTES[route]} and can never reach "
+            "a worker; choose another path, like '/inference' or '/v1/embed'"
+        )
+    if not isinstance(route, str) or not is_route(route):
+        raise ValueError(
+            f"append_worker: route must match {ROUTE_PATTERN} (like '/inference' or "
+            f"'/v1/embed'), got {route!r}"
+        )
+    slug = route_slug(route)
+    for other in known:
+        if other != route and route_slug(other) == slug:
+            raise ValueError(
+                f"append_worker: route {route!r} and route {other!r} both have the "
+                f"slug {slug!r} that names their NATS subjects; rename one of them"
+            )
+    return route

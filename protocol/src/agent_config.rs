@@ -181,7 +181,7 @@ mod tests {
             worker_cmd: [
                 "/usr/bin/python3",
                 "-m",
-                "natserve.worker",
+                "natserve._worker_main",
                 "/srv/app.py",
                 "--port",
                 "8000",

@@ -220,5 +220,4 @@ def test_the_python_writer_produces_the_golden_agent_config(
     assert written["worker_cmd"] == [
         sys.executable, "-m", "natserve._worker_main", "/srv/app.py", "--port", "8000",
     ]  # fmt: skip
-    assert written["worker_cmd"][3:] == golden["worker_cmd"][3:]
-    assert golden["worker_cmd"][1] == "-m"
+    assert written["worker_cmd"][1:] == golden["worker_cmd"][1:]

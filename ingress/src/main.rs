@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use natserve_ingress::{run, Config};
+use natserve_protocol::nats::NatsSecurity;
 use tracing_subscriber::EnvFilter;
 
 /// Exit status for a bad flag or environment value (EX_USAGE).
@@ -16,9 +17,12 @@ const EXIT_USAGE: u8 = 64;
 #[derive(Debug, Parser)]
 #[command(name = "natserve-ingress", version)]
 struct Cli {
-    /// NATS server URL (several: comma-separated).
-    #[arg(long, env = "NATSERVE_NATS", default_value = Config::DEFAULT_NATS_URL, value_parser = parse_nats)]
+    /// NATS server URL (several: comma-separated); a user and password
+    /// (nats://user:pw@host:4222) or a token (nats://token@host:4222) in it are used.
+    #[arg(long, env = "NATSERVE_NATS", default_value = Config::DEFAULT_NATS_URL, value_parser = parse_nats, hide_env_values = true)]
     nats: String,
+    #[command(flatten)]
+    nats_security: NatsSecurity,
     /// Deployment namespace: letters, digits, '_' and '-'.
     #[arg(long, env = "NATSERVE_NAMESPACE", default_value = Config::DEFAULT_NAMESPACE, value_parser = parse_namespace)]
     namespace: String,
@@ -35,7 +39,11 @@ struct Cli {
     #[arg(long, env = "NATSERVE_MAX_BODY_SIZE", default_value_t = 8_388_608, value_parser = clap::value_parser!(u64).range(1..))]
     max_body_size: u64,
     /// How long shutdown waits for in-flight requests, in milliseconds.
-    #[arg(long = "ingress-grace-ms", env = "NATSERVE_INGRESS_GRACE_MS", default_value_t = 10_000)]
+    #[arg(
+        long = "ingress-grace-ms",
+        env = "NATSERVE_INGRESS_GRACE_MS",
+        default_value_t = 10_000
+    )]
     grace_ms: u64,
     /// Log filter: a level (error, warn, info, debug, trace) or tracing directives.
     #[arg(long, env = "NATSERVE_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
@@ -65,6 +73,7 @@ impl Cli {
             timeout: Duration::from_millis(self.timeout_ms),
             max_body_size: usize::try_from(self.max_body_size).unwrap_or(usize::MAX),
             grace: Duration::from_millis(self.grace_ms),
+            nats_security: self.nats_security.clone(),
             ..Config::new(self.nats.clone())
         }
     }
@@ -107,7 +116,8 @@ fn main() -> ExitCode {
                 .lines()
                 .next()
                 .unwrap_or("error: invalid arguments");
-            eprintln!("{line}");
+            // clap quotes a rejected value: a --nats URL may carry a password.
+            eprintln!("{}", natserve_protocol::nats::redact(line));
             return ExitCode::from(EXIT_USAGE);
         }
     };

@@ -15,9 +15,17 @@ use serde::{Deserialize, Serialize};
     about = "Runs this host's natserve workers: pulls stage work from NATS JetStream"
 )]
 pub struct Args {
-    /// NATS server URL.
-    #[arg(long, env = "NATSERVE_NATS", default_value = "nats://127.0.0.1:4222")]
+    /// NATS server URL (several: comma-separated); a user and password
+    /// (nats://user:pw@host:4222) or a token (nats://token@host:4222) in it are used.
+    #[arg(
+        long,
+        env = "NATSERVE_NATS",
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
+    )]
     pub nats: String,
+    #[command(flatten)]
+    pub nats_security: natserve_protocol::nats::NatsSecurity,
     /// Keeps deployments sharing one NATS server apart.
     #[arg(long, env = "NATSERVE_NAMESPACE", default_value = "natserve")]
     pub namespace: String,
@@ -34,7 +42,11 @@ pub struct Args {
     #[arg(long, env = "NATSERVE_HEARTBEAT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..))]
     pub heartbeat_ms: u64,
     /// On SIGTERM, how long running batches may take to finish.
-    #[arg(long = "agent-grace-ms", env = "NATSERVE_AGENT_GRACE_MS", default_value_t = 30_000)]
+    #[arg(
+        long = "agent-grace-ms",
+        env = "NATSERVE_AGENT_GRACE_MS",
+        default_value_t = 30_000
+    )]
     pub grace_ms: u64,
     /// Most requests a stage's queue holds before publishers get "queue full" (HTTP 429).
     #[arg(long, env = "NATSERVE_MAX_QUEUE", default_value_t = 10_000, value_parser = clap::value_parser!(i64).range(1..))]

@@ -89,8 +89,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let names = Names::new(&args.namespace)?;
-    let client =
-        natserve_protocol::nats::connect(&args.nats, "natserve-agent", CONNECT_WITHIN).await?;
+    let identity = natserve_protocol::nats::Identity {
+        name: "natserve-agent".to_owned(),
+        inbox_prefix: names.inbox_prefix("agent"),
+    };
+    let client = natserve_protocol::nats::connect(
+        &args.nats,
+        &args.nats_security,
+        &identity,
+        CONNECT_WITHIN,
+    )
+    .await?;
     let js = jetstream::new(client.clone());
     let (dir, _dir_guard) = socket_dir(&args)?;
     let registry = prometheus::Registry::new();

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 from ._names import NAMESPACE_PATTERN, is_namespace
+from ._nats_options import NatsSecurity, redact
 
 ROLES = ("all", "agent", "ingress")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -28,12 +29,27 @@ class Settings:
     port: int = 8000
     address: str = "0.0.0.0"
     nats: Optional[str] = None
+    nats_creds: Optional[str] = None
+    nats_nkey: Optional[str] = None
+    nats_tls_ca: Optional[str] = None
+    nats_tls_cert: Optional[str] = None
+    nats_tls_key: Optional[str] = None
     role: str = "all"
     stages: Optional[Tuple[str, ...]] = None
     timeout: int = 3000
     max_body_size: int = 8 * 1024 * 1024
     log_level: str = "info"
     namespace: str = "natserve"
+
+    @property
+    def nats_security(self) -> NatsSecurity:
+        return NatsSecurity(
+            creds=self.nats_creds,
+            nkey=self.nats_nkey,
+            tls_ca=self.nats_tls_ca,
+            tls_cert=self.nats_tls_cert,
+            tls_key=self.nats_tls_key,
+        )
 
     @property
     def runs_agent(self) -> bool:
@@ -92,6 +108,23 @@ def _token(raw: str) -> str:
     return value
 
 
+def _nats_url(raw: str) -> str:
+    value = raw.strip()
+    if not value or any(c.isspace() for c in value):
+        # The URL may carry a password: the message shows it redacted.
+        raise ValueError(f"invalid value {redact(raw)!r}: must be non-empty without spaces")
+    return value
+
+
+def _file(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("invalid value '': expected the path of a file")
+    if not os.path.isfile(value) or not os.access(value, os.R_OK):
+        raise ValueError(f"{value!r} is not a readable file")
+    return value
+
+
 def _namespace(raw: str) -> str:
     if not is_namespace(raw):
         raise ValueError(f"invalid namespace {raw!r}: must match {NAMESPACE_PATTERN}")
@@ -126,10 +159,17 @@ _OPTIONS: List[_Option] = [
     _Option("--address", _token, "HTTP address the ingress binds", "ADDR"),
     _Option(
         "--nats",
-        _token,
-        "NATS server URL; without it a local nats-server is started",
+        _nats_url,
+        "NATS server URL, may carry user:password@ or token@ (set it in the environment "
+        "then: a command line is visible to every user); without it a local nats-server "
+        "is started",
         "URL",
     ),
+    _Option("--nats-creds", _file, "NATS credentials (.creds) file", "FILE"),
+    _Option("--nats-nkey", _file, "file holding the nkey seed to authenticate with", "FILE"),
+    _Option("--nats-tls-ca", _file, "CA certificate (PEM) of the NATS server; TLS on", "FILE"),
+    _Option("--nats-tls-cert", _file, "client certificate (PEM) for mutual TLS", "FILE"),
+    _Option("--nats-tls-key", _file, "private key (PEM) of --nats-tls-cert", "FILE"),
     _Option("--role", _choice(ROLES), "what this process runs: all, agent or ingress", "ROLE"),
     _Option(
         "--stages",

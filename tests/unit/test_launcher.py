@@ -33,7 +33,8 @@ def event(what):
         f.write("%f %s %s\\n" % (time.monotonic(), name, what))
 args = sys.argv[1:]
 with open(os.path.join(out, name + ".json"), "w") as f:
-    json.dump({{"argv": args, "pid": os.getpid(), "sid": os.getsid(0)}}, f)
+    nats = {{k: v for k, v in os.environ.items() if k.startswith("NATSERVE_NATS")}}
+    json.dump({{"argv": args, "pid": os.getpid(), "sid": os.getsid(0), "nats": nats}}, f)
 if "--config" in args:
     shutil.copy(args[args.index("--config") + 1], os.path.join(out, "agent-config.json"))
 def stop(signum, frame):
@@ -112,14 +113,15 @@ def test_starts_agent_and_ingress_then_stops_them_in_order(tmp_path: Path) -> No
     agent, ingress = launch.child("natserve-agent"), launch.child("natserve-ingress")
     config_path = agent["argv"][agent["argv"].index("--config") + 1]  # type: ignore[union-attr,index]
     assert agent["argv"] == [
-        "--nats", "nats://127.0.0.1:4999", "--namespace", "t1",
-        "--config", config_path, "--log-level", "debug",
+        "--namespace", "t1", "--config", config_path, "--log-level", "debug",
     ]  # fmt: skip
     assert ingress["argv"] == [
-        "--nats", "nats://127.0.0.1:4999", "--namespace", "t1", "--address", "0.0.0.0",
+        "--namespace", "t1", "--address", "0.0.0.0",
         "--port", "8123", "--timeout", "1500", "--max-body-size", "2048",
         "--log-level", "debug",
     ]  # fmt: skip
+    # the NATS URL (which may carry a password) comes through the environment, never argv
+    assert agent["nats"] == ingress["nats"] == {"NATSERVE_NATS": "nats://127.0.0.1:4999"}
     # each child leads its own session: a terminal's Ctrl-C reaches only the launcher
     assert agent["sid"] == agent["pid"] and ingress["sid"] == ingress["pid"]
     config = json.loads((launch.out / "agent-config.json").read_text())
@@ -192,8 +194,7 @@ def nats_server_available() -> bool:
 def test_without_nats_flag_a_local_nats_server_is_started(tmp_path: Path) -> None:
     launch = Launch(tmp_path, [])
     launch.wait_for("natserve-ingress", "start")
-    argv = launch.child("natserve-ingress")["argv"]
-    url = argv[argv.index("--nats") + 1]  # type: ignore[union-attr,index]
+    url = launch.child("natserve-ingress")["nats"]["NATSERVE_NATS"]  # type: ignore[index]
     assert url.startswith("nats://127.0.0.1:")  # type: ignore[union-attr]
     port = int(url.rsplit(":", 1)[1])  # type: ignore[union-attr]
     socket.create_connection(("127.0.0.1", port), 2).close()
@@ -216,10 +217,10 @@ def test_joining_a_cluster_needs_its_nats_url(tmp_path: Path, role: str) -> None
 
 def test_rust_binaries_get_their_spelling_of_the_log_level() -> None:
     settings = Settings(log_level="warning")
-    assert agent_argv("a", settings, "nats://x", Path("c"))[-2:] == ["--log-level", "warn"]
-    assert ingress_argv("i", settings, "nats://x")[-2:] == ["--log-level", "warn"]
+    assert agent_argv("a", settings, Path("c"))[-2:] == ["--log-level", "warn"]
+    assert ingress_argv("i", settings)[-2:] == ["--log-level", "warn"]
     debug = Settings(log_level="debug")
-    assert ingress_argv("i", debug, "nats://x")[-2:] == ["--log-level", "debug"]
+    assert ingress_argv("i", debug)[-2:] == ["--log-level", "debug"]
 
 
 def test_a_missing_binary_fails_before_anything_starts(
@@ -252,3 +253,56 @@ def test_a_nats_server_that_dies_at_start_is_reported_with_its_log(
     with pytest.raises(NatsServerError, match=r"exited with code 7.*bad config line 3"):
         server.start(timeout=5)
     server.stop()
+
+
+def test_nats_secrets_reach_the_children_through_their_environment_only(
+    tmp_path: Path,
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read by the fake binaries")
+    url = "nats://ingress:s3cret-pw@127.0.0.1:4999"
+    launch = Launch(
+        tmp_path,
+        ["--nats-tls-ca", str(ca), "--log-level", "debug"],
+        env={"NATSERVE_NATS": url},
+    )
+    launch.wait_for("natserve-agent", "start")
+    launch.wait_for("natserve-ingress", "start")
+    for name in ("natserve-agent", "natserve-ingress"):
+        child = launch.child(name)
+        assert child["nats"] == {"NATSERVE_NATS": url, "NATSERVE_NATS_TLS_CA": str(ca)}
+        assert "s3cret-pw" not in json.dumps(child["argv"])
+    launch.proc.send_signal(signal.SIGTERM)
+    err = launch.finish()
+    assert launch.proc.returncode == 0, err
+    assert "s3cret-pw" not in err
+
+
+def test_a_password_on_the_command_line_is_warned_about_redacted(tmp_path: Path) -> None:
+    launch = Launch(tmp_path, ["--nats", "nats://u:s3cret-pw@127.0.0.1:4999"])
+    launch.wait_for("natserve-agent", "start")
+    launch.proc.send_signal(signal.SIGTERM)
+    err = launch.finish()
+    assert "--nats nats://u:***@127.0.0.1:4999 carries a secret on the command line" in err
+    assert "s3cret-pw" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--nats-tls-cert", "{f}"], "--nats-tls-cert"),
+        (["--nats-creds", "{f}", "--nats-nkey", "{f}"], "--nats"),
+        (["--nats-creds", "/nonexistent/u.creds"], "--nats-creds"),
+    ],
+)
+def test_bad_nats_security_settings_fail_naming_the_flag(
+    tmp_path: Path, args: List[str], flag: str
+) -> None:
+    f = tmp_path / "file.pem"
+    f.write_text("x")
+    argv = ["--nats", "nats://127.0.0.1:4999", *(a.format(f=f) for a in args)]
+    launch = Launch(tmp_path, argv)
+    err = launch.finish()
+    assert launch.proc.returncode != 0
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"natserve: error: {flag}: "), line

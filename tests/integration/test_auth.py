@@ -424,3 +424,20 @@ def test_every_process_takes_the_same_nats_flags_and_variables() -> None:
     for name in ("natserve-ingress", "natserve-agent"):
         out = subprocess.run([find(name), "--help"], capture_output=True, text=True, env=env)
         assert "s3cret-pw" not in out.stdout + out.stderr, name
+
+
+def test_a_token_in_the_url_authenticates_every_process(cluster: Cluster) -> None:
+    token = f"tok{secrets.token_hex(12)}"
+    port = start_nats(cluster, f'authorization {{ token: "{token}" }}\n')
+    url = f"nats://{token}@127.0.0.1:{port}"
+    base = serve(cluster, {"agent": {"NATSERVE_NATS": url}, "ingress": {"NATSERVE_NATS": url}})
+    assert post(base, 9)["y"] == 18
+
+    async def through_nats() -> bytes:
+        async with Client(url, connect_timeout=5) as client:
+            return await client.request(b'{"x": 1}', timeout=10)
+
+    assert json.loads(asyncio.run(through_nats()))["y"] == 2
+    logs = "".join(p.output() for p in cluster.procs)
+    assert f"nats://***@127.0.0.1:{port}" in logs
+    assert token not in logs

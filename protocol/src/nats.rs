@@ -461,6 +461,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn unusable_credential_files_fail_naming_their_flag() {
+        let dir = std::env::temp_dir().join(format!("natserve-nats-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let garbage = dir.join("garbage");
+        std::fs::write(&garbage, "not a credential\n").unwrap();
+        let within = Duration::from_millis(100);
+        for (security, flag) in [
+            (
+                NatsSecurity {
+                    creds: Some(garbage.clone()),
+                    ..NatsSecurity::default()
+                },
+                "--nats-creds",
+            ),
+            (
+                NatsSecurity {
+                    nkey: Some(garbage.clone()),
+                    ..NatsSecurity::default()
+                },
+                "--nats-nkey",
+            ),
+            (
+                NatsSecurity {
+                    tls_ca: Some(dir.join("missing.pem")),
+                    ..NatsSecurity::default()
+                },
+                "--nats-tls-ca",
+            ),
+        ] {
+            let err = connect("nats://127.0.0.1:1", &security, &identity(), within)
+                .await
+                .unwrap_err();
+            assert!(err.to_string().starts_with(flag), "{err}");
+            assert!(!err.to_string().contains("not a credential"), "{err}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
     async fn gives_up_after_the_first_connect_window() {
         // Nothing listens on port 1.
         let started = std::time::Instant::now();

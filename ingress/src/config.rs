@@ -5,11 +5,15 @@
 
 use std::time::Duration;
 
+use natserve_protocol::nats::NatsSecurity;
+
 /// Settings of one ingress. Build it with [`Config::new`] and adjust the public fields.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// NATS server URL(s), comma-separated.
+    /// NATS server URL(s), comma-separated; may carry a user and password or a token.
     pub nats_url: String,
+    /// Credentials files and TLS for NATS.
+    pub nats_security: NatsSecurity,
     /// Deployment namespace every subject, stream and bucket name derives from.
     pub namespace: String,
     /// End-to-end deadline of one request, from its arrival to its reply.
@@ -41,6 +45,7 @@ impl Config {
     pub fn new(nats_url: impl Into<String>) -> Self {
         Self {
             nats_url: nats_url.into(),
+            nats_security: NatsSecurity::default(),
             namespace: Self::DEFAULT_NAMESPACE.to_owned(),
             timeout: Self::DEFAULT_TIMEOUT,
             max_body_size: Self::DEFAULT_MAX_BODY_SIZE,

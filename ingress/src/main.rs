@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use natserve_ingress::{run, Config};
+use natserve_protocol::nats::NatsSecurity;
 use tracing_subscriber::EnvFilter;
 
 /// Exit status for a bad flag or environment value (EX_USAGE).
@@ -19,9 +20,12 @@ const EXIT_USAGE: u8 = 64;
 #[derive(Debug, Parser)]
 #[command(name = "natserve-ingress", version)]
 struct Cli {
-    /// NATS server URL (several: comma-separated).
-    #[arg(long, env = "NATSERVE_NATS", default_value = Config::DEFAULT_NATS_URL, value_parser = parse_nats)]
+    /// NATS server URL (several: comma-separated); a user and password
+    /// (nats://user:pw@host:4222) or a token (nats://token@host:4222) in it are used.
+    #[arg(long, env = "NATSERVE_NATS", default_value = Config::DEFAULT_NATS_URL, value_parser = parse_nats, hide_env_values = true)]
     nats: String,
+    #[command(flatten)]
+    nats_security: NatsSecurity,
     /// Deployment namespace: letters, digits, '_' and '-'.
     #[arg(long, env = "NATSERVE_NAMESPACE", default_value = Config::DEFAULT_NAMESPACE, value_parser = parse_namespace)]
     namespace: String,
@@ -81,6 +85,7 @@ impl Cli {
             grace: Duration::from_millis(self.grace_ms),
             max_connections: self.max_connections,
             header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            nats_security: self.nats_security.clone(),
             ..Config::new(self.nats.clone())
         }
     }
@@ -123,7 +128,8 @@ fn main() -> ExitCode {
                 .lines()
                 .next()
                 .unwrap_or("error: invalid arguments");
-            eprintln!("{line}");
+            // clap quotes a rejected value: a --nats URL may carry a password.
+            eprintln!("{}", natserve_protocol::nats::redact(line));
             return ExitCode::from(EXIT_USAGE);
         }
     };

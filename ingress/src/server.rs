@@ -45,9 +45,14 @@ pub async fn run(
 ) -> Result<(), Error> {
     let names = Names::new(&config.namespace)?;
     let id = ingress_id();
+    let identity = natserve_protocol::nats::Identity {
+        name: format!("natserve-ingress-{id}"),
+        inbox_prefix: names.inbox_prefix("ingress"),
+    };
     let client = natserve_protocol::nats::connect(
         &config.nats_url,
-        &format!("natserve-ingress-{id}"),
+        &config.nats_security,
+        &identity,
         config.connect_timeout,
     )
     .await?;

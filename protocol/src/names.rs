@@ -78,6 +78,13 @@ impl Names {
     pub fn reply_prefix(&self, ingress_id: &str) -> String {
         format!("{}.reply.{ingress_id}", self.namespace)
     }
+
+    /// Prefix of the NATS inboxes of one role (`ingress`, `agent`, a client's id), where
+    /// its JetStream acks, pulled messages and KV watch updates arrive: a server can let
+    /// each role subscribe to its own (`<prefix>.>`) and no one read another's.
+    pub fn inbox_prefix(&self, role: &str) -> String {
+        format!("{}.inbox.{role}", self.namespace)
+    }
 }
 
 #[cfg(test)]
@@ -102,6 +109,7 @@ mod tests {
         assert_eq!(n.agents_bucket(), "prod_agents");
         assert_eq!(n.reply_prefix("abc"), "prod.reply.abc");
         assert_eq!(n.cancel_subject(), "prod.cancel");
+        assert_eq!(n.inbox_prefix("agent"), "prod.inbox.agent");
         assert!(Names::new("a.b").is_err());
         assert!(Names::new("").is_err());
     }

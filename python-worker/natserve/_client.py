@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 import uuid
 from types import TracebackType
@@ -25,6 +26,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from ._names import is_namespace, is_route, reply_prefix, route_slug, work_subject
+from ._nats_options import NatsSecurity, has_secret, redact
 from .errors import (
     ClientError,
     DecodingError,
@@ -86,6 +88,12 @@ def error_for_publish(err: Exception, route: str, subject: str) -> NatserveError
     return UnavailableError(f"publish to {subject} failed: {err}")
 
 
+async def _log_nats_error(err: Exception) -> None:
+    # nats-py's default callback logs the error with its traceback; a connect error can
+    # quote the server URL, so it is logged redacted here.
+    logger.warning("nats error: %s", redact(str(err) or type(err).__name__))
+
+
 def error_for_reply(status: Optional[str], body: bytes) -> NatserveError:
     """The exception a non-``ok`` reply stands for; its message is the reply body."""
     text = body.decode("utf-8", "replace")
@@ -116,8 +124,25 @@ class Client:
     """
 
     def __init__(
-        self, nats_url: str, *, namespace: str = "natserve", connect_timeout: float = 5.0
+        self,
+        nats_url: str,
+        *,
+        namespace: str = "natserve",
+        connect_timeout: float = 5.0,
+        creds: Optional[str] = None,
+        nkey: Optional[str] = None,
+        tls_ca: Optional[str] = None,
+        tls_cert: Optional[str] = None,
+        tls_key: Optional[str] = None,
+        client_id: Optional[str] = None,
     ) -> None:
+        """``nats_url`` may carry a user and password (``nats://user:pw@host:4222``) or a
+        token (``nats://token@host:4222``); ``creds`` (a ``.creds`` file) and ``nkey`` (a
+        file holding an nkey seed) are the other ways to authenticate; ``tls_ca`` (with
+        ``tls_cert`` and ``tls_key`` for mutual TLS) turns TLS on. Replies come to
+        ``NS.reply.<client_id>.*`` and NATS inboxes are ``NS.inbox.<client_id>.*``: a
+        fixed ``client_id`` (default: random) lets a server's permissions give this
+        client's NATS user those subjects and no one else's (README, "Securing NATS")."""
         if not is_namespace(namespace):
             raise ValueError(
                 f"Client: namespace must use only letters, digits, '_' and '-', got {namespace!r}"
@@ -126,10 +151,32 @@ class Client:
             raise ValueError(
                 f"Client: connect_timeout must be > 0 seconds, got {connect_timeout!r}"
             )
+        if client_id is not None and not is_namespace(client_id):
+            raise ValueError(
+                f"Client: client_id must use only letters, digits, '_' and '-', got {client_id!r}"
+            )
+        security = NatsSecurity(
+            creds=creds, nkey=nkey, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key
+        )
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError(
+                "Client: tls_cert and tls_key go together, got "
+                f"tls_cert={tls_cert!r} and tls_key={tls_key!r}"
+            )
+        ways = [
+            "credentials in nats_url" if has_secret(nats_url) else "",
+            "creds" if creds else "",
+            "nkey" if nkey else "",
+        ]
+        if sum(bool(w) for w in ways) > 1:
+            raise ValueError(
+                f"Client: give one way to authenticate, not {' and '.join(w for w in ways if w)}"
+            )
         self._url = nats_url
+        self._security = security
         self._namespace = namespace
         self._connect_timeout = connect_timeout
-        self._id = uuid.uuid4().hex
+        self._id = client_id or uuid.uuid4().hex
         self._nc: Optional[NATS] = None
         self._js: Optional[JetStreamContext] = None
         self._sub: Optional[Subscription] = None
@@ -145,10 +192,17 @@ class Client:
             return
         nc = NATS()
         try:
+            options = self._security.connect_options()
+        except (OSError, ssl.SSLError) as err:
+            raise ValueError(f"Client: cannot read the TLS files: {err}") from err
+        try:
             await asyncio.wait_for(
                 nc.connect(
-                    servers=[self._url],
+                    servers=[u.strip() for u in self._url.split(",") if u.strip()],
                     name=f"natserve-client-{self._id}",
+                    inbox_prefix=f"{self._namespace}.inbox.{self._id}",
+                    error_cb=_log_nats_error,
+                    **options,
                     connect_timeout=2,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
@@ -160,8 +214,8 @@ class Client:
             with contextlib.suppress(Exception):  # best effort on a half-open client
                 await nc.close()
             raise UnavailableError(
-                f"cannot connect to NATS at {self._url} within {self._connect_timeout} s: "
-                f"{err or type(err).__name__}"
+                f"cannot connect to NATS at {redact(self._url)} within "
+                f"{self._connect_timeout} s: {redact(str(err)) or type(err).__name__}"
             ) from err
         self._nc = nc
         self._js = nc.jetstream()

@@ -11,12 +11,13 @@ it logs that with its exit code, stops the rest in the same order and exits 1.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import tempfile
 import time
 from pathlib import Path
 from types import FrameType
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ._agent_config import (
     StageSelectionError,
@@ -29,6 +30,7 @@ from ._agent_config import (
 )
 from ._binaries import AGENT, INGRESS, BinaryNotFoundError, find
 from ._logging import configure
+from ._nats_options import has_secret, redact
 from ._nats_server import LocalNatsServer, NatsServerError
 from ._processes import Child
 from ._settings import Settings, fail, parse_settings
@@ -65,10 +67,19 @@ def rust_log_level(level: str) -> str:
     return "warn" if level == "warning" else level
 
 
-def agent_argv(binary: str, settings: Settings, nats_url: str, config: Path) -> List[str]:
+def nats_env(settings: Settings, nats_url: str) -> Dict[str, str]:
+    """The environment of the agent and the ingress: the launcher's, plus how to reach
+    NATS. The URL may carry a password, so it goes in the environment (readable only by
+    the same user), never on a command line (visible to every user in ``ps``)."""
+    env = dict(os.environ)
+    env.update(settings.nats_security.env())
+    env["NATSERVE_NATS"] = nats_url
+    return env
+
+
+def agent_argv(binary: str, settings: Settings, config: Path) -> List[str]:
     argv = [
         binary,
-        "--nats", nats_url,
         "--namespace", settings.namespace,
         "--config", str(config),
         "--log-level", rust_log_level(settings.log_level),
@@ -86,10 +97,9 @@ def agent_argv(binary: str, settings: Settings, nats_url: str, config: Path) -> 
     return argv
 
 
-def ingress_argv(binary: str, settings: Settings, nats_url: str) -> List[str]:
+def ingress_argv(binary: str, settings: Settings) -> List[str]:
     return [
         binary,
-        "--nats", nats_url,
         "--namespace", settings.namespace,
         "--address", settings.address,
         "--port", str(settings.port),
@@ -97,6 +107,8 @@ def ingress_argv(binary: str, settings: Settings, nats_url: str) -> List[str]:
         "--max-body-size", str(settings.max_body_size),
         "--log-level", rust_log_level(settings.log_level),
         "--ingress-grace-ms", str(settings.ingress_grace_ms),
+        "--max-connections", str(settings.max_connections),
+        "--header-read-timeout-ms", str(settings.header_read_timeout_ms),
     ]  # fmt: skip
 
 
@@ -137,6 +149,16 @@ def main(routes: Mapping[str, Sequence[StageSpec]], argv: Sequence[str]) -> int:
     if settings.role != "all" and settings.nats is None:
         # A private nats-server would leave this process alone in its own cluster.
         fail("--nats", f"--role {settings.role} joins a cluster: give its NATS URL")
+    problem = settings.nats_security.problem(settings.nats)
+    if problem is not None:
+        fail(*problem)
+    on_command_line = any(a == "--nats" or a.startswith("--nats=") for a in argv)
+    if on_command_line and settings.nats and has_secret(settings.nats):
+        logger.warning(
+            "--nats %s carries a secret on the command line, visible to every user in ps: "
+            "set NATSERVE_NATS instead",
+            redact(settings.nats),
+        )
     stages: List[StageSpec] = []
     if settings.runs_agent:
         try:
@@ -178,15 +200,17 @@ def main(routes: Mapping[str, Sequence[StageSpec]], argv: Sequence[str]) -> int:
                 logger.info("agent hosts %s", hosted)
                 agent = Child(
                     "natserve-agent",
-                    agent_argv(agent_bin, settings, nats_url, config),
+                    agent_argv(agent_bin, settings, config),
                     grace=agent_kill_s,
+                    env=nats_env(settings, nats_url),
                 )
                 children.insert(0, agent)
             if settings.runs_ingress:
                 ingress = Child(
                     "natserve-ingress",
-                    ingress_argv(ingress_bin, settings, nats_url),
+                    ingress_argv(ingress_bin, settings),
                     grace=ingress_kill_s,
+                    env=nats_env(settings, nats_url),
                 )
                 children.insert(0, ingress)
                 logger.info("serving http://%s:%d", settings.address, settings.port)

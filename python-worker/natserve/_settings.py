@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 from ._names import NAMESPACE_PATTERN, is_namespace
+from ._nats_options import NatsSecurity, redact
 
 ROLES = ("all", "agent", "ingress")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -44,6 +45,11 @@ class Settings:
     port: int = 8000
     address: str = "0.0.0.0"
     nats: Optional[str] = None
+    nats_creds: Optional[str] = None
+    nats_nkey: Optional[str] = None
+    nats_tls_ca: Optional[str] = None
+    nats_tls_cert: Optional[str] = None
+    nats_tls_key: Optional[str] = None
     role: str = "all"
     stages: Optional[Tuple[str, ...]] = None
     timeout: int = 3000
@@ -57,7 +63,19 @@ class Settings:
     heartbeat_ms: int = 2000
     agent_grace_ms: int = 30_000
     ingress_grace_ms: int = 10_000
+    max_connections: int = 10_000
+    header_read_timeout_ms: int = 30_000
     socket_dir: Optional[str] = None
+
+    @property
+    def nats_security(self) -> NatsSecurity:
+        return NatsSecurity(
+            creds=self.nats_creds,
+            nkey=self.nats_nkey,
+            tls_ca=self.nats_tls_ca,
+            tls_cert=self.nats_tls_cert,
+            tls_key=self.nats_tls_key,
+        )
 
     @property
     def runs_agent(self) -> bool:
@@ -116,6 +134,23 @@ def _token(raw: str) -> str:
     value = raw.strip()
     if not value or any(c.isspace() for c in value):
         raise ValueError(f"invalid value {raw!r}: must be non-empty without spaces")
+    return value
+
+
+def _nats_url(raw: str) -> str:
+    value = raw.strip()
+    if not value or any(c.isspace() for c in value):
+        # The URL may carry a password: the message shows it redacted.
+        raise ValueError(f"invalid value {redact(raw)!r}: must be non-empty without spaces")
+    return value
+
+
+def _file(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("invalid value '': expected the path of a file")
+    if not os.path.isfile(value) or not os.access(value, os.R_OK):
+        raise ValueError(f"{value!r} is not a readable file")
     return value
 
 
@@ -188,10 +223,17 @@ _OPTIONS: List[_Option] = [
     _Option("--address", _token, "HTTP address the ingress binds", "ADDR"),
     _Option(
         "--nats",
-        _token,
-        "NATS server URL; without it a local nats-server is started",
+        _nats_url,
+        "NATS server URL, may carry user:password@ or token@ (set it in the environment "
+        "then: a command line is visible to every user); without it a local nats-server "
+        "is started",
         "URL",
     ),
+    _Option("--nats-creds", _file, "NATS credentials (.creds) file", "FILE"),
+    _Option("--nats-nkey", _file, "file holding the nkey seed to authenticate with", "FILE"),
+    _Option("--nats-tls-ca", _file, "CA certificate (PEM) of the NATS server; TLS on", "FILE"),
+    _Option("--nats-tls-cert", _file, "client certificate (PEM) for mutual TLS", "FILE"),
+    _Option("--nats-tls-key", _file, "private key (PEM) of --nats-tls-cert", "FILE"),
     _Option("--role", _choice(ROLES), "what this process runs: all, agent or ingress", "ROLE"),
     _Option(
         "--stages",
@@ -239,6 +281,19 @@ _OPTIONS: List[_Option] = [
         "--ingress-grace-ms",
         _int_at_least(0, _MAX_I64),
         "ingress: on SIGTERM, how long in-flight requests may take, ms",
+        "MS",
+    ),
+    _Option(
+        "--max-connections",
+        _int_at_least(1, _MAX_I64),
+        "ingress: most HTTP connections open at once; more wait for a free one",
+        "N",
+    ),
+    _Option(
+        "--header-read-timeout-ms",
+        _int_at_least(1, _MAX_I64),
+        "ingress: close a connection whose request headers are not in by then (slowloris), "
+        "idle keep-alive connections too, ms",
         "MS",
     ),
     _Option(

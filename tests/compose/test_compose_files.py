@@ -69,15 +69,69 @@ def test_default_services_are_nats_ingress_and_a_scalable_worker(
     nats = svc["nats"]
     version = re.match(r"nats:(\d+)\.(\d+)", nats["image"])
     assert version and (int(version[1]), int(version[2])) >= (2, 11), nats["image"]
-    command = nats["command"]
-    assert "--jetstream" in command
-    store = command[command.index("--store_dir") + 1]
-    assert any(v.split(":")[1] == store for v in nats["volumes"]), "JetStream store on a volume"
+    config = nats_config(nats)
+    store = re.search(r'^jetstream \{\s*store_dir: "([^"]+)"\s*\}', config, re.MULTILINE)
+    assert store, "JetStream on, with a store directory"
+    named = [v for v in nats["volumes"] if not v.startswith("./")]
+    assert any(v.split(":")[1] == store[1] for v in named), "JetStream store on a volume"
     assert any(p.endswith(":8000") for p in svc["ingress"]["ports"])
     # Scaling needs no fixed names or host ports on workers.
     for name in ("worker", "worker-gpu"):
         assert "ports" not in svc[name] and "container_name" not in svc[name]
         assert svc[name]["environment"]["NATSERVE_ROLE"] == "agent"
+
+
+def mounted(service: Dict[str, Any], target: str) -> Path:
+    """The repository file a service mounts at ``target``."""
+    for volume in service["volumes"]:
+        source, path = volume.split(":")[:2]
+        if path == target:
+            assert source.startswith("./"), volume
+            return REPO / source
+    raise AssertionError(f"nothing is mounted at {target}")
+
+
+def nats_config(nats: Dict[str, Any]) -> str:
+    """The nats service's configuration file, with the files it includes inlined."""
+    command = nats["command"]
+    assert command[:1] == ["-c"], "nats-server runs from a configuration file"
+    path = command[1]
+    text = mounted(nats, path).read_text()
+
+    def include(match: re.Match[str]) -> str:
+        return mounted(nats, str(Path(path).parent / match[1])).read_text()
+
+    return re.sub(r'^include "([^"]+)"$', include, text, flags=re.MULTILINE)
+
+
+def test_nats_requires_authentication_and_every_natserve_service_has_credentials(
+    compose: Dict[str, Any],
+) -> None:
+    svc = services(compose)
+    nats = svc["nats"]
+    config = nats_config(nats)
+    # The compose file runs the README's least-privilege file as it is.
+    assert mounted(nats, "/etc/nats/least-privilege.conf") == (
+        REPO / "deploy" / "nats" / "least-privilege.conf"
+    )
+    assert "authorization {" in config and "no_auth_user" not in config
+    users = dict(re.findall(r"\{user: (\w+), password: \$(\w+), permissions", config))
+    assert set(users) == {"ingress", "agent", "client"}, users
+    # Every password nats-server reads comes from the environment, with a documented
+    # "change me" default (the README tells users to change them).
+    for variable in users.values():
+        default = re.fullmatch(r"\$\{(\w+):-(change-me-\w+)\}", nats["environment"][variable])
+        assert default and default[1] == variable, nats["environment"][variable]
+    section = readme_section("Docker Compose")
+    assert "change" in section.lower() and all(v in section for v in users.values())
+    # Each natserve service reaches NATS as its role's user, with that user's password.
+    for name, user in (("ingress", "ingress"), ("worker", "agent"), ("worker-gpu", "agent")):
+        url = svc[name]["environment"]["NATSERVE_NATS"]
+        login = re.match(r"nats://(\w+):\$\{(\w+):-[\w-]+\}@", url)
+        assert login, f"{name} has no NATS credentials: {url}"
+        assert login[1] == user and login[2] == users[user], url
+    # The healthcheck reads the monitoring port the configuration opens.
+    assert "http_port: 8222" in config and "8222" in " ".join(nats["healthcheck"]["test"])
 
 
 def test_healthchecks_mean_ready_and_need_nothing_outside_the_image(

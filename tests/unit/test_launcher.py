@@ -45,7 +45,8 @@ def event(what):
         f.write("%f %s %s\\n" % (time.monotonic(), name, what))
 args = sys.argv[1:]
 with open(os.path.join(out, name + ".json"), "w") as f:
-    json.dump({{"argv": args, "pid": os.getpid(), "sid": os.getsid(0)}}, f)
+    nats = {{k: v for k, v in os.environ.items() if k.startswith("NATSERVE_NATS")}}
+    json.dump({{"argv": args, "pid": os.getpid(), "sid": os.getsid(0), "nats": nats}}, f)
 if "--config" in args:
     shutil.copy(args[args.index("--config") + 1], os.path.join(out, "agent-config.json"))
 def stop(signum, frame):
@@ -124,16 +125,18 @@ def test_starts_agent_and_ingress_then_stops_them_in_order(tmp_path: Path) -> No
     agent, ingress = launch.child("natserve-agent"), launch.child("natserve-ingress")
     config_path = agent["argv"][agent["argv"].index("--config") + 1]  # type: ignore[union-attr,index]
     assert agent["argv"] == [
-        "--nats", "nats://127.0.0.1:4999", "--namespace", "t1",
-        "--config", config_path, "--log-level", "debug",
+        "--namespace", "t1", "--config", config_path, "--log-level", "debug",
         "--max-queue", "10000", "--storage", "memory", "--prefetch", "false",
         "--heartbeat-ms", "2000", "--agent-grace-ms", "30000",
     ]  # fmt: skip
     assert ingress["argv"] == [
-        "--nats", "nats://127.0.0.1:4999", "--namespace", "t1", "--address", "0.0.0.0",
+        "--namespace", "t1", "--address", "0.0.0.0",
         "--port", "8123", "--timeout", "1500", "--max-body-size", "2048",
         "--log-level", "debug", "--ingress-grace-ms", "10000",
+        "--max-connections", "10000", "--header-read-timeout-ms", "30000",
     ]  # fmt: skip
+    # the NATS URL (which may carry a password) comes through the environment, never argv
+    assert agent["nats"] == ingress["nats"] == {"NATSERVE_NATS": "nats://127.0.0.1:4999"}
     # each child leads its own session: a terminal's Ctrl-C reaches only the launcher
     assert agent["sid"] == agent["pid"] and ingress["sid"] == ingress["pid"]
     config = json.loads((launch.out / "agent-config.json").read_text())
@@ -212,8 +215,7 @@ def nats_server_available() -> bool:
 def test_without_nats_flag_a_local_nats_server_is_started(tmp_path: Path) -> None:
     launch = Launch(tmp_path, [])
     launch.wait_for("natserve-ingress", "start")
-    argv = launch.child("natserve-ingress")["argv"]
-    url = argv[argv.index("--nats") + 1]  # type: ignore[union-attr,index]
+    url = launch.child("natserve-ingress")["nats"]["NATSERVE_NATS"]  # type: ignore[index]
     assert url.startswith("nats://127.0.0.1:")  # type: ignore[union-attr]
     port = int(url.rsplit(":", 1)[1])  # type: ignore[union-attr]
     socket.create_connection(("127.0.0.1", port), 2).close()
@@ -239,9 +241,9 @@ def test_rust_binaries_get_their_spelling_of_the_log_level() -> None:
         return argv[argv.index("--log-level") + 1]
 
     settings = Settings(log_level="warning")
-    assert level(agent_argv("a", settings, "nats://x", Path("c"))) == "warn"
-    assert level(ingress_argv("i", settings, "nats://x")) == "warn"
-    assert level(ingress_argv("i", Settings(log_level="debug"), "nats://x")) == "debug"
+    assert level(agent_argv("a", settings, Path("c"))) == "warn"
+    assert level(ingress_argv("i", settings)) == "warn"
+    assert level(ingress_argv("i", Settings(log_level="debug"))) == "debug"
 
 
 def test_a_missing_binary_fails_before_anything_starts(
@@ -279,17 +281,21 @@ def test_every_agent_and_ingress_setting_reaches_its_binary_as_the_same_flag() -
         heartbeat_ms=250,
         agent_grace_ms=1234,
         ingress_grace_ms=4321,
+        max_connections=7,
+        header_read_timeout_ms=999,
         socket_dir="/tmp/sockets",
     )
-    agent = agent_argv("a", settings, "nats://x", Path("c"))
+    agent = agent_argv("a", settings, Path("c"))
     assert agent[agent.index("--max-queue") :] == [
         "--max-queue", "5", "--storage", "file", "--prefetch", "true",
         "--heartbeat-ms", "250", "--agent-grace-ms", "1234",
         "--metrics-address", "127.0.0.1:9100", "--socket-dir", "/tmp/sockets",
     ]  # fmt: skip
-    ingress = ingress_argv("i", settings, "nats://x")
-    assert ingress[-2:] == ["--ingress-grace-ms", "4321"]
-    assert "--metrics-address" not in agent_argv("a", Settings(), "nats://x", Path("c"))
+    ingress = ingress_argv("i", settings)
+    assert ingress[ingress.index("--ingress-grace-ms") :] == [
+        "--ingress-grace-ms", "4321", "--max-connections", "7", "--header-read-timeout-ms", "999",
+    ]  # fmt: skip
+    assert "--metrics-address" not in agent_argv("a", Settings(), Path("c"))
 
 
 class _RecordedChild:
@@ -297,7 +303,9 @@ class _RecordedChild:
 
     graces: Dict[str, float] = {}
 
-    def __init__(self, name: str, argv: List[str], *, grace: float) -> None:
+    def __init__(
+        self, name: str, argv: List[str], *, grace: float, env: Optional[Dict[str, str]] = None
+    ) -> None:
         self.name = name
         _RecordedChild.graces[name] = grace
 
@@ -384,3 +392,56 @@ def test_an_ingress_does_not_import_workers_so_it_does_not_refuse_them(
     argv = ["--nats", "nats://127.0.0.1:1", "--role", "ingress"]
     assert _launcher.main(server.routes, argv) == 1  # the fake child "exited"
     assert list(_RecordedChild.graces) == ["natserve-ingress"]
+
+
+def test_nats_secrets_reach_the_children_through_their_environment_only(
+    tmp_path: Path,
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read by the fake binaries")
+    url = "nats://ingress:s3cret-pw@127.0.0.1:4999"
+    launch = Launch(
+        tmp_path,
+        ["--nats-tls-ca", str(ca), "--log-level", "debug"],
+        env={"NATSERVE_NATS": url},
+    )
+    launch.wait_for("natserve-agent", "start")
+    launch.wait_for("natserve-ingress", "start")
+    for name in ("natserve-agent", "natserve-ingress"):
+        child = launch.child(name)
+        assert child["nats"] == {"NATSERVE_NATS": url, "NATSERVE_NATS_TLS_CA": str(ca)}
+        assert "s3cret-pw" not in json.dumps(child["argv"])
+    launch.proc.send_signal(signal.SIGTERM)
+    err = launch.finish()
+    assert launch.proc.returncode == 0, err
+    assert "s3cret-pw" not in err
+
+
+def test_a_password_on_the_command_line_is_warned_about_redacted(tmp_path: Path) -> None:
+    launch = Launch(tmp_path, ["--nats", "nats://u:s3cret-pw@127.0.0.1:4999"])
+    launch.wait_for("natserve-agent", "start")
+    launch.proc.send_signal(signal.SIGTERM)
+    err = launch.finish()
+    assert "--nats nats://u:***@127.0.0.1:4999 carries a secret on the command line" in err
+    assert "s3cret-pw" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--nats-tls-cert", "{f}"], "--nats-tls-cert"),
+        (["--nats-creds", "{f}", "--nats-nkey", "{f}"], "--nats"),
+        (["--nats-creds", "/nonexistent/u.creds"], "--nats-creds"),
+    ],
+)
+def test_bad_nats_security_settings_fail_naming_the_flag(
+    tmp_path: Path, args: List[str], flag: str
+) -> None:
+    f = tmp_path / "file.pem"
+    f.write_text("x")
+    argv = ["--nats", "nats://127.0.0.1:4999", *(a.format(f=f) for a in args)]
+    launch = Launch(tmp_path, argv)
+    err = launch.finish()
+    assert launch.proc.returncode != 0
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"natserve: error: {flag}: "), line

@@ -16,9 +16,17 @@ use natserve_protocol::QueueConfig;
     about = "Runs this host's natserve workers: pulls stage work from NATS JetStream"
 )]
 pub struct Args {
-    /// NATS server URL.
-    #[arg(long, env = "NATSERVE_NATS", default_value = "nats://127.0.0.1:4222")]
+    /// NATS server URL (several: comma-separated); a user and password
+    /// (nats://user:pw@host:4222) or a token (nats://token@host:4222) in it are used.
+    #[arg(
+        long,
+        env = "NATSERVE_NATS",
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
+    )]
     pub nats: String,
+    #[command(flatten)]
+    pub nats_security: natserve_protocol::nats::NatsSecurity,
     /// Keeps deployments sharing one NATS server apart.
     #[arg(long, env = "NATSERVE_NAMESPACE", default_value = "natserve")]
     pub namespace: String,
@@ -68,6 +76,8 @@ pub enum Storage {
 #[derive(Debug, Clone)]
 pub struct AgentSettings {
     pub nats: String,
+    /// Credentials and TLS beyond what the URL carries.
+    pub nats_security: natserve_protocol::nats::NatsSecurity,
     pub namespace: String,
     /// `None`: a fresh temporary directory, removed when the agent stops.
     pub socket_dir: Option<PathBuf>,
@@ -84,6 +94,7 @@ impl AgentSettings {
     pub fn new(nats: &str, namespace: &str) -> Self {
         Self {
             nats: nats.to_owned(),
+            nats_security: natserve_protocol::nats::NatsSecurity::default(),
             namespace: namespace.to_owned(),
             socket_dir: None,
             metrics_address: None,
@@ -102,6 +113,7 @@ impl From<&Args> for AgentSettings {
     fn from(args: &Args) -> Self {
         Self {
             nats: args.nats.clone(),
+            nats_security: args.nats_security.clone(),
             namespace: args.namespace.clone(),
             socket_dir: args.socket_dir.clone(),
             metrics_address: args.metrics_address,

@@ -93,8 +93,17 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     config.validate()?;
     let names = Names::new(&settings.namespace)?;
-    let client =
-        natserve_protocol::nats::connect(&settings.nats, "natserve-agent", CONNECT_WITHIN).await?;
+    let identity = natserve_protocol::nats::Identity {
+        name: "natserve-agent".to_owned(),
+        inbox_prefix: names.inbox_prefix("agent"),
+    };
+    let client = natserve_protocol::nats::connect(
+        &settings.nats,
+        &settings.nats_security,
+        &identity,
+        CONNECT_WITHIN,
+    )
+    .await?;
     let js = jetstream::new(client.clone());
     let (dir, _dir_guard) = socket_dir(&settings)?;
     let registry = prometheus::Registry::new();

@@ -319,6 +319,11 @@ fn into_response(answer: Answer) -> Response {
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, content_type);
+    if let Some(seconds) = answer.retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
     if answer.status == StatusCode::METHOD_NOT_ALLOWED {
         response
             .headers_mut()

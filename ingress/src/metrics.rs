@@ -82,6 +82,17 @@ impl Metrics {
             &["route", "stage"],
         )?;
         let inflight = IntGauge::new("natserve_inflight_requests", "requests waiting for a reply")?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "natserve_build_info",
+                "always 1; the labels say which natserve build answers",
+            ),
+            &["version", "component"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), "ingress"])
+            .set(1);
+        registry.register(Box::new(build_info))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(batch_size.clone()))?;

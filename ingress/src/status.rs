@@ -15,20 +15,32 @@ pub const DEFAULT_CONTENT_TYPE: &str = "application/json";
 /// Media type of every error body, ours or a worker's.
 pub const TEXT: &str = "text/plain; charset=utf-8";
 
+/// Seconds a client is told to wait (`Retry-After`) before retrying a 429 or a 503: both
+/// are conditions that clear by themselves (a queue draining, an agent coming up).
+pub const RETRY_AFTER_S: u32 = 1;
+
 /// What the client gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     pub status: StatusCode,
     pub content_type: String,
     pub body: Bytes,
+    /// `Retry-After`, in seconds.
+    pub retry_after: Option<u32>,
 }
 
 impl Answer {
     fn text(status: StatusCode, body: impl Into<Bytes>) -> Self {
+        let retry_after = matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        )
+        .then_some(RETRY_AFTER_S);
         Self {
             status,
             content_type: TEXT.to_owned(),
             body: body.into(),
+            retry_after,
         }
     }
 }
@@ -66,6 +78,7 @@ pub fn answer(result: Result<Reply, RequestError>) -> Answer {
                     .content_type
                     .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned()),
                 body: reply.body,
+                retry_after: None,
             }
         }
         Outcome::ValidationError => StatusCode::UNPROCESSABLE_ENTITY,
@@ -117,6 +130,11 @@ mod tests {
                 TEXT
             };
             assert_eq!(a.content_type, want, "{outcome}");
+            assert_eq!(
+                a.retry_after.is_some(),
+                code == 429 || code == 503,
+                "{outcome}: Retry-After on 429 and 503 only"
+            );
         }
     }
 
@@ -175,6 +193,8 @@ mod tests {
             assert_eq!(a.status.as_u16(), code, "{message}");
             assert_eq!(a.body, message);
             assert_eq!(a.content_type, TEXT);
+            let retry = code == 429 || code == 503;
+            assert_eq!(a.retry_after, retry.then_some(RETRY_AFTER_S), "{message}");
         }
     }
 

@@ -165,6 +165,11 @@ async fn metrics_report_requests_batches_queues_and_workers() {
         r#"natserve_stage_workers{route="/embed",stage="0"} 5"#,
         r#"natserve_stage_workers{route="/embed",stage="1"} 1"#,
         "natserve_inflight_requests 0",
+        concat!(
+            r#"natserve_build_info{component="ingress",version=""#,
+            env!("CARGO_PKG_VERSION"),
+            r#""} 1"#
+        ),
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }

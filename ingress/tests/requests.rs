@@ -287,6 +287,7 @@ async fn a_full_first_stage_queue_is_429() {
         .await
         .unwrap();
     assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "1");
     assert_eq!(
         response.text().await.unwrap(),
         "the queue of /inference is full, retry later"
@@ -307,6 +308,7 @@ async fn a_stage_without_a_live_agent_is_503() {
 
     let response = post_empty_json(&http, &ingress, "/pipe").await;
     assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
     assert_eq!(
         response.text().await.unwrap(),
         "no agent serves stage 0 of /pipe"

@@ -260,6 +260,15 @@ impl WorkerPool {
             }
         }
     }
+
+    /// [`WorkerPool::take`], or `None` once `cancel` fires.
+    pub async fn take_unless(&self, cancel: &CancellationToken) -> Option<WorkerConn> {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => None,
+            worker = self.take() => Some(worker),
+        }
+    }
 }
 
 impl Default for WorkerPool {
@@ -296,6 +305,78 @@ mod tests {
         assert_eq!(stats.free(), 0, "never below zero");
         drop((running, second));
         assert_eq!((stats.ready(), stats.free()), (1, 1));
+    }
+
+    fn worker(alive: bool) -> (WorkerConn, UnixStream, CancellationToken) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let retire = CancellationToken::new();
+        let conn = WorkerConn::new(
+            "w".into(),
+            Connection::new(ours, 1024),
+            Arc::new(AtomicBool::new(alive)),
+            retire.clone(),
+        );
+        (conn, theirs, retire)
+    }
+
+    #[tokio::test]
+    async fn a_batch_to_a_worker_gone_before_reading_was_not_delivered() {
+        let (mut conn, theirs, _retire) = worker(true);
+        drop(theirs); // the process died while idle
+        let err = conn.run(vec![Bytes::from_static(b"1")]).await.unwrap_err();
+        assert_eq!(err.kind(), FailureKind::NotDelivered, "{err}");
+        let (mut conn, _theirs, _retire) = worker(false);
+        let err = conn.run(vec![Bytes::from_static(b"1")]).await.unwrap_err();
+        assert_eq!(err.kind(), FailureKind::NotDelivered, "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_took_the_batch_and_died_lost_it() {
+        let (mut conn, theirs, _retire) = worker(true);
+        let reader = tokio::spawn(async move {
+            let mut peer = Connection::new(theirs, 1024);
+            let batch = peer.read_frame().await.unwrap();
+            assert!(matches!(batch, Some(Frame::Batch { .. })));
+        });
+        let err = conn.run(vec![Bytes::from_static(b"1")]).await.unwrap_err();
+        reader.await.unwrap();
+        assert_eq!(err.kind(), FailureKind::LostMidBatch, "{err}");
+    }
+
+    #[tokio::test]
+    async fn takers_skip_dead_workers_and_a_dropped_pool_retires_the_idle() {
+        let pool = WorkerPool::new();
+        let sender = pool.sender();
+        let (dead, _a, dead_retired) = worker(false);
+        let (live, _b, live_retired) = worker(true);
+        sender.put(dead);
+        sender.put(live);
+        let taken = pool.take().await;
+        assert!(taken.is_alive());
+        assert!(
+            dead_retired.is_cancelled(),
+            "a dead worker is dropped, not handed out"
+        );
+        sender.put(taken);
+        drop(pool);
+        assert!(
+            live_retired.is_cancelled(),
+            "idle workers retire with the pool"
+        );
+        let (late, _d, late_retired) = worker(true);
+        sender.put(late);
+        assert!(
+            late_retired.is_cancelled(),
+            "a worker returned after shutdown retires"
+        );
+    }
+
+    #[tokio::test]
+    async fn take_unless_gives_up_on_cancel() {
+        let pool = WorkerPool::new();
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        assert!(pool.take_unless(&cancel).await.is_none());
     }
 
     #[test]

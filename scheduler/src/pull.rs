@@ -14,7 +14,7 @@ use tracing::warn;
 use crate::batcher::{collect_batch, split_expired, Limits};
 use crate::inbox::PullInbox;
 use crate::outbox::{header, MISSING_REQUEST_ID};
-use crate::pool::{WorkerConn, WorkerPool};
+use crate::pool::WorkerPool;
 use crate::run::run_batch;
 use crate::stage::{StageContext, IDLE_POLL};
 
@@ -49,13 +49,13 @@ pub(crate) async fn pull_loop(
             let Some(batch) = pull(&ctx, &mut source, limits, &cancel).await else {
                 break;
             };
-            let Some(worker) = take(&pool, &cancel).await else {
+            let Some(worker) = pool.take_unless(&cancel).await else {
                 ctx.outbox.release(&batch).await;
                 break;
             };
             (worker, batch)
         } else {
-            let Some(worker) = take(&pool, &cancel).await else {
+            let Some(worker) = pool.take_unless(&cancel).await else {
                 break;
             };
             let Some(batch) = pull(&ctx, &mut source, limits, &cancel).await else {
@@ -128,15 +128,6 @@ fn drop_cancelled(
     batch.into_iter().partition(|msg| {
         header(msg, headers::REQUEST_ID).is_none_or(|id| !ctx.cancelled.contains(id))
     })
-}
-
-/// Waits for an idle worker; `None` once `cancel` fires.
-pub(crate) async fn take(pool: &WorkerPool, cancel: &CancellationToken) -> Option<WorkerConn> {
-    tokio::select! {
-        biased;
-        _ = cancel.cancelled() => None,
-        worker = pool.take() => Some(worker),
-    }
 }
 
 /// Pulls the next batch, renewing idle polls and backing off after errors; `None` once

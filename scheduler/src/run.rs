@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use crate::pool::{FailureKind, WorkerConn, WorkerError, WorkerPool};
-use crate::pull::{take, triage};
+use crate::pull::triage;
 use crate::stage::StageContext;
 
 /// Without a stage timeout, a batch still running this long after its items' deadline
@@ -132,7 +132,7 @@ async fn wait_for_worker(
 ) -> Option<WorkerConn> {
     let mut progress = tokio::time::interval(ACK_WAIT / 3);
     progress.tick().await; // the first tick is immediate
-    let next = take(pool, cancel);
+    let next = pool.take_unless(cancel);
     tokio::pin!(next);
     loop {
         tokio::select! {

@@ -100,6 +100,45 @@ mod tests {
         }
     }
 
+    /// `tests/golden/names.json`, which the Python side is tested against too.
+    #[test]
+    fn golden_names() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/golden/names.json");
+        let golden: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let text = |v: &serde_json::Value| v.as_str().unwrap().to_owned();
+        for case in golden["cases"].as_array().unwrap() {
+            let n = Names::new(case["namespace"].as_str().unwrap()).unwrap();
+            let slug = route_slug(case["route"].as_str().unwrap()).unwrap();
+            assert_eq!(slug, text(&case["slug"]));
+            for (stage, want) in case["work_subjects"].as_array().unwrap().iter().enumerate() {
+                assert_eq!(n.work_subject(&slug, stage as u32), text(want));
+            }
+            for (stage, want) in case["streams"].as_array().unwrap().iter().enumerate() {
+                assert_eq!(n.stream(&slug, stage as u32), text(want));
+            }
+            assert_eq!(n.routes_bucket(), text(&case["routes_bucket"]));
+            assert_eq!(n.agents_bucket(), text(&case["agents_bucket"]));
+            assert_eq!(n.cancel_subject(), text(&case["cancel_subject"]));
+            let reply = &case["reply_prefix"];
+            assert_eq!(
+                n.reply_prefix(reply["id"].as_str().unwrap()),
+                text(&reply["prefix"])
+            );
+            let inbox = &case["inbox_prefix"];
+            assert_eq!(
+                n.inbox_prefix(inbox["role"].as_str().unwrap()),
+                text(&inbox["prefix"])
+            );
+        }
+        for bad in golden["invalid_routes"].as_array().unwrap() {
+            assert!(route_slug(bad.as_str().unwrap()).is_err(), "{bad}");
+        }
+        for bad in golden["invalid_namespaces"].as_array().unwrap() {
+            assert!(Names::new(bad.as_str().unwrap()).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn derives_names() {
         let n = Names::new("prod").unwrap();

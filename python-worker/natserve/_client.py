@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from ._names import is_namespace, is_route, reply_prefix, route_slug, work_subject
+from ._names import inbox_prefix, is_namespace, is_route, reply_prefix, route_slug, work_subject
 from ._nats_options import NatsSecurity, has_secret, redact
 from .errors import (
     ClientError,
@@ -200,7 +200,7 @@ class Client:
                 nc.connect(
                     servers=[u.strip() for u in self._url.split(",") if u.strip()],
                     name=f"natserve-client-{self._id}",
-                    inbox_prefix=f"{self._namespace}.inbox.{self._id}",
+                    inbox_prefix=inbox_prefix(self._namespace, self._id),
                     error_cb=_log_nats_error,
                     **options,
                     connect_timeout=2,

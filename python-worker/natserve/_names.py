@@ -39,3 +39,8 @@ def work_subject(namespace: str, slug: str, stage: int) -> str:
 def reply_prefix(namespace: str, client_id: str) -> str:
     """Prefix of one requester's reply subjects; it subscribes to ``<prefix>.*``."""
     return f"{namespace}.reply.{client_id}"
+
+
+def inbox_prefix(namespace: str, role: str) -> str:
+    """Prefix of the NATS inboxes (JetStream acks, requests) of one role's connections."""
+    return f"{namespace}.inbox.{role}"

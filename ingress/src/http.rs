@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
 use bytes::{Bytes, BytesMut};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use natserve_protocol::{headers as wire, route_slug, Names, RouteRecord};
 use tokio::time::Instant;
 use tracing::{debug, error, info_span, warn, Instrument};
@@ -183,22 +183,31 @@ impl App {
     /// memory comes back without them, and until an agent makes them again a request could
     /// only be refused.
     async fn queues_exist(&self, first_streams: Vec<(String, String)>) -> Result<(), RequestError> {
-        let existing: std::collections::HashSet<String> = self
-            .submitter
-            .jetstream()
-            .stream_names()
-            .try_collect()
-            .await
-            .map_err(|e| RequestError::NotReady(format!("cannot list nats streams: {e}")))?;
-        match first_streams
-            .into_iter()
-            .find(|(_, s)| !existing.contains(s))
+        // One STREAM.INFO per route (what the least-privilege ingress user may ask), not a
+        // listing of every stream on the server.
+        let js = self.submitter.jetstream();
+        let checks = first_streams
+            .iter()
+            .map(|(_, stream)| js.get_stream(stream));
+        for ((route, stream), found) in first_streams
+            .iter()
+            .zip(futures::future::join_all(checks).await)
         {
-            Some((route, stream)) => Err(RequestError::NotReady(format!(
-                "{route} has no queue yet (stream {stream} is missing)"
-            ))),
-            None => Ok(()),
+            match found {
+                Ok(_) => {}
+                Err(e) if natserve_protocol::streams::is_missing(&e) => {
+                    return Err(RequestError::NotReady(format!(
+                        "{route} has no queue yet (stream {stream} is missing)"
+                    )))
+                }
+                Err(e) => {
+                    return Err(RequestError::NotReady(format!(
+                        "cannot ask nats about {stream}: {e}"
+                    )))
+                }
+            }
         }
+        Ok(())
     }
 
     /// Takes one request for a known route through the pipeline.

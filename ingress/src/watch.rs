@@ -112,15 +112,7 @@ async fn bucket_created(
 ) -> Result<Option<time::OffsetDateTime>, ()> {
     match js.get_stream(format!("KV_{bucket}")).await {
         Ok(stream) => Ok(Some(stream.cached_info().created)),
-        Err(e)
-            if matches!(
-                e.kind(),
-                jetstream::context::GetStreamErrorKind::JetStream(api)
-                    if api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-            ) =>
-        {
-            Ok(None)
-        }
+        Err(e) if natserve_protocol::streams::is_missing(&e) => Ok(None),
         Err(e) => {
             debug!(bucket, error = %e, "cannot ask for the kv bucket");
             Err(())

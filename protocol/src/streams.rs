@@ -97,6 +97,16 @@ fn api_error_code(error: &PublishError) -> Option<u64> {
         .map(|e| e.error_code().0)
 }
 
+/// Whether asking for a stream failed because it does not exist (as after a restart of a
+/// nats-server that kept its store in memory), rather than because NATS did not answer.
+pub fn is_missing(err: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        err.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(api)
+            if api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@ $(VENV)/bin/python:
 # Builds the Rust binaries (release) through the package's own build, as a user's
 # `pip install ./python-worker` does, plus the test tools.
 install: $(VENV)/bin/python
-	$(PIP) install --quiet ./python-worker pytest ruff mypy hypothesis
+	$(PIP) install --quiet './python-worker[mosec]' pytest ruff mypy hypothesis
 
 run: install
 	$(PY) examples/exp.py --address 127.0.0.1 --port 8000

@@ -30,6 +30,7 @@ from ._agent_config import (
     write_agent_config,
 )
 from ._binaries import AGENT, INGRESS, BinaryNotFoundError, find
+from ._dry_run import dry_run
 from ._logging import configure
 from ._nats_server import LocalNatsServer, NatsServerError
 from ._processes import Child
@@ -162,6 +163,8 @@ def main(
     configure(settings.log_level)
     for notice in mosec_flag_notices(settings):
         logger.warning("%s", notice)
+    if settings.dry_run:
+        return dry_run(routes)
     if settings.role != "all" and settings.nats is None:
         # A private nats-server would leave this process alone in its own cluster.
         fail("--nats", f"--role {settings.role} joins a cluster: give its NATS URL")

@@ -223,16 +223,17 @@ def build_worker(cls: Type[Worker], *, worker_id: int, stage: int, max_batch_siz
     return worker
 
 
-def warm_up(worker: Worker) -> int:
+def warm_up(worker: Worker, *, strict: Optional[bool] = None) -> int:
     """Mosec's warm-up: `forward` on each of ``multi_examples`` or else on ``example``,
     each passed exactly as given (so a batching stage's example is already a list).
     Returns how many calls succeeded.
 
     As in Mosec, an example that is not set (None or empty) means no warm-up, and a
     warm-up that raises is logged and the worker serves anyway. With
-    ``strict_warmup = True`` on the class the exception propagates instead, and the
-    worker never reports ready.
+    ``strict_warmup = True`` on the class (or ``strict=True``, as ``--dry-run`` asks)
+    the exception propagates instead, and the worker never reports ready.
     """
+    strict = worker.strict_warmup if strict is None else strict
     examples: List[Any] = (
         list(worker.multi_examples)
         if worker.multi_examples
@@ -242,7 +243,7 @@ def warm_up(worker: Worker) -> int:
         try:
             worker.forward(example)
         except Exception:
-            if worker.strict_warmup:
+            if strict:
                 raise
             logger.exception(
                 "warm-up %d of %d failed; serving anyway (set strict_warmup = True on the "

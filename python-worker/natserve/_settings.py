@@ -302,6 +302,9 @@ def parse_settings(
         source = ""
         if raw is None and env.get(opt.env):
             raw, source = env[opt.env], f" (from {opt.env})"
+        mosec_env = MOSEC_ENV.get(opt.dest, "")
+        if raw is None and env.get(mosec_env):
+            raw, source = env[mosec_env], f" (from {mosec_env})"
         if raw is None:
             continue
         try:
@@ -309,11 +312,28 @@ def parse_settings(
         except ValueError as err:
             fail(opt.flag, f"{err}{source}")
     given = [flag for flag in MOSEC_FLAGS if getattr(namespace, _mosec_dest(flag)) is not None]
+    given += [f for f in ("--debug", "--dry-run") if f not in given and _truthy(env, f)]
     if "--debug" in given and "log_level" not in values:
         values["log_level"] = "debug"
     values["dry_run"] = "--dry-run" in given
     values["mosec_flags"] = tuple(f for f in given if f not in ("--debug", "--dry-run"))
     return Settings(**values), rest
+
+
+#: Mosec's variables for the settings that mean the same in natserve, read after
+#: ``NATSERVE_*`` (``MOSEC_NAMESPACE`` is not: Mosec's namespace prefixes metric names).
+MOSEC_ENV: Mapping[str, str] = {
+    "port": "MOSEC_PORT",
+    "address": "MOSEC_ADDRESS",
+    "timeout": "MOSEC_TIMEOUT",
+    "log_level": "MOSEC_LOG_LEVEL",
+    "max_body_size": "MOSEC_MAX_REQUEST_SIZE",
+}
+
+
+def _truthy(env: Mapping[str, str], flag: str) -> bool:
+    """``MOSEC_DEBUG`` / ``MOSEC_DRY_RUN`` set to a true value (Mosec reads them too)."""
+    return env.get("MOSEC_" + flag[2:].replace("-", "_").upper(), "").lower() in _TRUE
 
 
 #: Mosec 0.9's flags that are not natserve's: whether each takes a value, and what

@@ -343,3 +343,29 @@ def test_flags_the_script_declares_are_left_for_it() -> None:
     env = {"NATSERVE_SCRIPT_FLAGS": "--sleep-duration, --worker-timeout"}
     check_script_flags(["--sleep-duration", "1.5", "--worker-timeout=1", "redis"], env=env)
     check_script_flags(["--anything", "-5"], env={"NATSERVE_SCRIPT_FLAGS": "*"})
+
+
+def test_mosec_variables_are_read_after_natserve_ones() -> None:
+    env = {
+        "MOSEC_PORT": "9001",
+        "MOSEC_TIMEOUT": "500",
+        "MOSEC_MAX_REQUEST_SIZE": "77",
+        "MOSEC_DEBUG": "true",
+        "MOSEC_NAMESPACE": "mosec_service",
+        "NATSERVE_PORT": "9002",
+    }
+    settings, _ = parse_settings([], env=env)
+    assert (settings.port, settings.timeout, settings.max_body_size) == (9002, 500, 77)
+    assert settings.log_level == "debug"
+    assert settings.namespace == "natserve"  # Mosec's namespace names metrics, not NATS
+    assert parse_settings(["--port", "9003"], env=env)[0].port == 9003
+
+
+def test_a_bad_mosec_variable_exits_64_naming_the_flag_and_the_variable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_settings([], env={"MOSEC_PORT": "eighty"})
+    assert info.value.code == 64
+    err = capsys.readouterr().err
+    assert err.startswith("natserve: error: --port:") and "(from MOSEC_PORT)" in err

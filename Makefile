@@ -18,9 +18,14 @@ $(VENV)/bin/python:
 	$(PIP) install --quiet --upgrade pip
 
 # Builds the Rust binaries (release) through the package's own build, as a user's
-# `pip install ./python-worker` does, plus the test tools.
+# `pip install ./python-worker` does, plus the test tools: Mosec's mixin libraries (the
+# `mosec` extra), prometheus-client (a ported Mosec example) and, where apt works,
+# redis-server (the Redis mixin's integration tests).
 install: $(VENV)/bin/python
-	$(PIP) install --quiet ./python-worker pytest ruff mypy hypothesis cryptography
+	$(PIP) install --quiet './python-worker[mosec]' pytest ruff mypy hypothesis prometheus-client cryptography
+	@command -v redis-server >/dev/null || apt-get install -y -q redis-server >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q redis-server >/dev/null 2>&1) \
+		|| echo "note: redis-server not installed; the Redis mixin's integration tests skip"
 
 run: install
 	$(PY) examples/exp.py --address 127.0.0.1 --port 8000

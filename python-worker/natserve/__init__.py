@@ -6,11 +6,12 @@ Write `Worker` subclasses, add them to a `Server` with ``append_worker``, call
 
 from __future__ import annotations
 
-from . import errors
+from . import errors, mixin, utils
 from ._client import Client
 from ._logging import get_logger
+from ._runtime import Runtime
 from ._server import Server
-from ._worker_base import Worker
+from ._worker_base import SSEWorker, Worker
 from .errors import (
     ClientError,
     DecodingError,
@@ -31,6 +32,8 @@ __all__ = [
     "EncodingError",
     "NatserveError",
     "RequestTimeoutError",
+    "Runtime",
+    "SSEWorker",
     "Server",
     "ServerError",
     "UnavailableError",
@@ -39,4 +42,6 @@ __all__ = [
     "__version__",
     "errors",
     "get_logger",
+    "mixin",
+    "utils",
 ]

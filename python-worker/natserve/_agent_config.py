@@ -91,7 +91,7 @@ def agent_config(
                 "num": s.num,
                 "max_batch_size": s.max_batch_size,
                 "max_wait_ms": s.max_wait_time,
-                "timeout_ms": s.timeout,
+                "timeout_ms": s.timeout_ms,
                 "env": None if s.env is None else [dict(e) for e in s.env],
                 "mime": s.mime,
             }

@@ -11,13 +11,15 @@ it logs that with its exit code, stops the rest in the same order and exits 1.
 from __future__ import annotations
 
 import logging
+import multiprocessing.process
 import os
 import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ._agent_config import (
     StageSelectionError,
@@ -29,12 +31,16 @@ from ._agent_config import (
     write_agent_config,
 )
 from ._binaries import AGENT, INGRESS, BinaryNotFoundError, find
+from ._dry_run import dry_run
 from ._logging import configure
 from ._nats_options import has_secret, redact
 from ._nats_server import LocalNatsServer, NatsServerError
 from ._processes import Child
-from ._settings import Settings, fail, parse_settings
+from ._settings import Settings, check_script_flags, fail, mosec_flag_notices, parse_settings
 from ._stage import StageSpec
+
+#: A process the user asked `Server.register_daemon` to watch.
+Daemon = Union["subprocess.Popen[bytes]", multiprocessing.process.BaseProcess]
 
 logger = logging.getLogger("natserve.launcher")
 
@@ -129,23 +135,48 @@ class _Stop:
         signal.signal(signal.SIGTERM, self)
 
 
-def _supervise(children: Sequence[Child], stop: _Stop) -> int:
-    """Waits for a stop signal (0) or a child's unexpected exit (1)."""
+def _daemon_exit(proc: Daemon) -> Optional[int]:
+    if isinstance(proc, subprocess.Popen):
+        return proc.poll()
+    return proc.exitcode
+
+
+def _supervise(
+    children: Sequence[Child],
+    stop: _Stop,
+    daemons: Mapping[str, Daemon] = {},
+) -> int:
+    """Waits for a stop signal (0) or a child's or a user daemon's unexpected exit (1)."""
     while stop.signum is None:
         for child in children:
             code = child.poll()
             if code is not None:
                 logger.error("%s exited unexpectedly with exit code %d", child.name, code)
                 return 1
+        for name, proc in daemons.items():
+            code = _daemon_exit(proc)
+            if code is not None:
+                logger.error("daemon %s exited with exit code %d; stopping", name, code)
+                return 1
         time.sleep(POLL_INTERVAL_S)
     logger.info("received %s; shutting down", signal.Signals(stop.signum).name)
     return 0
 
 
-def main(routes: Mapping[str, Sequence[StageSpec]], argv: Sequence[str]) -> int:
+def main(
+    routes: Mapping[str, Sequence[StageSpec]],
+    argv: Sequence[str],
+    *,
+    daemons: Mapping[str, Daemon] = {},
+) -> int:
     """Runs the launcher until a signal or a child's exit; returns the exit code."""
-    settings, _ = parse_settings(argv)
+    settings, rest = parse_settings(argv)
+    check_script_flags(rest)
     configure(settings.log_level)
+    for notice in mosec_flag_notices(settings):
+        logger.warning("%s", notice)
+    if settings.dry_run:
+        return dry_run(routes)
     if settings.role != "all" and settings.nats is None:
         # A private nats-server would leave this process alone in its own cluster.
         fail("--nats", f"--role {settings.role} joins a cluster: give its NATS URL")
@@ -215,7 +246,7 @@ def main(routes: Mapping[str, Sequence[StageSpec]], argv: Sequence[str]) -> int:
                 children.insert(0, ingress)
                 logger.info("serving http://%s:%d", settings.address, settings.port)
             watched = children + ([nats.child] if nats and nats.child else [])
-            code = _supervise(watched, stop)
+            code = _supervise(watched, stop, daemons)
         except (NatsServerError, OSError) as err:
             logger.error("cannot start: %s", err)
             code = 1

@@ -28,7 +28,8 @@ def config_text(workdir: Path) -> str:
     store = workdir / "jetstream"
     return (
         "listen: 127.0.0.1:-1\n"
-        "max_payload: 8MB\n"
+        # Room for Mosec's 10 MiB --max-request-size default plus headers.
+        "max_payload: 16MB\n"
         "jetstream {\n"
         f"  store_dir: {json.dumps(str(store))}\n"
         "}\n"

@@ -7,19 +7,16 @@ never run ``append_worker`` again: they get their stage from the agent (`natserv
 
 from __future__ import annotations
 
+import multiprocessing.process
+import subprocess
 import sys
-from typing import Dict, List, Mapping, Optional, Sequence, Type
+from typing import Dict, List, Mapping, Optional, Sequence, Type, Union
 
 from . import _worker
+from ._launcher import Daemon
 from ._launcher import main as launcher_main
-from ._stage import (
-    StageSpec,
-    check_env,
-    check_int,
-    check_route,
-    check_start_method,
-    check_worker,
-)
+from ._runtime import Runtime
+from ._stage import StageSpec, check_route
 from ._worker_base import Worker
 
 # StageSpec is re-exported: `Server.routes` hands it out.
@@ -36,6 +33,7 @@ class Server:
 
     def __init__(self) -> None:
         self._routes: Dict[str, List[StageSpec]] = {}
+        self._daemons: Dict[str, Daemon] = {}
 
     @property
     def routes(self) -> Mapping[str, Sequence[StageSpec]]:
@@ -50,8 +48,8 @@ class Server:
         max_wait_time: int = 0,
         start_method: str = "spawn",
         env: Optional[List[Dict[str, str]]] = None,
-        timeout: int = 0,
-        route: str = "/inference",
+        timeout: float = 0,
+        route: Union[str, Sequence[str]] = "/inference",
     ) -> None:
         """Appends a stage to ``route``; calls on one route build its pipeline in order.
 
@@ -63,30 +61,109 @@ class Server:
             start_method: "spawn" or "fork", accepted for Mosec compatibility; worker
                 processes are always fresh interpreters started by the agent.
             env: None, or one dict of extra environment variables per worker process.
-            timeout: ms a batch may run in ``forward`` before it is abandoned, >= 0;
-                0 leaves only the request's own deadline.
-            route: the HTTP path, like ``/inference`` or ``/v1/embed``.
+            timeout: seconds (as in Mosec; int or float, >= 0) a batch may run in
+                ``forward`` before its worker is replaced and its items answered 504;
+                0 leaves only the request's own deadline (``--timeout``, ms).
+            route: the HTTP path, like ``/inference`` or ``/v1/embed``, or a list of
+                paths: each gets this stage (natserve gives every route its own queue
+                and processes, where Mosec shares one stage between them).
         """
-        check_worker(worker)
-        check_int("num", num, 1, ">= 1")
-        check_int("max_batch_size", max_batch_size, 1, ">= 1")
-        check_int("max_wait_time", max_wait_time, 0, ">= 0 (milliseconds)")
-        check_int("timeout", timeout, 0, ">= 0 (milliseconds)")
-        check_start_method(start_method)
-        checked_env = check_env(env, num)
-        check_route(route, list(self._routes))
+        runtime = Runtime._checked(
+            "append_worker",
+            worker,
+            num=num,
+            max_batch_size=max_batch_size,
+            max_wait_time=max_wait_time,
+            timeout=timeout,
+            start_method=start_method,
+            env=env,
+        )
+        for path in self._check_routes(route):
+            self._add(path, runtime)
+
+    def register_runtime(self, routes: Mapping[str, Sequence[Runtime]]) -> None:
+        """Mosec's: ``{"/route": [runtime, ...], ...}``, each list a pipeline in order.
+
+        Only on a server without workers yet, as in Mosec. A runtime named on several
+        routes becomes one stage per route (its own queue and ``num`` processes each).
+        """
+        where = "register_runtime"
+        if self._routes:
+            raise RuntimeError(
+                f"{where}: the server already has routes {sorted(self._routes)}; call "
+                "register_runtime on an empty Server, or use append_worker throughout"
+            )
+        if not isinstance(routes, Mapping) or not routes:
+            raise TypeError(
+                f"{where}: routes must be a non-empty dict of route to a list of Runtime, "
+                f"got {routes!r}"
+            )
+        known: List[str] = []
+        for path, runtimes in routes.items():
+            check_route(path, known, where=where)
+            known.append(path)
+            if isinstance(runtimes, (str, bytes)) or not isinstance(runtimes, Sequence):
+                raise TypeError(
+                    f"{where}: routes[{path!r}] must be a list of Runtime, got {runtimes!r}"
+                )
+            if not runtimes:
+                raise ValueError(f"{where}: routes[{path!r}] is empty; give it at least one")
+            for i, runtime in enumerate(runtimes):
+                if not isinstance(runtime, Runtime):
+                    raise TypeError(
+                        f"{where}: routes[{path!r}][{i}] must be a natserve.Runtime, "
+                        f"got {runtime!r}"
+                    )
+        for path, runtimes in routes.items():
+            for runtime in runtimes:
+                self._add(path, runtime)
+
+    def register_daemon(
+        self,
+        name: str,
+        proc: Union[subprocess.Popen, multiprocessing.process.BaseProcess],  # type: ignore[type-arg]
+    ) -> None:
+        """Mosec's: watch a process you started (a cache, a shared-memory store). If it
+        exits while the service runs, the launcher stops the service and exits 1."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"register_daemon: name must be a non-empty str, got {name!r}")
+        if not isinstance(proc, (subprocess.Popen, multiprocessing.process.BaseProcess)):
+            raise TypeError(
+                "register_daemon: proc must be a subprocess.Popen or a multiprocessing "
+                f"Process, got {type(proc).__name__} {proc!r}"
+            )
+        self._daemons[name] = proc
+
+    def _check_routes(self, route: Union[str, Sequence[str]]) -> List[str]:
+        paths = [route] if isinstance(route, str) else route
+        if not isinstance(paths, (list, tuple)) or not paths:
+            raise TypeError(
+                "append_worker: route must be a path like '/inference' or a non-empty list "
+                f"of paths, got {route!r}"
+            )
+        known = list(self._routes)
+        checked: List[str] = []
+        for path in paths:
+            check_route(path, known)
+            if path in checked:
+                raise ValueError(f"append_worker: route lists {path!r} twice in {route!r}")
+            checked.append(path)
+            known.append(path)
+        return checked
+
+    def _add(self, route: str, runtime: Runtime) -> None:
         stages = self._routes.setdefault(route, [])
         stages.append(
             StageSpec(
                 route=route,
                 index=len(stages),
-                worker=worker,
-                num=num,
-                max_batch_size=max_batch_size,
-                max_wait_time=max_wait_time,
-                timeout=timeout,
-                env=checked_env,
-                start_method=start_method,
+                worker=runtime.worker,
+                num=runtime.num,
+                max_batch_size=runtime.max_batch_size,
+                max_wait_time=runtime.max_wait_time,
+                timeout=runtime.timeout,
+                env=runtime.env,
+                start_method=runtime.start_method,
             )
         )
 
@@ -101,4 +178,4 @@ class Server:
             return
         if not self._routes:
             raise RuntimeError("Server.run: no workers; call append_worker(...) first")
-        raise SystemExit(launcher_main(self.routes, sys.argv[1:]))
+        raise SystemExit(launcher_main(self.routes, sys.argv[1:], daemons=self._daemons))

@@ -3,8 +3,11 @@
 Each flag can also come from the environment variable ``NATSERVE_<NAME>`` (``--max-body-size``
 is ``NATSERVE_MAX_BODY_SIZE``); a flag beats its variable, which beats the default. A bad
 value exits with status 64 (EX_USAGE, as the Rust binaries do) and one line on stderr
-naming the flag. Arguments that are not natserve flags are left alone, so a user's script
-can parse its own.
+naming the flag. Mosec's flags are accepted too (`MOSEC_FLAGS`): ``--max-request-size``
+is ``--max-body-size``, ``--debug`` is ``--log-level debug``, ``--dry-run`` warms every
+stage up and exits, and the rest are ignored with a one-line notice saying what natserve
+does instead. Any other flag exits 64 naming it (`check_script_flags`), unless the script
+parses it itself and lists it in ``NATSERVE_SCRIPT_FLAGS``.
 
 This is the one table of settings: the launcher passes each agent and ingress setting on
 to its binary as the same flag, so nothing is reachable only through the environment.
@@ -53,7 +56,7 @@ class Settings:
     role: str = "all"
     stages: Optional[Tuple[str, ...]] = None
     timeout: int = 3000
-    max_body_size: int = 8 * 1024 * 1024
+    max_body_size: int = 10 * 1024 * 1024  # Mosec's --max-request-size default
     log_level: str = "info"
     namespace: str = "natserve"
     max_queue: int = 10_000
@@ -66,6 +69,9 @@ class Settings:
     max_connections: int = 10_000
     header_read_timeout_ms: int = 30_000
     socket_dir: Optional[str] = None
+    dry_run: bool = False
+    #: Mosec flags given that natserve ignores, for `mosec_flag_notices`.
+    mosec_flags: Tuple[str, ...] = ()
 
     @property
     def nats_security(self) -> NatsSecurity:
@@ -208,6 +214,7 @@ class _Option:
     convert: Callable[[str], Any]
     help: str
     metavar: str
+    aliases: Tuple[str, ...] = ()
 
     @property
     def dest(self) -> str:
@@ -243,7 +250,13 @@ _OPTIONS: List[_Option] = [
         "LIST",
     ),
     _Option("--timeout", _int_at_least(1), "end-to-end request timeout in ms", "MS"),
-    _Option("--max-body-size", _int_at_least(1), "largest request body in bytes", "BYTES"),
+    _Option(
+        "--max-body-size",
+        _int_at_least(1),
+        "largest request body in bytes (Mosec's --max-request-size)",
+        "BYTES",
+        aliases=("--max-request-size",),
+    ),
     _Option("--log-level", _choice(LOG_LEVELS), "debug, info, warning or error", "LEVEL"),
     _Option("--namespace", _namespace, "prefix of every NATS name this service uses", "NS"),
     _Option(
@@ -321,11 +334,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     for opt in _OPTIONS:
         parser.add_argument(
             opt.flag,
+            *opt.aliases,
             dest=opt.dest,
             default=None,
             metavar=opt.metavar,
             help=f"{opt.help} (default: {_default_text(opt)}; env {opt.env})",
         )
+    _add_mosec_flags(parser)
     return parser
 
 
@@ -342,10 +357,93 @@ def parse_settings(
         source = ""
         if raw is None and env.get(opt.env):
             raw, source = env[opt.env], f" (from {opt.env})"
+        mosec_env = MOSEC_ENV.get(opt.dest, "")
+        if raw is None and env.get(mosec_env):
+            raw, source = env[mosec_env], f" (from {mosec_env})"
         if raw is None:
             continue
         try:
             values[opt.dest] = opt.convert(raw)
         except ValueError as err:
             fail(opt.flag, f"{err}{source}")
+    given = [flag for flag in MOSEC_FLAGS if getattr(namespace, _mosec_dest(flag)) is not None]
+    given += [f for f in ("--debug", "--dry-run") if f not in given and _truthy(env, f)]
+    if "--debug" in given and "log_level" not in values:
+        values["log_level"] = "debug"
+    values["dry_run"] = "--dry-run" in given
+    values["mosec_flags"] = tuple(f for f in given if f not in ("--debug", "--dry-run"))
     return Settings(**values), rest
+
+
+#: Mosec's variables for the settings that mean the same in natserve, read after
+#: ``NATSERVE_*`` (``MOSEC_NAMESPACE`` is not: Mosec's namespace prefixes metric names).
+MOSEC_ENV: Mapping[str, str] = {
+    "port": "MOSEC_PORT",
+    "address": "MOSEC_ADDRESS",
+    "timeout": "MOSEC_TIMEOUT",
+    "log_level": "MOSEC_LOG_LEVEL",
+    "max_body_size": "MOSEC_MAX_REQUEST_SIZE",
+}
+
+
+def _truthy(env: Mapping[str, str], flag: str) -> bool:
+    """``MOSEC_DEBUG`` / ``MOSEC_DRY_RUN`` set to a true value (Mosec reads them too)."""
+    return env.get("MOSEC_" + flag[2:].replace("-", "_").upper(), "").lower() in _TRUE
+
+
+#: Mosec 0.9's flags that are not natserve's: whether each takes a value, and what
+#: natserve does instead. ``--debug`` and ``--dry-run`` are implemented.
+MOSEC_FLAGS: Mapping[str, Tuple[bool, str]] = {
+    "--path": (True, "natserve's agent keeps worker sockets in --socket-dir"),
+    "--capacity": (True, "each stage's queue holds --max-queue requests before 429"),
+    "--wait": (True, "set max_wait_time on append_worker (Mosec deprecated --wait too)"),
+    "--compression": (False, "the ingress does not compress yet; bodies go uncompressed"),
+    "--debug": (False, "same as --log-level debug"),
+    "--dry-run": (False, "builds and warms up every stage once, then exits"),
+}
+
+
+def _mosec_dest(flag: str) -> str:
+    return "mosec_" + flag[2:].replace("-", "_")
+
+
+def _add_mosec_flags(parser: argparse.ArgumentParser) -> None:
+    for flag, (takes_value, instead) in MOSEC_FLAGS.items():
+        kind = {"metavar": "X"} if takes_value else {"action": "store_const", "const": True}
+        parser.add_argument(
+            flag, dest=_mosec_dest(flag), default=None, help=f"Mosec's; {instead}", **kind
+        )
+
+
+def mosec_flag_notices(settings: Settings) -> List[str]:
+    """One line per ignored Mosec flag given, saying what natserve does instead."""
+    return [
+        f"{flag} is Mosec's and has no effect in natserve: {MOSEC_FLAGS[flag][1]}"
+        for flag in settings.mosec_flags
+    ]
+
+
+#: Flags the user's script parses itself (comma-separated; ``*``: every unknown flag).
+SCRIPT_FLAGS_ENV = "NATSERVE_SCRIPT_FLAGS"
+
+
+def check_script_flags(rest: Sequence[str], env: Optional[Mapping[str, str]] = None) -> None:
+    """Exits 64 naming the first flag in ``rest`` that is neither natserve's nor Mosec's
+    nor listed in ``NATSERVE_SCRIPT_FLAGS``; plain arguments (no leading ``-``) pass."""
+    env = os.environ if env is None else env
+    allowed = {f.strip() for f in env.get(SCRIPT_FLAGS_ENV, "").split(",") if f.strip()}
+    if "*" in allowed:
+        return
+    for arg in rest:
+        if arg == "--":
+            return  # what follows is the script's, as argparse has it
+        if not arg.startswith("-") or arg == "-" or re.fullmatch(r"-[0-9.]+", arg):
+            continue
+        flag = arg.split("=", 1)[0]
+        if flag not in allowed:
+            fail(
+                flag,
+                "unknown flag: not one of natserve's or Mosec's (see --help); if your "
+                f"script parses it itself, list it in {SCRIPT_FLAGS_ENV} "
+                f"(like {SCRIPT_FLAGS_ENV}={flag}, or * for every unknown flag)",
+            )

@@ -223,27 +223,35 @@ def build_worker(cls: Type[Worker], *, worker_id: int, stage: int, max_batch_siz
     return worker
 
 
-def warm_up(worker: Worker) -> int:
-    """Runs ``forward`` on ``example`` (or each of ``multi_examples``); returns the count.
+def warm_up(worker: Worker, *, strict: Optional[bool] = None) -> int:
+    """Mosec's warm-up: `forward` on each of ``multi_examples`` or else on ``example``,
+    each passed exactly as given (so a batching stage's example is already a list).
+    Returns how many calls succeeded.
 
-    A batching stage gets each example as a batch of ``max_batch_size`` copies so the
-    largest shape is exercised. Any exception propagates: a worker that cannot run its
-    own example is not ready.
+    As in Mosec, an example that is not set (None or empty) means no warm-up, and a
+    warm-up that raises is logged and the worker serves anyway. With
+    ``strict_warmup = True`` on the class (or ``strict=True``, as ``--dry-run`` asks)
+    the exception propagates instead, and the worker never reports ready.
     """
+    strict = worker.strict_warmup if strict is None else strict
     examples: List[Any] = (
-        [worker.example] if worker.example is not None else list(worker.multi_examples or [])
+        list(worker.multi_examples)
+        if worker.multi_examples
+        else ([worker.example] if worker.example is not None else [])
     )
-    for example in examples:
-        if worker.max_batch_size > 1:
-            batch = [example] * worker.max_batch_size
-            outputs = worker.forward(batch)
-            if not isinstance(outputs, (list, tuple)) or len(outputs) != len(batch):
-                raise TypeError(
-                    f"warm-up: forward must return a list of {len(batch)} results for a "
-                    f"batch of {len(batch)}, got {type(outputs).__name__}"
-                )
-        else:
+    for i, example in enumerate(examples):
+        try:
             worker.forward(example)
+        except Exception:
+            if strict:
+                raise
+            logger.exception(
+                "warm-up %d of %d failed; serving anyway (set strict_warmup = True on the "
+                "worker to refuse): check that its example is what forward expects",
+                i + 1,
+                len(examples),
+            )
+            return i
     return len(examples)
 
 
@@ -271,8 +279,8 @@ def _serve(conn: Connection, cls: Type[Worker], spec: WorkerSpec) -> int:
         warmed = warm_up(worker)
     except Exception:
         logger.exception(
-            "worker %s failed to start; check its __init__ and that its example matches "
-            "what forward expects",
+            "worker %s failed to start; check its __init__ (and, with strict_warmup, that "
+            "its example is what forward expects)",
             spec.name,
         )
         return 1

@@ -6,8 +6,12 @@ can already use them (to pick a GPU, for example). Defaults:
 
 - first stage: ``deserialize`` turns the raw request body into ``forward``'s input (JSON);
 - last stage: ``serialize`` turns ``forward``'s output into the response body (JSON);
-- between stages: ``serialize_ipc`` / ``deserialize_ipc`` use msgpack. Pickle is never
+- between stages: ``serialize_ipc`` / ``deserialize_ipc`` use msgpack (a
+  ``numpy.ndarray`` travels as a msgpack extension, see `natserve._ipc`). Pickle is never
   used unless a worker opts in with `natserve.mixin.PickleMixin`.
+
+`SSEWorker` is Mosec's streaming worker; natserve cannot stream through the cluster yet,
+so `Server.append_worker` refuses it (see `natserve._stage.check_worker`).
 """
 
 from __future__ import annotations
@@ -15,11 +19,11 @@ from __future__ import annotations
 import abc
 import json
 import sys
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-import msgpack  # type: ignore[import-untyped]  # ships no type hints
-
-from .errors import DecodingError, EncodingError, ServerError
+from . import _ipc
+from .errors import DecodingError, EncodingError
+from .utils import ParseTarget
 
 
 class Worker(abc.ABC):
@@ -34,17 +38,27 @@ class Worker(abc.ABC):
     batch-mates: when a batching ``forward`` raises, natserve re-runs the batch split in
     halves until the failing items are alone, so ``forward`` may see an item twice.
 
-    Class attributes:
-        example: one item of `forward`'s input, used to warm the worker up before it
-            takes traffic. A batching stage gets it as a list of ``max_batch_size``
-            copies, so the largest batch shape is exercised.
-        multi_examples: a list of such items, each used in turn, when ``example`` is None.
+    Class attributes (Mosec's):
+        example: what `forward` is called with once before the worker takes traffic,
+            exactly as given (a batching stage's example is therefore already a list).
+        multi_examples: a list of such arguments, each passed to `forward` in turn; used
+            instead of ``example`` when both are set, as in Mosec.
+        strict_warmup: natserve's own. False (Mosec's behaviour): a warm-up that raises
+            is logged and the worker serves anyway. True: the worker process exits
+            instead of reporting ready, and the agent restarts it.
+        req_mime_type: the media type the first stage expects (documentation only).
         resp_mime_type: the ``Content-Type`` of the last stage's responses.
     """
 
     example: Any = None
     multi_examples: Optional[List[Any]] = None
+    strict_warmup: bool = False
+    req_mime_type: str = "application/json"
     resp_mime_type: str = "application/json"
+
+    #: Set by a class natserve cannot serve yet; `Server.append_worker` refuses it with
+    #: this text (why, and what to do instead).
+    _natserve_unsupported: Optional[str] = None
 
     _worker_id: int = 0
     _stage: int = 0
@@ -116,30 +130,52 @@ class Worker(abc.ABC):
             ) from err
 
     def serialize_ipc(self, data: Any) -> bytes:
-        """Between stages: one `forward` result to bytes for the next stage. msgpack."""
-        try:
-            packed: bytes = msgpack.packb(data, use_bin_type=True)
-        except (TypeError, ValueError, OverflowError) as err:
-            raise EncodingError(
-                f"cannot serialize the result for the next stage with msgpack: {err}; "
-                "override serialize_ipc/deserialize_ipc or use natserve.mixin.PickleMixin"
-            ) from err
-        return packed
+        """Between stages: one `forward` result to bytes for the next stage. msgpack,
+        with ``numpy.ndarray`` (numeric dtypes) carried as an extension type."""
+        return _ipc.pack(data)
 
     def deserialize_ipc(self, data: bytes) -> Any:
         """Between stages: the previous stage's bytes to one `forward` input. msgpack."""
-        try:
-            return msgpack.unpackb(data, raw=False)
-        except msgpack.StackError as err:
-            raise ServerError(
-                "cannot decode the previous stage's output with msgpack: nested too deeply"
-            ) from err
-        except (ValueError, TypeError, msgpack.UnpackException) as err:
-            raise ServerError(
-                f"cannot decode the previous stage's output with msgpack: {err}"
-            ) from err
+        return _ipc.unpack(data)
 
     @abc.abstractmethod
     def forward(self, data: Any) -> Any:
         """The model: one input to one output, or (batching) a list to a list."""
         raise NotImplementedError
+
+    @classmethod
+    def get_forward_json_schema(
+        cls, target: ParseTarget, ref_template: str
+    ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        """Mosec's hook for the OpenAPI document: the JSON schema of `forward`'s input
+        (``ParseTarget.INPUT``) or return value (``ParseTarget.RETURN``), and the
+        component schemas it refers to through ``ref_template``.
+
+        Empty by default; `natserve.mixin.TypedMsgPackMixin` derives it from the type
+        annotations. natserve's ingress does not serve an OpenAPI document yet, so only
+        your own code calls this.
+        """
+        return {}, {}
+
+
+class SSEWorker(Worker):
+    """Mosec's Server-Sent Events worker: `forward` streams with `send_stream_event`.
+
+    Streaming through the cluster is not available in natserve yet: `Server.append_worker`
+    and `Server.register_runtime` refuse an `SSEWorker` subclass with an error saying so,
+    rather than serving it without its stream.
+    """
+
+    resp_mime_type = "text/event-stream"
+    _natserve_unsupported = (
+        "is an SSEWorker: streaming responses are not available in natserve yet "
+        "(the ingress cannot stream through NATS); return the whole answer from "
+        "a plain Worker until streaming lands"
+    )
+
+    def send_stream_event(self, text: str, index: int = 0) -> None:
+        """Sends ``text`` (UTF-8) as one event to the client of batch item ``index``."""
+        raise NotImplementedError(
+            f"send_stream_event(text={text[:40]!r}, index={index}): streaming responses "
+            "are not available in natserve yet"
+        )

@@ -22,6 +22,7 @@ __all__ = [
     "DecodingError",
     "EncodingError",
     "MosecError",
+    "MosecTimeoutError",
     "NatserveError",
     "RequestTimeoutError",
     "ServerError",
@@ -86,3 +87,15 @@ class RequestTimeoutError(NatserveError, TimeoutError):
 
     code = 504
     msg = "timeout"
+
+
+class MosecTimeoutError(BaseException):
+    """Mosec's forward-timeout exception, kept so ``except MosecTimeoutError`` still runs.
+
+    A `BaseException`, as in Mosec, so ``except Exception`` does not swallow it. natserve
+    never raises it inside a worker: a batch past ``append_worker(timeout=...)`` is
+    abandoned by the agent, which replaces the worker process and answers its items 504.
+    """
+
+    code = 504
+    msg = "timeout error"

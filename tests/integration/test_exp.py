@@ -102,7 +102,7 @@ def test_help_lists_every_flag_with_its_default() -> None:
         ("--role", "all"),
         ("--stages", None),
         ("--timeout", "3000"),
-        ("--max-body-size", "8388608"),
+        ("--max-body-size", "10485760"),
         ("--log-level", "info"),
         ("--namespace", "natserve"),
     ]:

@@ -11,7 +11,12 @@ from harness import APPS, free_port, http, started_app
 
 def test_workers_never_run_the_main_block(tmp_path: Path) -> None:
     log = tmp_path / "main-block.log"
-    env = {"SIDE_PORT": str(free_port()), "MAIN_BLOCK_LOG": str(log)}
+    env = {
+        "SIDE_PORT": str(free_port()),
+        "MAIN_BLOCK_LOG": str(log),
+        # the script's own flag, declared so the launcher does not refuse it
+        "NATSERVE_SCRIPT_FLAGS": "--app-flag",
+    }
     cluster, base, proc = started_app(tmp_path, APPS / "main_block.py", "--app-flag", "7", env=env)
     try:
         seen = [http("POST", base + "/inference", b"{}") for _ in range(6)]

@@ -40,7 +40,7 @@ class Embed(MsgpackMixin, Worker):
 def make_server() -> Server:
     server = Server()
     server.append_worker(Preprocess, num=2, env=[{"GPU": "0"}, {"GPU": "1"}])
-    server.append_worker(Inference, max_batch_size=8, max_wait_time=10, timeout=2000)
+    server.append_worker(Inference, max_batch_size=8, max_wait_time=10, timeout=2.0)
     server.append_worker(Preprocess, route="/v1/embed")
     server.append_worker(Embed, route="/v1/embed", max_batch_size=4)
     return server
@@ -188,7 +188,7 @@ def golden_server() -> Server:
         num=2,
         max_batch_size=8,
         max_wait_time=10,
-        timeout=500,
+        timeout=0.5,
         env=[{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}],
     )
     server.append_worker(

@@ -85,7 +85,7 @@ def test_timeout_error_is_a_builtin_timeout_error() -> None:
 def test_local_nats_server_config() -> None:
     text = config_text(Path("/tmp/x"))
     assert "listen: 127.0.0.1:-1" in text
-    assert "max_payload: 8MB" in text
+    assert "max_payload: 16MB" in text  # room for the 10 MiB default body
     assert 'store_dir: "/tmp/x/jetstream"' in text
 
 

@@ -118,7 +118,12 @@ def test_starts_agent_and_ingress_then_stops_them_in_order(tmp_path: Path) -> No
         tmp_path,
         ["--nats", "nats://127.0.0.1:4999", "--port", "8123", "--timeout", "1500",
          "--namespace", "t1", "--log-level", "debug", "--user-flag", "x"],
-        env={"FAKE_STOP_DELAY": "0.3", "NATSERVE_MAX_BODY_SIZE": "2048"},
+        env={
+            "FAKE_STOP_DELAY": "0.3",
+            "NATSERVE_MAX_BODY_SIZE": "2048",
+            # the script's own flag, declared so the launcher does not refuse it
+            "NATSERVE_SCRIPT_FLAGS": "--user-flag",
+        },
     )  # fmt: skip
     launch.wait_for("natserve-agent", "start")
     launch.wait_for("natserve-ingress", "start")

@@ -23,14 +23,15 @@ class Other(Worker):
 def test_repeated_calls_build_a_pipeline_per_route() -> None:
     server = Server()
     server.append_worker(Echo, num=2)
-    server.append_worker(Other, max_batch_size=8, max_wait_time=10, timeout=500)
+    server.append_worker(Other, max_batch_size=8, max_wait_time=10, timeout=0.5)
     server.append_worker(Other, route="/v1/other", env=[{"A": "1"}])
     routes = server.routes
     assert list(routes) == ["/inference", "/v1/other"]
     first, second = routes["/inference"]
     assert (first.index, first.name, first.num, first.max_batch_size) == (0, "Echo", 2, 1)
     assert (second.index, second.name, second.max_batch_size) == (1, "Other", 8)
-    assert (second.max_wait_time, second.timeout, second.mime) == (10, 500, "application/json")
+    assert (second.max_wait_time, second.timeout, second.mime) == (10, 0.5, "application/json")
+    assert second.timeout_ms == 500  # seconds, as in Mosec, become the agent's ms
     (only,) = routes["/v1/other"]
     assert (only.index, only.env) == (0, [{"A": "1"}])
 
@@ -44,7 +45,11 @@ def test_repeated_calls_build_a_pipeline_per_route() -> None:
         ({"max_batch_size": 0}, ValueError, ["max_batch_size", "0", ">= 1"]),
         ({"max_wait_time": -1}, ValueError, ["max_wait_time", "-1", ">= 0", "milliseconds"]),
         ({"max_wait_time": 1.5}, TypeError, ["max_wait_time", "1.5"]),
-        ({"timeout": -5}, ValueError, ["timeout", "-5", ">= 0", "milliseconds"]),
+        ({"timeout": -5}, ValueError, ["timeout", "-5", ">= 0", "seconds"]),
+        ({"timeout": "1"}, TypeError, ["timeout", "'1'", "seconds"]),
+        ({"timeout": float("nan")}, ValueError, ["timeout", "nan", "seconds"]),
+        ({"route": []}, TypeError, ["route", "[]", "non-empty list"]),
+        ({"route": ["/a", "/a"]}, ValueError, ["route", "'/a' twice"]),
         ({"start_method": "forkserver"}, ValueError, ["start_method", "'forkserver'", "'spawn'"]),
         ({"env": {"A": "1"}}, TypeError, ["env", "list of exactly num=1 dicts"]),
         ({"num": 2, "env": [{"A": "1"}]}, ValueError, ["env", "num=2", "a list of 1"]),

@@ -18,7 +18,7 @@ def test_defaults() -> None:
         None,
         "all",
     )
-    assert (settings.stages, settings.timeout, settings.max_body_size) == (None, 3000, 8388608)
+    assert (settings.stages, settings.timeout, settings.max_body_size) == (None, 3000, 10485760)
     assert (settings.log_level, settings.namespace) == ("info", "natserve")
     assert rest == []
 
@@ -193,7 +193,7 @@ def test_help_lists_every_flag_with_its_default(capsys: pytest.CaptureFixture[st
         ("--role", "all"),
         ("--stages", "none"),
         ("--timeout", "3000"),
-        ("--max-body-size", "8388608"),
+        ("--max-body-size", "10485760"),
         ("--log-level", "info"),
         ("--namespace", "natserve"),
         ("--max-queue", "10000"),

@@ -105,26 +105,44 @@ def test_warm_up_runs_the_example_before_ready(start_worker: Start) -> None:
     assert seen == [{"x": 1}]  # READY arrived and no batch was sent yet
 
 
-def test_warm_up_of_a_batching_stage_uses_full_batches_of_each_multi_example(
-    start_worker: Start,
-) -> None:
+def test_warm_up_passes_each_multi_example_to_forward_as_given(start_worker: Start) -> None:
+    """Mosec's call shape: a batching stage's example is already the batch; it is never
+    wrapped in copies, and multi_examples win over example."""
     seen: List[Any] = []
 
     class Warm(Worker):
-        multi_examples = [1, 2]
+        example = "not used: multi_examples win"
+        multi_examples = [[0, 1e-5], [2e-4]]
 
         def forward(self, batch: List[Any]) -> List[Any]:
             seen.append(batch)
             return batch
 
-    agent = start_worker(server_with(Warm, max_batch_size=3))
+    agent = start_worker(server_with(Warm, max_batch_size=32))
     agent.ready()
-    assert seen == [[1, 1, 1], [2, 2, 2]]
+    assert seen == [[0, 1e-5], [2e-4]]
 
 
-def test_failed_warm_up_exits_without_ready(start_worker: Start) -> None:
+def test_failed_warm_up_is_logged_and_the_worker_serves_anyway(
+    start_worker: Start, caplog: Any
+) -> None:
     class Broken(Worker):
         example = {"y": 1}
+
+        def forward(self, data: Any) -> Any:
+            return data["x"]
+
+    agent = start_worker(server_with(Broken))
+    agent.ready()  # as in Mosec: a bad example does not keep the worker from serving
+    (result,) = agent.batch([b'{"x": 3}'])
+    assert result.status == Status.OK and json.loads(result.body) == 3
+    assert "warm-up 1 of 1 failed; serving anyway" in caplog.text
+
+
+def test_failed_strict_warm_up_exits_without_ready(start_worker: Start) -> None:
+    class Broken(Worker):
+        example = {"y": 1}
+        strict_warmup = True
 
         def forward(self, data: Any) -> Any:
             return data["x"]

@@ -41,6 +41,6 @@ if __name__ == "__main__":
     server.append_worker(
         Behave,
         num=int(os.environ.get("BEHAVE_WORKERS", "1")),
-        timeout=int(os.environ.get("BEHAVE_TIMEOUT_MS", "0")),
+        timeout=int(os.environ.get("BEHAVE_TIMEOUT_MS", "0")) / 1000,
     )
     server.run()

@@ -16,6 +16,8 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use natserve_protocol::{headers as wire, route_slug, Names, RouteRecord};
 use tokio::time::Instant;
+use tower_http::compression::CompressionLayer;
+use tower_http::decompression::RequestDecompressionLayer;
 use tracing::{debug, error, info_span, warn, Instrument};
 
 use crate::config::Config;
@@ -51,6 +53,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/", get(readiness))
         .route("/metrics", get(metrics))
         .fallback(serve_route)
+        // gzip or zstd request bodies are decompressed before the size limit applies (a
+        // small compressed bomb is still refused at the limit, 413); an unknown
+        // Content-Encoding is 415. Responses are compressed when the client asks.
+        .layer(RequestDecompressionLayer::new().gzip(true).zstd(true))
+        .layer(CompressionLayer::new().gzip(true).zstd(true))
         .layer(middleware::from_fn(with_request_id))
         .with_state(app)
 }

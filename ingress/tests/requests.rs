@@ -455,3 +455,85 @@ async fn a_nats_outage_is_503_not_a_hang() {
     assert!(started.elapsed() < Duration::from_millis(500));
     ingress.stop().await.unwrap();
 }
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_bodies_in_and_out() {
+    let nats = NatsServer::start();
+    let agent = Agent::connect(&nats.url).await;
+    let consumer = agent.serve_route("/inference", 1).await;
+    // The worker sees the body as sent before compression, and answers it 100 times over.
+    let (_worker, _seen) = spawn_worker(agent.client.clone(), consumer, |_, body| {
+        Answer::ok(Bytes::from(String::from_utf8_lossy(body).repeat(100)))
+    });
+    let ingress = Ingress::start(natserve_ingress::Config {
+        max_body_size: 64 * 1024,
+        ..config(&nats.url)
+    })
+    .await;
+    let http = http();
+    wait_for_route(&http, &ingress, "/inference").await;
+
+    let response = http
+        .post(ingress.url("/inference"))
+        .header("content-encoding", "gzip")
+        .header("accept-encoding", "gzip")
+        .body(gzip(b"\"abc\""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-encoding"], "gzip");
+    let compressed = response.bytes().await.unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::GzDecoder::new(&compressed[..]),
+        &mut text,
+    )
+    .unwrap();
+    assert_eq!(text, "\"abc\"".repeat(100));
+    assert!(compressed.len() < text.len());
+
+    // Without Accept-Encoding the answer is plain.
+    let plain = http
+        .post(ingress.url("/inference"))
+        .body("\"x\"")
+        .send()
+        .await
+        .unwrap();
+    assert!(!plain.headers().contains_key("content-encoding"));
+    assert_eq!(plain.text().await.unwrap(), "\"x\"".repeat(100));
+
+    // A bomb: 1 MiB of zeros compresses to about 1 KiB and is refused at the limit.
+    let bomb = http
+        .post(ingress.url("/inference"))
+        .header("content-encoding", "gzip")
+        .body(gzip(&vec![b'0'; 1 << 20]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bomb.status(), 413);
+    // An encoding the ingress does not speak, and a body that is not what it claims.
+    let unknown = http
+        .post(ingress.url("/inference"))
+        .header("content-encoding", "br")
+        .body("xx")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 415);
+    let broken = http
+        .post(ingress.url("/inference"))
+        .header("content-encoding", "gzip")
+        .body("not gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(broken.status(), 400);
+}

@@ -397,7 +397,11 @@ MOSEC_FLAGS: Mapping[str, Tuple[bool, str]] = {
     "--path": (True, "natserve's agent keeps worker sockets in --socket-dir"),
     "--capacity": (True, "each stage's queue holds --max-queue requests before 429"),
     "--wait": (True, "set max_wait_time on append_worker (Mosec deprecated --wait too)"),
-    "--compression": (False, "the ingress does not compress yet; bodies go uncompressed"),
+    "--compression": (
+        False,
+        "always on: the ingress takes gzip/zstd request bodies and compresses responses "
+        "when the client sends Accept-Encoding",
+    ),
     "--debug": (False, "same as --log-level debug"),
     "--dry-run": (False, "builds and warms up every stage once, then exits"),
 }

@@ -134,7 +134,9 @@ fn main() -> ExitCode {
         }
     };
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::new(&cli.log_level))
+        .with_env_filter(EnvFilter::new(natserve_protocol::log_directives(
+            &cli.log_level,
+        )))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -27,10 +27,33 @@ pub use outcome::Outcome;
 pub use records::{AgentRecord, RouteRecord, StageLoad};
 pub use streams::{QueueConfig, Rejection};
 
+/// The tracing filter for a `--log-level`: a bare level keeps async-nats at `warn`, whose
+/// debug lines (protocol pings, every subscription) would otherwise drown natserve's own;
+/// anything with a `=` or `,` is taken as the user's own directives.
+pub fn log_directives(level: &str) -> String {
+    match level.trim() {
+        plain @ ("debug" | "trace" | "info") => format!("{plain},async_nats=warn"),
+        other => other.to_owned(),
+    }
+}
+
 /// Unix milliseconds now, the unit of every deadline on the wire.
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bare_levels_quiet_async_nats() {
+        assert_eq!(super::log_directives("debug"), "debug,async_nats=warn");
+        assert_eq!(super::log_directives("warn"), "warn");
+        assert_eq!(
+            super::log_directives("natserve_agent=trace,info"),
+            "natserve_agent=trace,info"
+        );
+    }
 }

@@ -11,6 +11,7 @@ from ._client import Client
 from ._logging import get_logger
 from ._runtime import Runtime
 from ._server import Server
+from ._version import __version__
 from ._worker_base import SSEWorker, Worker
 from .errors import (
     ClientError,
@@ -22,8 +23,6 @@ from .errors import (
     UnavailableError,
     ValidationError,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Client",

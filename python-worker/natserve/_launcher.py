@@ -17,6 +17,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from types import FrameType
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -45,6 +46,8 @@ Daemon = Union["subprocess.Popen[bytes]", multiprocessing.process.BaseProcess]
 logger = logging.getLogger("natserve.launcher")
 
 POLL_INTERVAL_S = 0.1
+#: How often the launcher asks its ingress whether it is ready yet, until it is.
+READY_PROBE_EVERY_S = 0.25
 #: The agent's supervisor gives each worker process this long from SIGTERM to SIGKILL
 #: (worker-agent/src/supervisor.rs, TERM_GRACE), all workers at once, after the drain.
 WORKER_STOP_S = 5.0
@@ -141,13 +144,46 @@ def _daemon_exit(proc: Daemon) -> Optional[int]:
     return proc.exitcode
 
 
+class _ReadyLine:
+    """Says ``natserve ready on http://ADDR:PORT (routes: ...)`` once, at the first poll
+    that finds the ingress's ``GET /`` answering 200 — the moment it is true, not when
+    the port opened."""
+
+    def __init__(self, settings: Settings, routes: Sequence[str]) -> None:
+        host = "127.0.0.1" if settings.address in ("0.0.0.0", "::", "") else settings.address
+        host = f"[{host}]" if ":" in host else host
+        self._probe = f"http://{host}:{settings.port}/"
+        self._shown = f"http://{settings.address}:{settings.port}"
+        self._routes = ", ".join(routes)
+        self._next = 0.0
+        self.done = False
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        if self.done or now < self._next:
+            return
+        self._next = now + READY_PROBE_EVERY_S
+        try:
+            # Always http:// to our own ingress, built above.
+            with urllib.request.urlopen(self._probe, timeout=READY_PROBE_EVERY_S) as resp:  # noqa: S310
+                ready = resp.status == 200
+        except (OSError, ValueError):
+            ready = False
+        if ready:
+            self.done = True
+            logger.info("natserve ready on %s (routes: %s)", self._shown, self._routes)
+
+
 def _supervise(
     children: Sequence[Child],
     stop: _Stop,
     daemons: Mapping[str, Daemon] = {},
+    ready: Optional[_ReadyLine] = None,
 ) -> int:
     """Waits for a stop signal (0) or a child's or a user daemon's unexpected exit (1)."""
     while stop.signum is None:
+        if ready is not None:
+            ready.poll()
         for child in children:
             code = child.poll()
             if code is not None:
@@ -246,7 +282,8 @@ def main(
                 children.insert(0, ingress)
                 logger.info("serving http://%s:%d", settings.address, settings.port)
             watched = children + ([nats.child] if nats and nats.child else [])
-            code = _supervise(watched, stop, daemons)
+            ready = _ReadyLine(settings, list(routes)) if settings.runs_ingress else None
+            code = _supervise(watched, stop, daemons, ready)
         except (NatsServerError, OSError) as err:
             logger.error("cannot start: %s", err)
             code = 1

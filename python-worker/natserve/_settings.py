@@ -25,6 +25,7 @@ from typing import Any, Callable, List, Mapping, NoReturn, Optional, Sequence, T
 
 from ._names import NAMESPACE_PATTERN, is_namespace
 from ._nats_options import NatsSecurity, redact
+from ._version import __version__
 
 ROLES = ("all", "agent", "ingress")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -341,6 +342,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
             help=f"{opt.help} (default: {_default_text(opt)}; env {opt.env})",
         )
     _add_mosec_flags(parser)
+    # Prints and exits 0 before anything starts.
+    parser.add_argument("--version", action="version", version=f"natserve {__version__}")
     return parser
 
 

@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator, Tuple
 
 import pytest
 
-from harness import EXAMPLES, Cluster, http, started_app
+import natserve
+from harness import EXAMPLES, REPO, Cluster, http, started_app
 
 EXP = EXAMPLES / "exp.py"
 
@@ -118,3 +121,26 @@ def test_bad_flag_exits_with_one_line_naming_it(tmp_path: Path) -> None:
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "--port" in lines[0], out.stderr
+
+
+def test_the_launcher_says_ready_when_get_root_answers_200(exp: Tuple[Cluster, str]) -> None:
+    cluster, base = exp
+    assert http("GET", base + "/").status == 200
+    port = base.rsplit(":", 1)[1]
+    line = f"natserve ready on http://127.0.0.1:{port} (routes: /inference)"
+    deadline = time.monotonic() + 10
+    while line not in cluster.procs[0].output():
+        assert time.monotonic() < deadline, cluster.procs[0].output()[-2000:]
+        time.sleep(0.05)
+    assert cluster.procs[0].output().count("natserve ready on") == 1
+
+
+def test_version_prints_and_exits_without_starting_anything() -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "python-worker"))
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, str(EXP), "--version"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"natserve {natserve.__version__}"
+    assert "nats-server" not in out.stderr and time.monotonic() - started < 20

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    let filter = match EnvFilter::try_new(&args.log_level) {
+    let filter = match EnvFilter::try_new(natserve_protocol::log_directives(&args.log_level)) {
         Ok(f) => f,
         Err(e) => {
             eprintln!(

@@ -62,15 +62,47 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// Longest caller `X-Request-Id` kept.
+pub const MAX_CALLER_ID: usize = 64;
+
+/// A caller's `X-Request-Id` natserve can carry: a token of letters, digits, `_` and `-`
+/// (it becomes part of NATS subjects and de-duplication ids, where `.`, `*` and `>` mean
+/// something).
+fn sane_caller_id(value: &HeaderValue) -> Option<&str> {
+    let id = value.to_str().ok()?;
+    let sane = !id.is_empty()
+        && id.len() <= MAX_CALLER_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    sane.then_some(id)
+}
+
+/// The request's id on the wire, and the one the response echoes. A caller's sane
+/// `X-Request-Id` is kept and echoed; on the wire it gets a random suffix, because a
+/// client retrying with the same id must not be de-duplicated by JetStream or share a
+/// reply subject with its first try. Every log line then still carries the caller's id.
+fn request_ids(caller: Option<&HeaderValue>) -> (String, String) {
+    let fresh = uuid::Uuid::new_v4().simple().to_string();
+    match caller.map(|v| (v, sane_caller_id(v))) {
+        Some((_, Some(id))) => (format!("{id}-{}", &fresh[..8]), id.to_owned()),
+        Some((given, None)) => {
+            debug!(given = ?given, "caller's x-request-id is not a usable token; using a fresh one");
+            (fresh.clone(), fresh)
+        }
+        None => (fresh.clone(), fresh),
+    }
+}
+
 /// Assigns the request id, runs the request inside its span, and stamps the id on the
 /// response, whichever handler (or axum itself) produced it.
 async fn with_request_id(mut request: Request, next: Next) -> Response {
-    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (id, echoed) = request_ids(request.headers().get(REQUEST_ID_HEADER));
     let span =
         info_span!("request", id = %id, method = %request.method(), path = %request.uri().path());
-    request.extensions_mut().insert(RequestId(id.clone()));
+    request.extensions_mut().insert(RequestId(id));
     let mut response = next.run(request).instrument(span).await;
-    if let Ok(value) = HeaderValue::from_str(&id) {
+    if let Ok(value) = HeaderValue::from_str(&echoed) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
     response

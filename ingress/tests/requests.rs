@@ -537,3 +537,46 @@ async fn compressed_bodies_in_and_out() {
         .unwrap();
     assert_eq!(broken.status(), 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_request_id_is_kept_and_echoed() {
+    let nats = NatsServer::start();
+    let agent = Agent::connect(&nats.url).await;
+    let consumer = agent.serve_route("/inference", 1).await;
+    let (_worker, mut seen) = spawn_worker(agent.client.clone(), consumer, |_, _| Answer::ok("1"));
+    let ingress = Ingress::start(config(&nats.url)).await;
+    let http = http();
+    wait_for_route(&http, &ingress, "/inference").await;
+
+    for _ in 0..2 {
+        // The same id twice (a retry): both run, both are answered.
+        let response = http
+            .post(ingress.url("/inference"))
+            .header("x-request-id", "order-42")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-request-id"], "order-42");
+        let work = seen.recv().await.unwrap();
+        let wire = work.get(headers::REQUEST_ID).unwrap().as_str().to_owned();
+        assert!(wire.starts_with("order-42-") && wire.len() == 17, "{wire}");
+    }
+    for bad in ["has space", "a.b", "x".repeat(65).as_str(), "sub>ject"] {
+        let response = http
+            .post(ingress.url("/inference"))
+            .header("x-request-id", bad)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let echoed = response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(echoed.len(), 32, "a fresh id for {bad:?}, got {echoed}");
+        seen.recv().await.unwrap();
+    }
+}

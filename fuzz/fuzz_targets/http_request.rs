@@ -50,6 +50,7 @@ async fn app() -> Arc<App> {
             route: "/inference".into(),
             stages: 1,
             names: vec!["W".into()],
+            types: None,
         };
         table.put_route("inference", route, Instant::now());
         let agent = AgentRecord {

@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::drain::Drain;
 use crate::error::RequestError;
 use crate::metrics::{Metrics, UNKNOWN_ROUTE};
+use crate::openapi;
 use crate::routes::SharedRoutes;
 use crate::status::{answer, Answer};
 use crate::submit::{Reply, Submission, Submitter};
@@ -52,6 +53,8 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/", get(readiness))
         .route("/metrics", get(metrics))
+        .route(openapi::METADATA_PATH, get(openapi_document))
+        .route(openapi::SWAGGER_PATH, get(swagger))
         .fallback(serve_route)
         // gzip or zstd request bodies are decompressed before the size limit applies (a
         // small compressed bomb is still refused at the limit, 413); an unknown
@@ -139,6 +142,19 @@ async fn readiness(State(app): State<Arc<App>>) -> Response {
             .into_response(),
         Err(e) => into_response(answer(Err(e))),
     }
+}
+
+async fn openapi_document(State(app): State<Arc<App>>) -> Response {
+    let routes = app
+        .routes
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .routes(std::time::Instant::now());
+    axum::Json(openapi::document(&routes)).into_response()
+}
+
+async fn swagger() -> Response {
+    axum::response::Html(openapi::swagger_page()).into_response()
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {

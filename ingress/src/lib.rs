@@ -13,6 +13,7 @@ pub mod error;
 pub mod http;
 pub mod listen;
 pub mod metrics;
+pub mod openapi;
 pub mod replies;
 pub mod routes;
 pub mod server;

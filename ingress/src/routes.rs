@@ -175,6 +175,7 @@ mod tests {
             route: path.into(),
             stages,
             names: vec![],
+            types: None,
         }
     }
 

@@ -33,6 +33,9 @@ pub struct AgentConfig {
 pub struct RouteSpec {
     pub route: String,
     pub names: Vec<String>,
+    /// Request and response types, registered for the route's OpenAPI document.
+    #[serde(default)]
+    pub types: Option<crate::RouteTypes>,
 }
 
 /// One stage as this agent hosts it. Each worker process also gets it, as JSON, in
@@ -164,6 +167,13 @@ impl AgentConfig {
 mod tests {
     use super::*;
 
+    fn body(mime: &str, schema: serde_json::Value) -> crate::BodyType {
+        crate::BodyType {
+            mime: mime.into(),
+            schema,
+        }
+    }
+
     const GOLDEN: &str = include_str!("../../tests/golden/agent_config.json");
 
     fn nz(n: u32) -> NonZeroU32 {
@@ -192,10 +202,34 @@ mod tests {
                 RouteSpec {
                     route: "/inference".into(),
                     names: vec!["Preprocess".into(), "Inference".into()],
+                    types: Some(crate::RouteTypes {
+                        request: body("application/json", serde_json::json!({})),
+                        response: body("application/json", serde_json::json!({})),
+                        components: Default::default(),
+                    }),
                 },
                 RouteSpec {
                     route: "/v1/embed".into(),
                     names: vec!["Embed".into()],
+                    types: Some(crate::RouteTypes {
+                        request: body(
+                            "application/msgpack",
+                            serde_json::json!({"$ref": "#/components/schemas/Text"}),
+                        ),
+                        response: body(
+                            "application/msgpack",
+                            serde_json::json!({"type": "array", "items": {"type": "number"}}),
+                        ),
+                        components: serde_json::json!({"Text": {
+                            "title": "Text",
+                            "type": "object",
+                            "properties": {"text": {"type": "string"}},
+                            "required": ["text"]
+                        }})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                    }),
                 },
             ],
             stages: vec![
@@ -299,6 +333,7 @@ mod tests {
         c.routes.push(RouteSpec {
             route: "/v1_embed".into(),
             names: vec!["Other".into()],
+            types: None,
         });
         let err = c.validate().unwrap_err().to_string();
         assert!(

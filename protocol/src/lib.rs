@@ -24,7 +24,7 @@ pub use connection::{Connection, ConnectionError};
 pub use frame::{Frame, FrameError, ItemResult, ItemStatus};
 pub use names::{route_slug, NameError, Names, CONSUMER};
 pub use outcome::Outcome;
-pub use records::{AgentRecord, RouteRecord, StageLoad};
+pub use records::{AgentRecord, BodyType, RouteRecord, RouteTypes, StageLoad};
 pub use streams::{QueueConfig, Rejection};
 
 /// The tracing filter for a `--log-level`: a bare level keeps async-nats at `warn`, whose

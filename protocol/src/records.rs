@@ -14,6 +14,30 @@ pub struct RouteRecord {
     /// Worker class name of each stage, for humans.
     #[serde(default)]
     pub names: Vec<String>,
+    /// What the route takes and answers, for its OpenAPI document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub types: Option<RouteTypes>,
+}
+
+/// A route's request and response bodies as its workers declare them (the first stage's
+/// input, the last stage's output): the ingress never runs Python, so the launcher
+/// writes them down and the agents register them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTypes {
+    pub request: BodyType,
+    pub response: BodyType,
+    /// JSON schemas the two refer to as `#/components/schemas/<name>`.
+    #[serde(default)]
+    pub components: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One body: its media type and its JSON schema (`{}`: anything).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BodyType {
+    pub mime: String,
+    pub schema: serde_json::Value,
 }
 
 /// One stage as hosted by one agent.

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
+from ._openapi import route_types
 from ._stage import StageSpec
 
 #: The module `worker_command` runs; see `natserve._worker_main`.
@@ -79,7 +80,11 @@ def agent_config(
     return {
         "worker_cmd": list(worker_cmd),
         "routes": [
-            {"route": route, "names": [s.name for s in route_stages]}
+            {
+                "route": route,
+                "names": [s.name for s in route_stages],
+                "types": route_types(route_stages),
+            }
             for route, route_stages in routes.items()
         ],
         "stages": [

@@ -130,6 +130,11 @@ def check_route(route: Any, known: Sequence[str], *, where: str = "append_worker
             f"{where}: route {route!r} is {RESERVED_ROUTES[route]} and can never reach "
             "a worker; choose another path, like '/inference' or '/v1/embed'"
         )
+    if isinstance(route, str) and (route == "/openapi" or route.startswith("/openapi/")):
+        raise ValueError(
+            f"{where}: route {route!r} is under /openapi/, where the ingress serves the "
+            "OpenAPI document and Swagger UI; choose another path, like '/inference'"
+        )
     if not isinstance(route, str) or not is_route(route):
         raise ValueError(
             f"{where}: route must match {ROUTE_PATTERN} (like '/inference' or "

@@ -213,13 +213,26 @@ def test_sse_worker_is_refused_with_a_clear_error() -> None:
     assert "streaming responses are not available in natserve yet" in out.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="the ingress serves no OpenAPI document yet")
 def test_openapi_service(tmp_path: Path) -> None:
+    """The typed worker's msgspec Struct becomes the route's documented request body."""
     c = app(tmp_path, "typed")
     try:
-        r = http("GET", c.base + "/openapi/metadata.json")  # type: ignore[attr-defined]
+        base = c.base  # type: ignore[attr-defined]
+        r = http("GET", base + "/openapi/metadata.json")
         assert r.status == 200
-        assert "/inference" in r.json()["paths"]  # type: ignore[index]
+        doc = r.json()
+        assert isinstance(doc, dict) and doc["openapi"].startswith("3.")
+        post = doc["paths"]["/inference"]["post"]
+        request = post["requestBody"]["content"]["application/msgpack"]["schema"]
+        assert request == {"$ref": "#/components/schemas/Media"}
+        media = doc["components"]["schemas"]["Media"]
+        assert set(media["properties"]) == {"media", "binary"}
+        assert post["responses"]["200"]["content"]["application/msgpack"]["schema"] == {
+            "type": "integer"
+        }
+        assert {"422", "429", "503", "504"} <= set(post["responses"])
+        page = http("GET", base + "/openapi/swagger/")
+        assert page.status == 200 and "/openapi/metadata.json" in page.text
     finally:
         c.stop_all()
 

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Dict, List, Tuple
 
 import pytest
 
@@ -20,6 +20,7 @@ from natserve._agent_config import (
 )
 from natserve._launcher import main as launcher_main
 from natserve.mixin import MsgpackMixin
+from natserve.utils import ParseTarget
 
 
 class Preprocess(Worker):
@@ -55,10 +56,16 @@ def test_config_document_matches_the_protocol() -> None:
     cmd = ["/abs/python", "/abs/app.py", "--port", "1"]
     config = agent_config(server.routes, select_stages(server.routes, None), cmd)
     assert config["worker_cmd"] == cmd
-    assert config["routes"] == [
+    assert [{"route": r["route"], "names": r["names"]} for r in config["routes"]] == [
         {"route": "/inference", "names": ["Preprocess", "Inference"]},
         {"route": "/v1/embed", "names": ["Preprocess", "Embed"]},
     ]
+    # Untyped workers: both bodies documented as anything, in their media types.
+    assert config["routes"][0]["types"] == {
+        "request": {"mime": "application/json", "schema": {}},
+        "response": {"mime": "application/json", "schema": {}},
+        "components": {},
+    }
     assert config["stages"][0] == {
         "route": "/inference",
         "stage": 0,
@@ -178,6 +185,24 @@ def golden_server() -> Server:
             return data
 
     class Embed(MsgpackMixin, Worker):
+        """Types as TypedMsgPackMixin would declare them for a `Text` Struct in, floats out."""
+
+        req_mime_type = "application/msgpack"
+
+        @classmethod
+        def get_forward_json_schema(
+            cls, target: ParseTarget, ref_template: str
+        ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+            if target is ParseTarget.RETURN:
+                return {"type": "array", "items": {"type": "number"}}, {}
+            text = {
+                "title": "Text",
+                "type": "object",
+                "properties": {"text": {"type": "string"}},
+                "required": ["text"],
+            }
+            return {"$ref": ref_template.format(name="Text")}, {"Text": text}
+
         def forward(self, data: List[Any]) -> List[Any]:
             return data
 

@@ -112,3 +112,13 @@ def test_routes_the_ingress_answers_itself_are_refused(route: str, what: str) ->
     for word in ("route", repr(route), what, "choose another path"):
         assert word in message, (word, message)
     assert server.routes == {}
+
+
+@pytest.mark.parametrize("route", ["/openapi", "/openapi/metadata.json", "/openapi/swagger"])
+def test_routes_under_openapi_are_refused(route: str) -> None:
+    class W(Worker):
+        def forward(self, data: object) -> object:
+            return data
+
+    with pytest.raises(ValueError, match="OpenAPI document"):
+        Server().append_worker(W, route=route)

@@ -78,6 +78,7 @@ impl Registration {
                     route: r.route.clone(),
                     stages: r.names.len() as u32,
                     names: r.names.clone(),
+                    types: r.types.clone(),
                 };
                 (slug, record)
             })

@@ -133,6 +133,7 @@ fn pipeline(route: &str, stages: u32, num: u32, env: Option<(&str, &str)>) -> Ag
         routes: vec![RouteSpec {
             route: route.to_owned(),
             names: names.clone(),
+            types: None,
         }],
         stages: (0..stages)
             .map(|stage| StageSpec {
@@ -387,6 +388,7 @@ async fn a_stale_route_record_nobody_serves_is_replaced() {
         route: "/x_y".into(),
         stages: 1,
         names: vec!["Old".into()],
+        types: None,
     };
     routes
         .put("x_y", serde_json::to_vec(&stale).unwrap().into())

@@ -225,6 +225,7 @@ impl Agent {
             route: route.to_owned(),
             stages,
             names: (0..stages).map(|i| format!("Stage{i}")).collect(),
+            types: None,
         };
         let slug = natserve_protocol::route_slug(route).unwrap();
         let value = serde_json::to_vec(&record).unwrap();

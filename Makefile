@@ -23,7 +23,7 @@ $(VENV)/bin/python:
 # redis-server (the Redis mixin's integration tests).
 install: $(VENV)/bin/python
 	@test -x $(VENV)/bin/natserve-agent || echo "natserve: building the Rust binaries (release) through pip; about 3 minutes the first time on 2 cores, seconds after"
-	$(PIP) install --quiet './python-worker[mosec]' pytest ruff mypy hypothesis prometheus-client cryptography schemathesis
+	$(PIP) install --quiet './python-worker[mosec]' pytest ruff mypy hypothesis prometheus-client cryptography schemathesis pyyaml
 	@command -v redis-server >/dev/null || apt-get install -y -q redis-server >/dev/null 2>&1 \
 		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q redis-server >/dev/null 2>&1) \
 		|| echo "note: redis-server not installed; the Redis mixin's integration tests skip"

@@ -631,3 +631,57 @@ async fn recreates_its_queue_and_records_after_the_server_restarts_empty() {
     wait_ready(&client, 1).await;
     agent.stop().await.unwrap();
 }
+
+/// Runs `config` (one stage, one worker, batches logged) on `prefetch`, submits `bodies`
+/// and returns the replies and the batches the worker ran.
+async fn run_logged(
+    mut config: AgentConfig,
+    prefetch: bool,
+    sleep_ms: u64,
+    bodies: &[&str],
+) -> (Vec<(String, String)>, Vec<String>) {
+    let nats = NatsServer::start();
+    let logs = TempDir::new("held");
+    let log = logs.0.join("batches.log");
+    config.stages[0].env = Some(vec![BTreeMap::from([
+        ("FAKE_SLEEP_MS".to_owned(), sleep_ms.to_string()),
+        (
+            "FAKE_BATCH_LOG".to_owned(),
+            log.to_str().unwrap().to_owned(),
+        ),
+    ])]);
+    let agent = Agent::start_with(&nats, config, prefetch);
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    wait_ready(&client, 1).await;
+    let mut sub = client.subscribe("t.reply.held").await.unwrap();
+    for body in bodies {
+        submit(&client, "echo", Some(body), "t.reply.held", body).await;
+    }
+    let mut got = replies(&mut sub, bodies.len(), Duration::from_secs(20)).await;
+    // Anything run twice would answer twice: give a second answer time to come.
+    got.extend(replies(&mut sub, 1, Duration::from_millis(1500)).await);
+    got.sort();
+    agent.stop().await.unwrap();
+    let batches = std::fs::read_to_string(&log).unwrap_or_default();
+    (got, batches.lines().map(str::to_owned).collect())
+}
+
+#[tokio::test]
+async fn work_held_longer_than_the_ack_wait_is_kept_not_redelivered() {
+    // Each batch runs 1.5 s, past the 1 s ack wait, while the next is prefetched and held.
+    let mut config = pipeline("/echo", 1, 1, None);
+    config.stages[0].max_batch_size = NonZeroU32::new(1).unwrap();
+    let (got, batches) = run_logged(config, true, 1500, &["a", "b", "c"]).await;
+    let ok = |b: &str| ("ok".to_owned(), b.to_owned());
+    assert_eq!(got, vec![ok("a"), ok("b"), ok("c")]);
+    assert_eq!(batches, vec!["a", "b", "c"], "each ran once");
+}
+
+#[tokio::test]
+async fn a_batch_topping_up_longer_than_the_ack_wait_is_kept_not_redelivered() {
+    let mut config = pipeline("/echo", 1, 1, None);
+    config.stages[0].max_wait_ms = 1800;
+    let (got, batches) = run_logged(config, false, 0, &["a"]).await;
+    assert_eq!(got, vec![("ok".to_owned(), "a".to_owned())]);
+    assert_eq!(batches, vec!["a"], "it ran once");
+}

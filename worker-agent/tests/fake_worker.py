@@ -3,12 +3,14 @@ sends READY, then answers every BATCH with RESULTS that echo its items (status o
 docs/protocol.md specifies the frames. With FAKE_PID_DIR set, it leaves a file named
 after its pid there, so a test can find and kill it. With FAKE_CRASH_ON set, a batch
 holding an item equal to it kills the process (exit 3) instead of answering; with
-FAKE_BATCH_LOG set, each batch's items are appended there as one line first."""
+FAKE_BATCH_LOG set, each batch's items are appended there as one line first; with
+FAKE_SLEEP_MS set, each batch takes that long."""
 
 import os
 import socket
 import struct
 import sys
+import time
 
 KIND_READY, KIND_BATCH, KIND_RESULTS = 1, 2, 3
 
@@ -48,6 +50,7 @@ def main() -> None:
         if batch_log:
             with open(batch_log, "a") as f:
                 f.write(" ".join(i.decode(errors="replace") for i in items) + "\n")
+        time.sleep(int(os.environ.get("FAKE_SLEEP_MS", "0")) / 1000)
         crash_on = os.environ.get("FAKE_CRASH_ON")
         if crash_on and crash_on.encode() in items:
             os._exit(3)

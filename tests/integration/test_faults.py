@@ -255,3 +255,43 @@ def test_the_broker_restarting_empty_heals_without_restarting_anything(
     )
     assert ok == 200, [r for r in rs if r.status != 200][:5]
     assert healed < 5, healed
+
+
+def test_saturated_agents_keep_their_work_so_requests_run_once(cluster: Cluster) -> None:
+    """What the short ack wait costs a live agent: on a saturated host, does any request
+    lose its agent's hold (no Progress ack for 750 ms) and run twice?"""
+    nats = cluster.nats()
+    logs = [cluster.tmp / f"tags-{n}.log" for n in (1, 2)]
+    for n, log in enumerate(logs, 1):
+        env = {"BEHAVE_WORKERS": "2", "BEHAVE_LOG": str(log)}
+        cluster.app(BEHAVE, "--role", "agent", "--nats", nats, name=f"agent-{n}", env=env)
+    base = serve(cluster, BEHAVE, nats, "--timeout", "3000", name="ingress")
+    stop = threading.Event()
+    lock = threading.Lock()
+    counter = iter(range(1_000_000))
+    statuses: Dict[int, int] = {}
+
+    def client() -> None:
+        while not stop.is_set():
+            with lock:
+                i = next(counter)
+            r = http("POST", base + "/inference", json.dumps({"tag": i}).encode(), timeout=10)
+            with lock:
+                statuses[r.status] = statuses.get(r.status, 0) + 1
+
+    threads = [threading.Thread(target=client) for _ in range(128)]
+    for t in threads:
+        t.start()
+    time.sleep(5)
+    stop.set()
+    for t in threads:
+        t.join(15)
+    runs: Dict[str, int] = {}
+    for log in logs:
+        for tag in log.read_text().split():
+            runs[tag] = runs.get(tag, 0) + 1
+    twice = sum(1 for n in runs.values() if n > 1)
+    total = sum(statuses.values())
+    print(f"\nsaturated, 128 clients: {statuses}; {twice} of {len(runs)} requests ran twice")
+    assert statuses == {200: total}, statuses
+    assert twice <= total // 100, twice

@@ -91,11 +91,13 @@ pub(crate) async fn run_batch(
             }
             BatchEnd::Failed(e) => {
                 ctx.metrics.worker_failures.inc();
+                let label = worker.label().to_owned();
                 drop(worker);
-                // Alone and delivered before: it has now failed a worker twice.
+                // Alone, and delivered before (a batch it was in lost its worker, or its
+                // agent died): answered now, so a poison item costs at most two workers.
                 if let [msg] = msgs.as_slice() {
                     if delivered(msg) > 1 {
-                        error!(error = %e, request_id = header(msg, headers::REQUEST_ID).unwrap_or(""), "worker failed running one request alone, after an earlier failure; answering it and replacing the worker");
+                        error!(worker = %label, error = %e, request_id = header(msg, headers::REQUEST_ID).unwrap_or(""), "worker failed running one request alone, after an earlier failure; answering it and replacing the worker");
                         let body = Bytes::from_static(
                             b"internal error: worker process failed while running this request",
                         );
@@ -105,7 +107,7 @@ pub(crate) async fn run_batch(
                         return;
                     }
                 }
-                error!(error = %e, items = msgs.len(), "worker failed a batch; replacing it and running each item again alone");
+                error!(worker = %label, error = %e, items = msgs.len(), "worker failed a batch; replacing it and running each item again alone");
                 for msg in &msgs {
                     ctx.outbox.retry(msg).await;
                 }

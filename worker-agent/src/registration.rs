@@ -237,6 +237,9 @@ impl Registration {
     /// Publishes the record every heartbeat until `cancel` fires, then deletes it.
     pub async fn heartbeat_until(&self, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(self.heartbeat);
+        // A beat that waited out an outage (each NATS call times out) is not followed by
+        // a burst of catch-up beats.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut beats = 0u32;
         loop {
             tokio::select! {

@@ -79,6 +79,29 @@ impl Names {
         format!("{}.reply.{ingress_id}", self.namespace)
     }
 
+    /// Whether an agent may publish a reply to `subject` (a work message's `X-Reply-To`).
+    /// Only subjects under `<ns>.reply.` are trusted: an agent publishes replies with its
+    /// own NATS rights, so a submitter naming any other subject (`$KV.<ns>_routes.<slug>`,
+    /// `<ns>.work.<slug>.<i>`, `$JS.API...`) could make it write there. Ingresses use
+    /// `<ns>.reply.<ingress id>.<request id>`, `natserve.Client` `<ns>.reply.<client id>.<id>`.
+    /// Each token after the prefix must be non-empty, without wildcards or whitespace.
+    pub fn is_reply_subject(&self, subject: &str) -> bool {
+        let Some(rest) = subject
+            .strip_prefix(self.namespace.as_str())
+            .and_then(|s| s.strip_prefix(".reply."))
+        else {
+            return false;
+        };
+        rest.split('.').all(|token| {
+            !token.is_empty()
+                && token != "*"
+                && token != ">"
+                && !token
+                    .bytes()
+                    .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        })
+    }
+
     /// Prefix of the NATS inboxes of one role (`ingress`, `agent`, a client's id), where
     /// its JetStream acks, pulled messages and KV watch updates arrive: a server can let
     /// each role subscribe to its own (`<prefix>.>`) and no one read another's.
@@ -150,6 +173,33 @@ mod tests {
         assert_eq!(n.cancel_subject(), "prod.cancel");
         assert_eq!(n.inbox_prefix("agent"), "prod.inbox.agent");
         assert!(Names::new("a.b").is_err());
+        assert!(Names::new("").is_err());
+    }
+
+    #[test]
+    fn replies_are_trusted_only_under_the_reply_prefix() {
+        let n = Names::new("prod").unwrap();
+        for ok in ["prod.reply.abc.r1", "prod.reply.client-1.x", "prod.reply.a"] {
+            assert!(n.is_reply_subject(ok), "{ok}");
+        }
+        for bad in [
+            "$KV.prod_routes.inference",
+            "prod.work.inference.0",
+            "$JS.API.STREAM.DELETE.prod_work_inference_0",
+            "prod.reply",
+            "prod.reply.",
+            "prod.reply..x",
+            "prod.reply.*",
+            "prod.reply.>",
+            "prod.reply.a b",
+            "prod.replyx.a",
+            "other.reply.a.b",
+            "prodx.reply.a.b",
+            "_INBOX.abc",
+            "",
+        ] {
+            assert!(!n.is_reply_subject(bad), "{bad:?}");
+        }
         assert!(Names::new("").is_err());
     }
 }

@@ -10,10 +10,27 @@ use async_nats::jetstream::{self, consumer, stream};
 use crate::{Names, CONSUMER};
 
 /// How long a message may stay unacknowledged before JetStream redelivers it to another
-/// agent. Long batches send `Progress` every third of it.
-pub const ACK_WAIT: Duration = Duration::from_secs(30);
-/// Deliveries before JetStream gives up on a message whose agents keep dying.
-pub const MAX_DELIVER: i64 = 3;
+/// agent. It is what an agent's death costs its in-flight requests (`kill -9`: its work
+/// runs elsewhere about this long later), so it must leave most of the default 3 s
+/// deadline for the rerun. An agent keeps every message it holds (batching, waiting for
+/// a worker, running) alive with a `Progress` ack every [`PROGRESS_EVERY`], so a live
+/// agent loses its messages only if it cannot send one 20-byte publish for three
+/// quarters of a second; then the request runs twice and is answered once (the ingress
+/// takes the first reply, a hand-off is de-duplicated by `Nats-Msg-Id`).
+pub const ACK_WAIT: Duration = Duration::from_secs(1);
+/// How often a held message gets a `Progress` ack: four chances per [`ACK_WAIT`]. A batch
+/// that finishes sooner (the common case) sends none.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// Deliveries JetStream makes of one message. The last is answered `server_error`
+/// without being run (a message whose last delivery is lost would otherwise stay in the
+/// work queue unanswered), so a request gets four runs: its first, one retry after its
+/// worker died mid-batch, and two more for agents that died or stalled while holding it.
+pub const MAX_DELIVER: i64 = 5;
+
+// A held message gets several chances at a `Progress` ack before its ack wait runs out,
+// and a request at least a first run, a retry alone, and the delivery that answers it.
+const _: () = assert!(PROGRESS_EVERY.as_millis() * 4 <= ACK_WAIT.as_millis());
+const _: () = assert!(MAX_DELIVER >= 3);
 /// Unacknowledged messages the consumer lets all agents of a stage hold at once.
 pub const MAX_ACK_PENDING: i64 = 20_000;
 /// JetStream API error code of a publish a full stream refused (`discard: new`):
@@ -47,7 +64,8 @@ pub fn work_stream_config(
 }
 
 /// The durable pull consumer every agent of a stage shares. Acks are explicit: each
-/// message is acked only once its result is safe.
+/// message is acked only once its result is safe. Created or updated (never only
+/// fetched), so a consumer made by an older agent with other limits takes these.
 pub fn work_consumer_config() -> consumer::pull::Config {
     consumer::pull::Config {
         durable_name: Some(CONSUMER.to_owned()),

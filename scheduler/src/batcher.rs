@@ -22,6 +22,13 @@ pub trait Source {
         max: usize,
         wait: Duration,
     ) -> impl Future<Output = Result<Vec<Self::Item>, Self::Error>> + Send;
+
+    /// Tells the source that `held` are still being batched, so it does not give them to
+    /// someone else (JetStream: a `Progress` ack each). Called during long top-ups only.
+    fn keep_alive(&mut self, held: &[Self::Item]) -> impl Future<Output = ()> + Send {
+        let _ = held;
+        async {}
+    }
 }
 
 /// Batching limits of one stage.
@@ -32,6 +39,9 @@ pub struct Limits {
     /// How long one wait for a first item lasts before the caller gets control back (to
     /// notice shutdown); an idle stage pays one pull request per `idle_poll`.
     pub idle_poll: Duration,
+    /// Items held while a batch tops up are kept alive this often ([`Source::keep_alive`]),
+    /// so a `max_wait` longer than the ack wait does not hand them to another agent.
+    pub keep_alive: Duration,
 }
 
 /// Collects one batch. `Ok(None)` when no first item arrived within `idle_poll`.
@@ -61,17 +71,23 @@ pub async fn collect_batch<S: Source>(
         }
     }
     let first_at = Instant::now();
+    let mut kept_at = first_at;
     while batch.len() < limits.max_batch {
         let remaining = limits.max_wait.saturating_sub(first_at.elapsed());
         if remaining.is_zero() && drained {
             break;
         }
-        let more = source
-            .pull(limits.max_batch - batch.len(), remaining)
-            .await?;
+        if kept_at.elapsed() >= limits.keep_alive {
+            source.keep_alive(&batch).await;
+            kept_at = Instant::now();
+        }
+        // A top-up longer than `keep_alive` waits in pieces, keeping the batch alive
+        // between them.
+        let wait = remaining.min(limits.keep_alive);
+        let more = source.pull(limits.max_batch - batch.len(), wait).await?;
         let got = more.len();
         batch.extend(more);
-        if got == 0 || remaining.is_zero() {
+        if remaining.is_zero() || (got == 0 && wait == remaining) {
             break;
         }
     }
@@ -123,6 +139,7 @@ mod tests {
             max_batch,
             max_wait: Duration::from_millis(max_wait_ms),
             idle_poll: Duration::from_secs(1),
+            keep_alive: Duration::MAX,
         }
     }
 
@@ -235,6 +252,37 @@ mod tests {
         let batch = collect_batch(&mut source, limits(8, 0)).await.unwrap();
         assert_eq!(batch, Some(vec![1, 2]));
         assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_top_up_keeps_the_held_items_alive() {
+        struct Kept(ChannelSource, Vec<(Duration, usize)>, Instant);
+        impl Source for Kept {
+            type Item = u32;
+            type Error = ();
+            async fn pull(&mut self, max: usize, wait: Duration) -> Result<Vec<u32>, ()> {
+                self.0.pull(max, wait).await
+            }
+            async fn keep_alive(&mut self, held: &[u32]) {
+                self.1.push((self.2.elapsed(), held.len()));
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let start = Instant::now();
+        let mut source = Kept(ChannelSource(rx), Vec::new(), start);
+        tx.send(1).unwrap();
+        send_at(&tx, 150, 2);
+        let mut l = limits(8, 350);
+        l.keep_alive = Duration::from_millis(100);
+        let batch = collect_batch(&mut source, l).await.unwrap();
+        assert_eq!(batch, Some(vec![1, 2]));
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(350),
+            "max_wait is kept"
+        );
+        let at: Vec<_> = source.1.iter().map(|(t, n)| (t.as_millis(), *n)).collect();
+        assert_eq!(at, vec![(100, 1), (200, 2), (300, 2)]);
     }
 
     #[test]

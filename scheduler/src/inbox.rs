@@ -10,6 +10,11 @@
 //! messages (404 no messages, 408 request expired, 409 ...) arrive on the reply subject
 //! of the request they end, so a late status of an earlier request is told apart and
 //! ignored.
+//!
+//! A reconnect loses the pull request in flight (a restarted server forgets it), so the
+//! wait for it also watches the client's connect count and gives up at once
+//! ([`PullError::Reconnected`]): the stage then checks its stream and consumer still
+//! exist (a server with memory storage comes back empty) instead of idling out the poll.
 
 use std::time::Duration;
 
@@ -22,6 +27,8 @@ use crate::batcher::Source;
 /// How long after a pull request should have ended we stop waiting for the server's word
 /// (a lost status, a reconnect that dropped the request).
 const STATUS_GRACE: Duration = Duration::from_secs(5);
+/// How often a waiting pull looks at the client's connect count.
+const RECONNECT_CHECK: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -36,6 +43,23 @@ pub enum PullError {
     },
     #[error("pull inbox subscription closed")]
     Closed,
+    #[error("reconnected to nats while a pull was in flight")]
+    Reconnected,
+}
+
+impl PullError {
+    /// Whether the stage's stream or consumer may be gone: the server answered that
+    /// nothing serves the pull (503 no responders, 409 consumer deleted), or the
+    /// connection was re-established, possibly to a server that lost them.
+    pub fn may_have_lost_the_queue(&self) -> bool {
+        match self {
+            PullError::Reconnected => true,
+            PullError::Status { status, .. } => {
+                *status == StatusCode::NO_RESPONDERS || *status == StatusCode::REQUEST_TERMINATED
+            }
+            _ => false,
+        }
+    }
 }
 
 /// What one message on the inbox means for the pull request in flight.
@@ -71,6 +95,7 @@ pub struct PullInbox {
     prefix: String,
     subscriber: Subscriber,
     requests: u64,
+    statistics: std::sync::Arc<async_nats::Statistics>,
 }
 
 impl PullInbox {
@@ -87,6 +112,7 @@ impl PullInbox {
             prefix,
             subscriber,
             requests: 0,
+            statistics: client.statistics(),
         })
     }
 }
@@ -97,6 +123,7 @@ impl Source for PullInbox {
 
     async fn pull(&mut self, max: usize, wait: Duration) -> Result<Vec<Self::Item>, Self::Error> {
         self.requests += 1;
+        let connects = self.connects();
         let reply = format!("{}.{}", self.prefix, self.requests);
         // A zero wait is a `no_wait` request: the server answers at once with what it has
         // (up to `max`), then a 404/408 status; otherwise it holds the request for `wait`.
@@ -111,8 +138,22 @@ impl Source for PullInbox {
             .await?;
         let give_up = tokio::time::Instant::now() + wait + STATUS_GRACE;
         let mut out = Vec::with_capacity(max);
+        let mut check = tokio::time::interval(RECONNECT_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while out.len() < max {
-            let msg = match tokio::time::timeout_at(give_up, self.subscriber.next()).await {
+            let next = tokio::select! {
+                next = tokio::time::timeout_at(give_up, self.subscriber.next()) => next,
+                _ = check.tick() => {
+                    if self.connects() == connects {
+                        continue;
+                    }
+                    if out.is_empty() {
+                        return Err(PullError::Reconnected);
+                    }
+                    break; // keep what was delivered: ours to run and ack
+                }
+            };
+            let msg = match next {
                 Err(_) => break,
                 Ok(None) => return Err(PullError::Closed),
                 Ok(Some(msg)) => msg,
@@ -135,6 +176,21 @@ impl Source for PullInbox {
             }
         }
         Ok(out)
+    }
+
+    async fn keep_alive(&mut self, held: &[Self::Item]) {
+        for msg in held {
+            // Fire and forget: a lost one is covered by the next.
+            let _ = msg.ack_with(jetstream::AckKind::Progress).await;
+        }
+    }
+}
+
+impl PullInbox {
+    fn connects(&self) -> u64 {
+        self.statistics
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

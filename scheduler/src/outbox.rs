@@ -6,7 +6,8 @@
 use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use natserve_protocol::{headers, ItemResult, Outcome, Rejection};
+use natserve_protocol::streams::MAX_DELIVER;
+use natserve_protocol::{headers, ItemResult, Names, Outcome, Rejection};
 use tracing::warn;
 
 use crate::StageMetrics;
@@ -25,6 +26,8 @@ pub struct Outbox {
     stage: u32,
     /// Media type of a successful reply.
     mime: String,
+    /// Which reply subjects are trusted ([`Names::is_reply_subject`]).
+    names: Names,
     metrics: StageMetrics,
 }
 
@@ -35,6 +38,7 @@ impl Outbox {
         route: String,
         stage: u32,
         mime: String,
+        names: Names,
         metrics: StageMetrics,
     ) -> Self {
         Self {
@@ -44,8 +48,35 @@ impl Outbox {
             route,
             stage,
             mime,
+            names,
             metrics,
         }
+    }
+
+    /// Whether the message names a reply subject an agent must not publish to (see
+    /// [`Names::is_reply_subject`]). A message without one was submitted
+    /// fire-and-forget and is fine.
+    pub fn untrusted_reply(&self, msg: &jetstream::Message) -> bool {
+        header(msg, headers::REPLY_TO).is_some_and(|to| !self.names.is_reply_subject(to))
+    }
+
+    /// Terminates a message whose reply subject is not trusted, unanswered and unrun.
+    pub async fn refuse_reply_subject(&self, msg: &jetstream::Message) {
+        warn!(
+            route = %self.route,
+            stage = self.stage,
+            request_id = header(msg, headers::REQUEST_ID).unwrap_or(""),
+            reply_to = header(msg, headers::REPLY_TO).unwrap_or(""),
+            "refusing work whose reply subject is not under <namespace>.reply.; terminated unanswered"
+        );
+        ack(msg, AckKind::Term).await;
+    }
+
+    /// Gives a message whose worker died while running it another delivery (`Nak`: at
+    /// once, to any agent). Its next delivery runs alone, so should it be what killed the
+    /// worker, it takes no batch-mates down the second time (see `crate::pull`).
+    pub async fn retry(&self, msg: &jetstream::Message) {
+        ack(msg, AckKind::Nak(None)).await;
     }
 
     /// Whether a successful result goes to another stage rather than to the requester.
@@ -156,6 +187,14 @@ impl Outbox {
         let Some(to) = header(msg, headers::REPLY_TO) else {
             return;
         };
+        // Triage already refused such messages; this keeps every other path honest.
+        if !self.names.is_reply_subject(to) {
+            warn!(
+                subject = to,
+                "not replying to a subject outside <namespace>.reply."
+            );
+            return;
+        }
         let mut h = HeaderMap::new();
         h.insert(headers::STATUS, outcome.as_str());
         if let Some(id) = header(msg, headers::REQUEST_ID) {
@@ -181,6 +220,17 @@ async fn ack(msg: &jetstream::Message, kind: AckKind) {
     if let Err(e) = msg.ack_with(kind).await {
         warn!(error = %e, "ack failed; the message will be redelivered");
     }
+}
+
+/// How many times JetStream has delivered `msg` (1 the first time); 1 when unknown.
+pub fn delivered(msg: &jetstream::Message) -> i64 {
+    msg.info().map(|i| i.delivered).unwrap_or(1)
+}
+
+/// Whether this is the last delivery JetStream will make of `msg`: it is answered, not
+/// run, since a loss now would leave it in the queue unanswered.
+pub fn is_last_delivery(delivered: i64) -> bool {
+    delivered >= MAX_DELIVER
 }
 
 /// A header of a received message, as text.

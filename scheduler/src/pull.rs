@@ -6,19 +6,24 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 use bytes::Bytes;
+use natserve_protocol::streams::{MAX_DELIVER, PROGRESS_EVERY};
 use natserve_protocol::{headers, unix_ms, Outcome};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use crate::batcher::{collect_batch, split_expired, Limits};
-use crate::inbox::PullInbox;
-use crate::outbox::{header, MISSING_REQUEST_ID};
+use crate::inbox::{PullError, PullInbox};
+use crate::outbox::{delivered, header, is_last_delivery, MISSING_REQUEST_ID};
 use crate::pool::WorkerPool;
-use crate::run::run_batch;
+use crate::run::{run_batch, take_holding};
 use crate::stage::{StageContext, IDLE_POLL};
 
 /// One pull loop: take an idle worker, pull a batch for it, start it, repeat.
+///
+/// What was pulled but not started yet (`held`: a prefetched batch, or the rest of one
+/// whose redelivered items run one by one) stays with the loop until the next worker is
+/// free, with `Progress` acks meanwhile, so JetStream hands it to no one else.
 pub(crate) async fn pull_loop(
     ctx: Arc<StageContext>,
     consumer: jetstream::consumer::PullConsumer,
@@ -30,6 +35,7 @@ pub(crate) async fn pull_loop(
         max_batch: ctx.spec.max_batch_size.get() as usize,
         max_wait: ctx.spec.max_wait(),
         idle_poll: IDLE_POLL,
+        keep_alive: PROGRESS_EVERY,
     };
     let mut source = loop {
         match PullInbox::new(&ctx.client, ctx.js.clone(), consumer.clone()).await {
@@ -44,28 +50,29 @@ pub(crate) async fn pull_loop(
         }
     };
     let returns = pool.sender();
+    let mut held: Vec<jetstream::Message> = Vec::new();
     loop {
-        let (worker, batch) = if ctx.prefetch {
+        if held.is_empty() && ctx.prefetch {
             let Some(batch) = pull(&ctx, &mut source, limits, &cancel).await else {
                 break;
             };
-            let Some(worker) = pool.take_unless(&cancel).await else {
-                ctx.outbox.release(&batch).await;
-                break;
-            };
-            (worker, batch)
-        } else {
-            let Some(worker) = pool.take_unless(&cancel).await else {
-                break;
-            };
+            held = batch;
+        }
+        let Some(worker) = take_holding(&ctx, &pool, &cancel, &held).await else {
+            ctx.outbox.release(&held).await;
+            break;
+        };
+        if held.is_empty() {
             let Some(batch) = pull(&ctx, &mut source, limits, &cancel).await else {
                 returns.put(worker);
                 break;
             };
-            (worker, batch)
-        };
-        let live = triage(&ctx, batch).await;
-        if live.is_empty() {
+            held = batch;
+        }
+        let live = triage(&ctx, std::mem::take(&mut held)).await;
+        let (run, rest) = next_run(live, delivered);
+        held = rest;
+        if run.is_empty() {
             returns.put(worker);
             continue;
         }
@@ -73,9 +80,25 @@ pub(crate) async fn pull_loop(
             ctx.clone(),
             pool.clone(),
             worker,
-            live,
+            run,
             cancel.clone(),
         ));
+    }
+}
+
+/// Splits what runs now on one worker from what waits for the next. An item delivered
+/// before (its worker or agent died while it ran, or it was handed back) runs alone: if
+/// it is what killed a worker, it does not take batch-mates down a second time, and if it
+/// does kill its worker again it is answered alone (`crate::run`). Redelivered items go
+/// first: they are the oldest.
+pub(crate) fn next_run<T>(items: Vec<T>, delivered: impl Fn(&T) -> i64) -> (Vec<T>, Vec<T>) {
+    match items.iter().position(|m| delivered(m) > 1) {
+        Some(i) => {
+            let mut rest = items;
+            let alone = rest.remove(i);
+            (vec![alone], rest)
+        }
+        None => (items, Vec::new()),
     }
 }
 
@@ -84,6 +107,12 @@ pub(crate) async fn triage(
     ctx: &StageContext,
     batch: Vec<jetstream::Message>,
 ) -> Vec<jetstream::Message> {
+    let (untrusted, batch): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .partition(|m| ctx.outbox.untrusted_reply(m));
+    for msg in untrusted {
+        ctx.outbox.refuse_reply_subject(&msg).await;
+    }
     let (live, expired) = split_expired(batch, unix_ms(), |m| {
         headers::deadline_ms(m.headers.as_ref())
     });
@@ -99,6 +128,21 @@ pub(crate) async fn triage(
     let (live, cancelled) = drop_cancelled(ctx, live);
     for msg in cancelled {
         ctx.outbox.drop_unanswered(&msg).await;
+    }
+    // JetStream makes no delivery after this one: answer it rather than risk losing it
+    // unanswered in the queue, since every earlier run of it failed.
+    let (exhausted, live): (Vec<_>, Vec<_>) = live
+        .into_iter()
+        .partition(|m| is_last_delivery(delivered(m)));
+    for msg in exhausted {
+        warn!(route = %ctx.spec.route, stage = ctx.spec.stage, request_id = header(&msg, headers::REQUEST_ID).unwrap_or(""), "last delivery of a request every run of which failed; answering it");
+        let body = format!(
+            "internal error: stage {} of {} was delivered {} times and never finished (its workers or agents kept failing)",
+            ctx.spec.stage, ctx.spec.route, MAX_DELIVER
+        );
+        ctx.outbox
+            .finish(&msg, Outcome::ServerError, body.into(), None)
+            .await;
     }
     if !ctx.outbox.hands_off() {
         return live;
@@ -147,11 +191,39 @@ async fn pull(
             Ok(None) => continue,
             Err(e) => {
                 warn!(route = %ctx.spec.route, stage = ctx.spec.stage, error = %e, "pull failed");
+                // A reconnect to a server that lost the queue heals here, at once; a
+                // pull nothing serves is retried after the pause.
+                let healed = e.may_have_lost_the_queue() && ctx.ensure_queue().await;
+                if healed && matches!(e, PullError::Reconnected) {
+                    continue;
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => {}
                     _ = tokio::time::sleep(IDLE_POLL) => {}
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redelivered_item_runs_alone_and_first() {
+        let (run, rest) = next_run(vec![(1, 1), (2, 2), (3, 1), (4, 3)], |m| m.1);
+        assert_eq!(run, vec![(2, 2)]);
+        assert_eq!(rest, vec![(1, 1), (3, 1), (4, 3)]);
+        let (run, rest) = next_run(rest, |m| m.1);
+        assert_eq!((run, rest), (vec![(4, 3)], vec![(1, 1), (3, 1)]));
+    }
+
+    #[test]
+    fn first_deliveries_run_together() {
+        let (run, rest) = next_run(vec![(1, 1), (2, 1)], |m| m.1);
+        assert_eq!((run, rest), (vec![(1, 1), (2, 1)], vec![]));
+        let (run, rest) = next_run(Vec::<(u8, i64)>::new(), |m| m.1);
+        assert!(run.is_empty() && rest.is_empty());
     }
 }

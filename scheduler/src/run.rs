@@ -1,25 +1,32 @@
 //! Running: one batch on one worker, kept alive with `Progress` acks, bounded by the hang
 //! limit, and what a failed worker means for the batch's items. A batch that never
-//! reached a live worker runs on the next one, never fails.
+//! reached a live worker runs on the next one, never fails. A batch whose worker died
+//! while running it goes back to the queue (`Nak`), item by item: each then runs alone
+//! (`crate::pull::next_run`), so the healthy ones are answered, and an item that kills a
+//! worker a second time, alone, is answered `server_error` by itself.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use natserve_protocol::streams::ACK_WAIT;
+use natserve_protocol::streams::PROGRESS_EVERY;
 use natserve_protocol::{headers, unix_ms, ItemResult, Outcome};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
+use crate::outbox::{delivered, header};
 use crate::pool::{FailureKind, WorkerConn, WorkerError, WorkerPool};
 use crate::pull::triage;
 use crate::stage::StageContext;
 
-/// Without a stage timeout, a batch still running this long after its items' deadline
-/// counts as hung: its worker is replaced.
-pub const HANG_GRACE: Duration = Duration::from_secs(10);
+/// Without a stage timeout, a batch still running this long after its items' latest
+/// deadline counts as hung: its worker is replaced. By then every requester has been
+/// answered `timeout` (the ingress waits 250 ms past the deadline), so the worker only
+/// blocks the requests queued behind it: one second is enough to let a batch that was
+/// about to finish finish, and short enough that those requests still run.
+pub const HANG_GRACE: Duration = Duration::from_secs(1);
 
 /// How long a batch may run before its worker is considered hung: the stage's timeout,
 /// else [`HANG_GRACE`] past the latest deadline among its items. `None` when neither
@@ -76,23 +83,33 @@ pub(crate) async fn run_batch(
                 if msgs.is_empty() {
                     return;
                 }
-                let Some(next) = wait_for_worker(&ctx, &pool, &cancel, &msgs).await else {
+                let Some(next) = take_holding(&ctx, &pool, &cancel, &msgs).await else {
                     ctx.outbox.release(&msgs).await;
                     return;
                 };
                 worker = next;
             }
             BatchEnd::Failed(e) => {
-                error!(worker = worker.label(), error = %e, "worker failed a batch; replacing it");
                 ctx.metrics.worker_failures.inc();
+                let label = worker.label().to_owned();
                 drop(worker);
-                let body = Bytes::from_static(
-                    b"internal error: worker process failed while running this request",
-                );
+                // Alone, and delivered before (a batch it was in lost its worker, or its
+                // agent died): answered now, so a poison item costs at most two workers.
+                if let [msg] = msgs.as_slice() {
+                    if delivered(msg) > 1 {
+                        error!(worker = %label, error = %e, request_id = header(msg, headers::REQUEST_ID).unwrap_or(""), "worker failed running one request alone, after an earlier failure; answering it and replacing the worker");
+                        let body = Bytes::from_static(
+                            b"internal error: worker process failed while running this request",
+                        );
+                        ctx.outbox
+                            .finish(msg, Outcome::ServerError, body, None)
+                            .await;
+                        return;
+                    }
+                }
+                error!(worker = %label, error = %e, items = msgs.len(), "worker failed a batch; replacing it and running each item again alone");
                 for msg in &msgs {
-                    ctx.outbox
-                        .finish(msg, Outcome::ServerError, body.clone(), None)
-                        .await;
+                    ctx.outbox.retry(msg).await;
                 }
                 return;
             }
@@ -124,13 +141,13 @@ pub(crate) async fn run_batch(
 /// Waits for the next idle worker for `msgs`, which this agent holds meanwhile: they get
 /// `Progress` acks, so JetStream does not hand them to another agent as well. `None` once
 /// `cancel` fires.
-async fn wait_for_worker(
+pub(crate) async fn take_holding(
     ctx: &StageContext,
     pool: &WorkerPool,
     cancel: &CancellationToken,
     msgs: &[jetstream::Message],
 ) -> Option<WorkerConn> {
-    let mut progress = tokio::time::interval(ACK_WAIT / 3);
+    let mut progress = tokio::time::interval(PROGRESS_EVERY);
     progress.tick().await; // the first tick is immediate
     let next = pool.take_unless(cancel);
     tokio::pin!(next);
@@ -158,7 +175,7 @@ async fn attempt(
     );
     let run = worker.run(payloads);
     tokio::pin!(run);
-    let mut progress = tokio::time::interval_at(started + ACK_WAIT / 3, ACK_WAIT / 3);
+    let mut progress = tokio::time::interval_at(started + PROGRESS_EVERY, PROGRESS_EVERY);
     let hang = async {
         match limit {
             Some(limit) => tokio::time::sleep(limit).await,

@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use natserve_protocol::streams::{work_consumer_config, work_stream_config, QueueConfig};
-use natserve_protocol::{Names, StageSpec, CONSUMER};
+use natserve_protocol::{Names, StageSpec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use crate::outbox::Outbox;
 use crate::pool::WorkerPool;
@@ -39,7 +39,9 @@ pub enum StageError {
 }
 
 /// Creates (or updates the limits of) the stage's work-queue stream and its shared
-/// durable consumer. Idempotent, so any number of agents may race on it.
+/// durable consumer. Idempotent, so any number of agents may race on it, and a stage
+/// calls it again whenever its pulls suggest the server lost them (see
+/// [`StageContext::ensure_queue`]).
 pub async fn ensure_stage(
     js: &jetstream::Context,
     names: &Names,
@@ -57,8 +59,9 @@ pub async fn ensure_stage(
         .await
         .map_err(|e| err(e.into()))?;
     let stream = js.get_stream(&name).await.map_err(|e| err(e.into()))?;
+    // Create or update, so a consumer an older agent made takes today's ack wait.
     stream
-        .get_or_create_consumer(CONSUMER, work_consumer_config())
+        .create_consumer(work_consumer_config())
         .await
         .map_err(|e| err(e.into()))
 }
@@ -74,6 +77,8 @@ pub struct StageContext {
     pub prefetch: bool,
     /// Queued requests whose client went away: dropped unrun.
     pub cancelled: Arc<Cancellations>,
+    names: Names,
+    queue: QueueConfig,
 }
 
 impl StageContext {
@@ -81,6 +86,7 @@ impl StageContext {
         spec: StageSpec,
         stages_in_route: u32,
         names: &Names,
+        queue: QueueConfig,
         client: async_nats::Client,
         metrics: StageMetrics,
     ) -> Result<Self, StageError> {
@@ -93,6 +99,7 @@ impl StageContext {
             spec.route.clone(),
             spec.stage,
             spec.mime.clone(),
+            names.clone(),
             metrics.clone(),
         );
         Ok(Self {
@@ -103,7 +110,25 @@ impl StageContext {
             outbox,
             prefetch: false,
             cancelled: Arc::default(),
+            names: names.clone(),
+            queue,
         })
+    }
+
+    /// Creates the stage's stream and consumer again if they are gone: a NATS server with
+    /// memory storage restarts empty, and nothing else would recreate them. True when
+    /// they exist now.
+    pub async fn ensure_queue(&self) -> bool {
+        match ensure_stage(&self.js, &self.names, &self.spec, &self.queue).await {
+            Ok(_) => {
+                info!(route = %self.spec.route, stage = self.spec.stage, "stage queue checked after a failed pull");
+                true
+            }
+            Err(e) => {
+                warn!(route = %self.spec.route, stage = self.spec.stage, error = %e, "cannot recreate the stage queue");
+                false
+            }
+        }
     }
 
     pub fn with_cancellations(mut self, cancelled: Arc<Cancellations>) -> Self {

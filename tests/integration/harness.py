@@ -98,21 +98,26 @@ class Cluster:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.procs: List[Proc] = []
+        #: The nats-server `nats()` started last.
+        self.nats_proc: Optional[Proc] = None
 
     def start(self, args: List[str], name: str, env: Optional[Dict[str, str]] = None) -> Proc:
         proc = Proc(args, self.tmp / f"{name}.log", env)
         self.procs.append(proc)
         return proc
 
-    def nats(self) -> str:
-        """A real nats-server with JetStream, on a free loopback port."""
-        port = free_port()
-        store = self.tmp / "js"
-        conf = self.tmp / "nats.conf"
+    def nats(self, port: Optional[int] = None) -> str:
+        """A real nats-server with JetStream, on a free loopback port, or on `port` with an
+        empty store (what a restarted server with memory storage holds)."""
+        port = port or free_port()
+        runs = sum(1 for p in self.procs if p.log.name.startswith("nats"))
+        name = f"nats-{runs}" if runs else "nats"
+        store = self.tmp / f"js-{runs}" if runs else self.tmp / "js"
+        conf = self.tmp / f"{name}.conf"
         conf.write_text(
             f'listen: "127.0.0.1:{port}"\nmax_payload: 8MB\njetstream {{ store_dir: "{store}" }}\n'
         )
-        self.start([find("nats-server"), "-c", str(conf)], "nats")
+        self.nats_proc = self.start([find("nats-server"), "-c", str(conf)], name)
         wait_for_port(port)
         return f"nats://127.0.0.1:{port}"
 
@@ -190,6 +195,20 @@ def descendants(pid: int) -> List[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+def descendant_named(pid: int, name: str) -> int:
+    """The one live process below `pid` running executable `name`."""
+    found = []
+    for child in descendants(pid):
+        try:
+            if Path(f"/proc/{child}/exe").resolve().name == name and alive(child):
+                found.append(child)
+        except OSError:
+            continue
+    if len(found) != 1:
+        raise LookupError(f"{len(found)} processes named {name} below {pid}")
+    return found[0]
 
 
 def alive(pid: int) -> bool:

@@ -42,7 +42,8 @@ pub struct Args {
     /// How often the agent refreshes its registration.
     #[arg(long, env = "NATSERVE_HEARTBEAT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..))]
     pub heartbeat_ms: u64,
-    /// On SIGTERM, how long running batches may take to finish.
+    /// On SIGTERM, how long running batches may take to finish. The agent exits within
+    /// this plus 2.5 s, even with NATS unreachable, plus its workers' own exit on SIGTERM.
     #[arg(
         long = "agent-grace-ms",
         env = "NATSERVE_AGENT_GRACE_MS",

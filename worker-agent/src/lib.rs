@@ -3,7 +3,10 @@
 //!
 //! Shutdown drains in a fixed order: deregister (ingresses stop counting on us), stop
 //! pulling, let running batches finish and ack (up to the grace period), stop the
-//! workers, flush NATS.
+//! workers, flush NATS. Every step that needs NATS is bounded, so an unreachable server
+//! cannot hold the exit: the agent is gone within `--agent-grace-ms` plus
+//! [`DRAIN_MARGIN`], plus however long its worker processes take to exit on SIGTERM
+//! (natserve's own: at once; one that ignores it is killed after 5 s).
 
 #![deny(unsafe_code)]
 
@@ -31,6 +34,21 @@ use supervisor::{supervise, Slot};
 
 /// In a fresh cluster the NATS server may still be starting: the first connect retries.
 const CONNECT_WITHIN: Duration = Duration::from_secs(10);
+/// Deleting the agent's record at shutdown; past it, the record expires on its own.
+const DEREGISTER_WITHIN: Duration = Duration::from_millis(800);
+/// Pull loops finish the pull in flight (at most one idle poll) and stop; past it,
+/// stuck on a server that does not answer, they are left to the exit.
+const PULLS_STOP_WITHIN: Duration = Duration::from_millis(1200);
+/// The final flush of what the agent published (acks, replies).
+const FLUSH_WITHIN: Duration = Duration::from_millis(500);
+/// What a shutdown may take beyond the grace period, apart from worker processes
+/// exiting: the three bounded NATS steps above, 2.5 s. With the supervisor's 5 s for a
+/// worker that ignores SIGTERM it stays within the launcher's budget for the agent
+/// (grace + 5 s + 3 s, `python-worker/natserve/_launcher.py`).
+pub const DRAIN_MARGIN: Duration = Duration::from_millis(
+    (DEREGISTER_WITHIN.as_millis() + PULLS_STOP_WITHIN.as_millis() + FLUSH_WITHIN.as_millis())
+        as u64,
+);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -154,6 +172,7 @@ pub async fn run(
             spec.clone(),
             stages_in_route,
             &names,
+            settings.queue.clone(),
             client.clone(),
             metrics.stage(&spec.route, spec.stage),
         )?
@@ -192,10 +211,22 @@ pub async fn run(
     shutdown.await;
     info!("draining");
     stop_heartbeat.cancel();
-    let _ = heartbeat.await;
+    let mut heartbeat = heartbeat;
+    if tokio::time::timeout(DEREGISTER_WITHIN, &mut heartbeat)
+        .await
+        .is_err()
+    {
+        warn!("deregistration did not finish in time; the record expires on its own");
+        heartbeat.abort();
+    }
     draining.cancel();
     pullers.close();
-    pullers.wait().await;
+    if tokio::time::timeout(PULLS_STOP_WITHIN, pullers.wait())
+        .await
+        .is_err()
+    {
+        warn!("a pull did not end in time (nats unreachable?); stopping anyway");
+    }
     batches.close();
     if tokio::time::timeout(settings.grace, batches.wait())
         .await
@@ -209,8 +240,10 @@ pub async fn run(
     stop_workers.cancel();
     supervisors.close();
     supervisors.wait().await;
-    if let Err(e) = client.flush().await {
-        warn!(error = %e, "final flush failed");
+    match tokio::time::timeout(FLUSH_WITHIN, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "final flush failed"),
+        Err(_) => warn!("final flush did not finish in time (nats unreachable?)"),
     }
     info!("agent stopped");
     Ok(())

@@ -5,6 +5,10 @@
 //! share a queue. An agent refuses to start on a slug whose record names another route
 //! while a live agent still serves that route; a record nobody serves is stale and is
 //! overwritten.
+//!
+//! A NATS server with memory storage restarts empty: a heartbeat that fails reopens (so
+//! creates) both buckets and writes the routes again, and every heartbeat puts back a
+//! route record found missing, so ingresses see the routes again within one heartbeat.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +47,8 @@ pub enum RegistrationError {
 }
 
 pub struct Registration {
+    js: jetstream::Context,
+    names: Names,
     agents: kv::Store,
     routes: kv::Store,
     key: String,
@@ -84,6 +90,8 @@ impl Registration {
             })
             .collect();
         Ok(Self {
+            js: js.clone(),
+            names: names.clone(),
             agents,
             routes: routes_kv,
             key,
@@ -197,22 +205,59 @@ impl Registration {
         }
     }
 
+    async fn beat(&self) -> Result<(), kv::PutError> {
+        let value = serde_json::to_vec(&self.record()).expect("agent record serializes");
+        self.agents.put(&self.key, value.into()).await.map(|_| ())
+    }
+
+    /// Whether one of our route records is gone (a restarted server, an operator's
+    /// delete). A read that fails counts as gone: the put that follows says why.
+    async fn routes_missing(&self) -> bool {
+        for (slug, _) in &self.route_records {
+            match self.routes.entry(slug).await {
+                Ok(Some(entry)) if entry.operation == kv::Operation::Put => {}
+                _ => return true,
+            }
+        }
+        false
+    }
+
+    /// Creates the buckets again where they are gone; the stores we hold name them, so
+    /// they work again once the buckets exist.
+    async fn reopen_buckets(&self) {
+        for config in [
+            agents_bucket_config(&self.names),
+            routes_bucket_config(&self.names),
+        ] {
+            if let Err(e) = open_bucket(&self.js, config).await {
+                warn!(error = %e, "cannot reopen a kv bucket");
+            }
+        }
+    }
+
     /// Publishes the record every heartbeat until `cancel` fires, then deletes it.
     pub async fn heartbeat_until(&self, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(self.heartbeat);
+        // A beat that waited out an outage (each NATS call times out) is not followed by
+        // a burst of catch-up beats.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut beats = 0u32;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            if beats.is_multiple_of(ROUTES_EVERY) {
+            if beats.is_multiple_of(ROUTES_EVERY) || self.routes_missing().await {
                 self.put_routes().await;
             }
             beats = beats.wrapping_add(1);
-            let value = serde_json::to_vec(&self.record()).expect("agent record serializes");
-            if let Err(e) = self.agents.put(&self.key, value.into()).await {
-                warn!(error = %e, "heartbeat failed");
+            if let Err(e) = self.beat().await {
+                warn!(error = %e, "heartbeat failed; reopening the buckets");
+                self.reopen_buckets().await;
+                self.put_routes().await;
+                if let Err(e) = self.beat().await {
+                    warn!(error = %e, "heartbeat failed again");
+                }
             }
         }
         if let Err(e) = self.agents.delete(&self.key).await {

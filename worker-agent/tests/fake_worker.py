@@ -1,12 +1,16 @@
 """A stand-in for a natserve Python worker, stdlib only: connects to NATSERVE_SOCKET,
 sends READY, then answers every BATCH with RESULTS that echo its items (status ok).
 docs/protocol.md specifies the frames. With FAKE_PID_DIR set, it leaves a file named
-after its pid there, so a test can find and kill it."""
+after its pid there, so a test can find and kill it. With FAKE_CRASH_ON set, a batch
+holding an item equal to it kills the process (exit 3) instead of answering; with
+FAKE_BATCH_LOG set, each batch's items are appended there as one line first; with
+FAKE_SLEEP_MS set, each batch takes that long."""
 
 import os
 import socket
 import struct
 import sys
+import time
 
 KIND_READY, KIND_BATCH, KIND_RESULTS = 1, 2, 3
 
@@ -42,6 +46,14 @@ def main() -> None:
             (n,) = struct.unpack(">I", frame[offset : offset + 4])
             items.append(frame[offset + 4 : offset + 4 + n])
             offset += 4 + n
+        batch_log = os.environ.get("FAKE_BATCH_LOG")
+        if batch_log:
+            with open(batch_log, "a") as f:
+                f.write(" ".join(i.decode(errors="replace") for i in items) + "\n")
+        time.sleep(int(os.environ.get("FAKE_SLEEP_MS", "0")) / 1000)
+        crash_on = os.environ.get("FAKE_CRASH_ON")
+        if crash_on and crash_on.encode() in items:
+            os._exit(3)
         body = struct.pack(">QI", batch_id, count)
         body += b"".join(struct.pack(">BI", 0, len(item)) + item for item in items)
         send(sock, KIND_RESULTS, body)

@@ -35,7 +35,8 @@ impl Config {
     pub const DEFAULT_NATS_URL: &'static str = "nats://127.0.0.1:4222";
     pub const DEFAULT_NAMESPACE: &'static str = "natserve";
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(3000);
-    pub const DEFAULT_MAX_BODY_SIZE: usize = 8 * 1024 * 1024;
+    /// Mosec's default, as the launcher's `--max-body-size` (`--max-request-size`).
+    pub const DEFAULT_MAX_BODY_SIZE: usize = 10 * 1024 * 1024;
     pub const DEFAULT_GRACE: Duration = Duration::from_millis(10_000);
     pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
     pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;

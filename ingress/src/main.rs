@@ -39,7 +39,7 @@ struct Cli {
     #[arg(long = "timeout", env = "NATSERVE_TIMEOUT", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
     timeout_ms: u64,
     /// Largest request body accepted, in bytes.
-    #[arg(long, env = "NATSERVE_MAX_BODY_SIZE", default_value_t = 8_388_608, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "NATSERVE_MAX_BODY_SIZE", default_value_t = Config::DEFAULT_MAX_BODY_SIZE as u64, value_parser = clap::value_parser!(u64).range(1..))]
     max_body_size: u64,
     /// How long shutdown waits for in-flight requests, in milliseconds.
     #[arg(

@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use futures::TryStreamExt;
 use natserve_protocol::buckets::{
-    agents_bucket_config, open_bucket, routes_bucket_config, BucketError,
+    agents_bucket_config, open_bucket, routes_bucket_config, BucketError, ROUTE_REFRESH,
 };
 use natserve_protocol::{
     unix_ms, AgentRecord, Names, RouteRecord, RouteSpec, StageLoad, StageSpec,
@@ -25,8 +25,12 @@ use natserve_scheduler::WorkerStats;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-/// Routes are rewritten every this many heartbeats, healing a NATS server that lost them.
-const ROUTES_EVERY: u32 = 15;
+/// How many heartbeats apart the routes are rewritten: about every [`ROUTE_REFRESH`]
+/// whatever the heartbeat, so an ingress's abandoned-route clock means the same everywhere.
+fn routes_every(heartbeat: std::time::Duration) -> u32 {
+    let beats = ROUTE_REFRESH.as_millis() / heartbeat.as_millis().max(1);
+    u32::try_from(beats).unwrap_or(u32::MAX).max(1)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistrationError {
@@ -247,7 +251,7 @@ impl Registration {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            if beats.is_multiple_of(ROUTES_EVERY) || self.routes_missing().await {
+            if beats.is_multiple_of(routes_every(self.heartbeat)) || self.routes_missing().await {
                 self.put_routes().await;
             }
             beats = beats.wrapping_add(1);
@@ -288,6 +292,14 @@ fn sanitize(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_are_rewritten_about_every_route_refresh_whatever_the_heartbeat() {
+        use std::time::Duration;
+        assert_eq!(routes_every(Duration::from_secs(2)), 15);
+        assert_eq!(routes_every(Duration::from_millis(100)), 300);
+        assert_eq!(routes_every(Duration::from_secs(60)), 1);
+    }
 
     #[test]
     fn hostnames_become_valid_keys() {

@@ -126,6 +126,20 @@ class Cluster:
     ) -> Proc:
         return self.start([sys.executable, str(script), *flags], name, env)
 
+    def ingress(self, script: Path, nats: str, *flags: str, name: str = "ingress") -> str:
+        """``script`` as ``--role ingress`` on a free port of ``nats``; its URL once ready."""
+        port = free_port()
+        proc = self.app(
+            script,
+            "--role", "ingress", "--nats", nats,
+            "--port", str(port), "--address", "127.0.0.1",
+            *flags,
+            name=name,
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, proc)
+        return base
+
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()

@@ -6,29 +6,10 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from harness import APPS, EXAMPLES, Cluster, free_port, http, wait_ready
+from harness import APPS, EXAMPLES, Cluster, http
 
 PIPELINE = EXAMPLES / "pipeline.py"
 BEHAVE = APPS / "behave.py"
-
-
-def ingress(cluster: Cluster, script, nats: str, name: str = "ingress") -> str:  # type: ignore[no-untyped-def]
-    port = free_port()
-    proc = cluster.app(
-        script,
-        "--role",
-        "ingress",
-        "--nats",
-        nats,
-        "--port",
-        str(port),
-        "--address",
-        "127.0.0.1",
-        name=name,
-    )
-    base = f"http://127.0.0.1:{port}"
-    wait_ready(base, proc)
-    return base
 
 
 def test_stages_of_one_pipeline_on_different_agents(cluster: Cluster) -> None:
@@ -39,7 +20,7 @@ def test_stages_of_one_pipeline_on_different_agents(cluster: Cluster) -> None:
     cluster.app(
         PIPELINE, "--role", "agent", "--nats", nats, "--stages", "Inference", name="agent-b"
     )
-    base = ingress(cluster, PIPELINE, nats)
+    base = cluster.ingress(PIPELINE, nats)
     with ThreadPoolExecutor(16) as pool:
         results = list(
             pool.map(
@@ -56,7 +37,7 @@ def test_two_agents_of_one_stage_share_the_work(cluster: Cluster) -> None:
     nats = cluster.nats()
     cluster.app(BEHAVE, "--role", "agent", "--nats", nats, name="agent-1")
     cluster.app(BEHAVE, "--role", "agent", "--nats", nats, name="agent-2")
-    base = ingress(cluster, BEHAVE, nats)
+    base = cluster.ingress(BEHAVE, nats)
     # Ready means a worker of the stage is up somewhere; wait until both agents answered.
     body = json.dumps({"action": "sleep", "seconds": 0.05}).encode()
     agents = set()
@@ -73,8 +54,8 @@ def test_two_agents_of_one_stage_share_the_work(cluster: Cluster) -> None:
 def test_two_ingresses_serve_the_same_routes(cluster: Cluster) -> None:
     nats = cluster.nats()
     cluster.app(BEHAVE, "--role", "agent", "--nats", nats, name="agent")
-    first = ingress(cluster, BEHAVE, nats, "ingress-1")
-    second = ingress(cluster, BEHAVE, nats, "ingress-2")
+    first = cluster.ingress(BEHAVE, nats, name="ingress-1")
+    second = cluster.ingress(BEHAVE, nats, name="ingress-2")
     for base in (first, second):
         r = http("POST", base + "/inference", b'{"action": "echo"}')
         assert r.status == 200, r

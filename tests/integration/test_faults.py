@@ -30,32 +30,12 @@ BEHAVE = APPS / "behave.py"
 POISON = APPS / "poison.py"
 
 
-def serve(cluster: Cluster, script: Path, nats: str, *flags: str, name: str) -> str:
-    port = free_port()
-    proc = cluster.app(
-        script,
-        "--role",
-        "ingress",
-        "--nats",
-        nats,
-        "--port",
-        str(port),
-        "--address",
-        "127.0.0.1",
-        *flags,
-        name=name,
-    )
-    base = f"http://127.0.0.1:{port}"
-    wait_ready(base, proc)
-    return base
-
-
 def test_an_agent_killed_mid_load_loses_no_request(cluster: Cluster) -> None:
     nats = cluster.nats()
     env = {"BEHAVE_WORKERS": "2"}
     doomed = cluster.app(BEHAVE, "--role", "agent", "--nats", nats, name="agent-1", env=env)
     cluster.app(BEHAVE, "--role", "agent", "--nats", nats, name="agent-2", env=env)
-    base = serve(cluster, BEHAVE, nats, "--timeout", "3000", name="ingress")
+    base = cluster.ingress(BEHAVE, nats, "--timeout", "3000", name="ingress")
     # Both agents take work before the kill.
     warm = json.dumps({"action": "sleep", "seconds": 0.02}).encode()
     deadline = time.monotonic() + 30
@@ -186,7 +166,7 @@ def test_the_agent_exits_on_sigterm_while_nats_is_gone(cluster: Cluster) -> None
     launcher = cluster.app(
         BEHAVE, "--role", "agent", "--nats", nats, "--agent-grace-ms", "2000", name="agent"
     )
-    base = serve(cluster, BEHAVE, nats, name="ingress")
+    base = cluster.ingress(BEHAVE, nats, name="ingress")
     assert http("POST", base + "/inference", b'{"action": "echo"}').status == 200
     agent_pid = descendant_named(launcher.pid, "natserve-agent")
     assert cluster.nats_proc is not None
@@ -265,7 +245,7 @@ def test_saturated_agents_keep_their_work_so_requests_run_once(cluster: Cluster)
     for n, log in enumerate(logs, 1):
         env = {"BEHAVE_WORKERS": "2", "BEHAVE_LOG": str(log)}
         cluster.app(BEHAVE, "--role", "agent", "--nats", nats, name=f"agent-{n}", env=env)
-    base = serve(cluster, BEHAVE, nats, "--timeout", "3000", name="ingress")
+    base = cluster.ingress(BEHAVE, nats, "--timeout", "3000", name="ingress")
     stop = threading.Event()
     lock = threading.Lock()
     counter = iter(range(1_000_000))

@@ -138,7 +138,11 @@ impl Source for PullInbox {
             .await?;
         let give_up = tokio::time::Instant::now() + wait + STATUS_GRACE;
         let mut out = Vec::with_capacity(max);
-        let mut check = tokio::time::interval(RECONNECT_CHECK);
+        // Not `interval`: its first tick is due at once, an extra wake-up per pull.
+        let mut check = tokio::time::interval_at(
+            tokio::time::Instant::now() + RECONNECT_CHECK,
+            RECONNECT_CHECK,
+        );
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while out.len() < max {
             let next = tokio::select! {

@@ -14,7 +14,9 @@ any response was not a 200 with the right body.
 
 ``--against-bin DIR`` replaces Mosec with natserve running the binaries in DIR (a copy of
 an earlier ``natserve-ingress``/``natserve-agent``): the same alternation then measures an
-optimisation against its baseline on the same noisy machine.
+optimisation against its baseline on the same noisy machine. ``--against-src CHECKOUT``
+adds that checkout's Python package (its ``python-worker/`` first on ``PYTHONPATH``), so a
+change on both sides of the worker socket is measured whole.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ WRK_THREADS = 1
 REPS = 2
 #: Set by --against-bin: the "mosec" side runs natserve with these binaries instead.
 AGAINST_BIN: Optional[Path] = None
+#: Set by --against-src: that checkout's Python package too, not only its binaries.
+AGAINST_SRC: Optional[Path] = None
 NATSERVE_ENV: Dict[str, str] = {}
 
 
@@ -177,6 +181,8 @@ def start_app(procs: Procs, framework: str, workload: str, *flags: str) -> str:
     if framework == "mosec" and AGAINST_BIN is not None:
         python = NATSERVE_PY
         env.update(BENCH_FRAMEWORK="natserve", NATSERVE_BIN_DIR=str(AGAINST_BIN))
+        if AGAINST_SRC is not None:
+            env["PYTHONPATH"] = str(AGAINST_SRC / "python-worker")
     args = [str(python), str(APPS), "--port", str(port), "--address", "127.0.0.1", *flags]
     procs.start(f"{workload}-{framework}", args, env)
     return f"http://127.0.0.1:{port}"
@@ -454,6 +460,11 @@ def main() -> int:
         "--against-bin", type=Path, help="compare with natserve binaries in this directory"
     )
     parser.add_argument(
+        "--against-src",
+        type=Path,
+        help="with --against-bin: also run the Python package of this natserve checkout",
+    )
+    parser.add_argument(
         "--natserve-env",
         action="append",
         default=[],
@@ -469,6 +480,10 @@ def main() -> int:
         AGAINST_BIN = args.against_bin.resolve()
         args.no_docs = True
         print(f"the Mosec columns are natserve with the binaries in {AGAINST_BIN}")
+    if args.against_src:
+        global AGAINST_SRC
+        AGAINST_SRC = args.against_src.resolve()
+        print(f"... and the Python package of {AGAINST_SRC}")
     for need in (NATSERVE_PY, MOSEC_PY, NATS_SERVER, FLOOR):
         if not need.exists():
             print(f"missing {need}: run `make bench`, which installs everything", file=sys.stderr)

@@ -9,7 +9,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: all run test install lint rust-test py-test compose-test fuzz-smoke fuzz clean bench
+.PHONY: all run test install wheel lint rust-test py-test compose-test fuzz-smoke fuzz clean bench
 
 all: test
 
@@ -17,13 +17,19 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# Builds the Rust binaries (release) through the package's own build, as a user's
-# `pip install ./python-worker` does, plus the test tools: Mosec's mixin libraries (the
-# `mosec` extra), prometheus-client (a ported Mosec example) and, where apt works,
+# The installable wheel (tools/build_wheel.py): both Rust binaries cross-built for glibc
+# 2.17 with cargo-zigbuild (zig from PyPI), in dist/natserve-*-py3-none-manylinux_2_17_x86_64.whl.
+WHEEL := dist/natserve-*-py3-none-manylinux_2_17_x86_64.whl
+wheel: $(VENV)/bin/python
+	@test -x $(VENV)/bin/natserve-agent || echo "natserve: building the Rust binaries (release, for glibc 2.17); about 4 minutes the first time on 2 cores, seconds after"
+	$(PY) tools/build_wheel.py
+
+# Installs that wheel (what a user installs), plus the test tools: Mosec's mixin libraries
+# (the `mosec` extra), prometheus-client (a ported Mosec example) and, where apt works,
 # redis-server (the Redis mixin's integration tests).
-install: $(VENV)/bin/python
-	@test -x $(VENV)/bin/natserve-agent || echo "natserve: building the Rust binaries (release) through pip; about 3 minutes the first time on 2 cores, seconds after"
-	$(PIP) install --quiet './python-worker[mosec]' pytest ruff mypy hypothesis prometheus-client cryptography schemathesis pyyaml
+install: wheel
+	$(PIP) install --quiet --force-reinstall --no-deps $(WHEEL)
+	$(PIP) install --quiet "$$(ls $(WHEEL))[mosec]" pytest ruff mypy hypothesis prometheus-client cryptography schemathesis pyyaml
 	@command -v redis-server >/dev/null || apt-get install -y -q redis-server >/dev/null 2>&1 \
 		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q redis-server >/dev/null 2>&1) \
 		|| echo "note: redis-server not installed; the Redis mixin's integration tests skip"
@@ -78,4 +84,4 @@ bench: install
 	$(PY) tests/bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) target python-worker/build
+	rm -rf $(VENV) target python-worker/build dist

@@ -84,7 +84,7 @@ impl Results {
 
     /// Makes the bucket again if it is gone; the store we hold names it, so it works again
     /// once the bucket exists.
-    async fn heal(&self, error: &dyn std::fmt::Display) {
+    async fn heal(&self, error: &str) {
         warn!(bucket = self.bucket(), error = %error, "results bucket failed; reopening it");
         if let Err(e) = open_bucket(&self.js, self.config.clone()).await {
             warn!(error = %e, "cannot reopen the results bucket");
@@ -115,7 +115,7 @@ impl Results {
                 Ok(_) => return Ok(Created::New),
                 Err(e) if e.kind() == CreateErrorKind::AlreadyExists => return Ok(Created::Exists),
                 Err(e) if !healed => {
-                    self.heal(&e).await;
+                    self.heal(&e.to_string()).await;
                     healed = true;
                 }
                 Err(e) => return Err(ResultsError::Nats(e.to_string())),
@@ -133,7 +133,7 @@ impl Results {
                 }
                 Ok(_) => return Ok(None),
                 Err(e) if !healed => {
-                    self.heal(&e).await;
+                    self.heal(&e.to_string()).await;
                     healed = true;
                 }
                 Err(e) => return Err(ResultsError::Nats(e.to_string())),

@@ -260,7 +260,10 @@ async fn read_result(
     Path(id): Path<String>,
 ) -> Response {
     let started = Instant::now();
-    let answer = app.read_result(&method, &id).await.unwrap_or_else(|e| answer(Err(e)));
+    let answer = app
+        .read_result(&method, &id)
+        .await
+        .unwrap_or_else(|e| answer(Err(e)));
     app.metrics
         .observe(RESULTS_LABEL, answer.status, started.elapsed(), None);
     log_answer(&answer);
@@ -287,7 +290,9 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, RequestError> {
     let Some(value) = headers.get(IDEMPOTENCY_KEY_HEADER) else {
         return Ok(None);
     };
-    let key = value.to_str().map_err(|_| RequestError::BadIdempotencyKey)?;
+    let key = value
+        .to_str()
+        .map_err(|_| RequestError::BadIdempotencyKey)?;
     let sane = !key.is_empty()
         && key.len() <= MAX_IDEMPOTENCY_KEY
         && key.bytes().all(|b| b.is_ascii_graphic() || b == b' ');

@@ -106,8 +106,14 @@ mod tests {
         assert_eq!((agents.bucket.as_str(), agents.history), ("prod_agents", 1));
         assert_eq!(agents.max_age, AGENTS_MAX_AGE);
         let results = results_bucket_config(&names);
-        assert_eq!((results.bucket.as_str(), results.history), ("prod_results", 1));
+        assert_eq!(
+            (results.bucket.as_str(), results.history),
+            ("prod_results", 1)
+        );
         assert_eq!(results.max_age, MAX_RESULT_TTL);
-        assert!(results.limit_markers.is_some(), "per-record TTLs need markers on");
+        assert!(
+            results.limit_markers.is_some(),
+            "per-record TTLs need markers on"
+        );
     }
 }

@@ -235,7 +235,10 @@ mod tests {
     #[test]
     fn ttls_are_whole_seconds_within_bounds() {
         assert_eq!(clamp_ttl(Duration::ZERO), Duration::from_secs(1));
-        assert_eq!(clamp_ttl(Duration::from_millis(2500)), Duration::from_secs(2));
+        assert_eq!(
+            clamp_ttl(Duration::from_millis(2500)),
+            Duration::from_secs(2)
+        );
         assert_eq!(clamp_ttl(Duration::from_secs(u64::MAX)), MAX_RESULT_TTL);
     }
 }

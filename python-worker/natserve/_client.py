@@ -349,7 +349,10 @@ class Client:
         )
         deadline_ms = int(time.time() * 1000 + timeout * 1000)
         pending = ResultRecord(
-            state="pending", route=route, deadline_ms=deadline_ms, written_ms=int(time.time() * 1000)
+            state="pending",
+            route=route,
+            deadline_ms=deadline_ms,
+            written_ms=int(time.time() * 1000),
         )
         key_subject = f"$KV.{results_bucket(self._namespace)}.{result_id}"
         try:

@@ -247,7 +247,10 @@ impl Outbox {
         batch_sizes: Option<&str>,
     ) {
         if !is_result_id(key) {
-            warn!(key, "not writing a result under a key that is not a result id");
+            warn!(
+                key,
+                "not writing a result under a key that is not a result id"
+            );
             self.metrics.count_result("refused");
             return;
         }
@@ -269,8 +272,12 @@ impl Outbox {
                 self.metrics.count_result("too_large");
                 record.status = Some(Outcome::ServerError);
                 record.content_type = None;
-                let text = format!("internal error: {too_large}; results that large are not supported yet");
-                self.results.finish(key, &record, text.as_bytes(), ttl).await
+                let text = format!(
+                    "internal error: {too_large}; results that large are not supported yet"
+                );
+                self.results
+                    .finish(key, &record, text.as_bytes(), ttl)
+                    .await
             }
             other => other,
         };

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from harness import APPS, Cluster, Response, descendant_named, http
-
 from natserve import Client
 from natserve.errors import ServerError
 
@@ -22,7 +21,9 @@ ASYNC = {"Prefer": "respond-async"}
 
 
 def submit(base: str, body: Dict[str, object], headers: Optional[Dict[str, str]] = None) -> str:
-    r = http("POST", base + "/inference", json.dumps(body).encode(), headers={**ASYNC, **(headers or {})})
+    r = http(
+        "POST", base + "/inference", json.dumps(body).encode(), headers={**ASYNC, **(headers or {})}
+    )
     assert r.status == 202, r
     answer = r.json()
     assert isinstance(answer, dict)
@@ -47,7 +48,9 @@ def runs(log: Path, tag: str) -> int:
 
 
 def agent(cluster: Cluster, nats: str, log: Path) -> None:
-    cluster.app(BEHAVE, "--role", "agent", "--nats", nats, name="agent", env={"BEHAVE_LOG": str(log)})
+    cluster.app(
+        BEHAVE, "--role", "agent", "--nats", nats, name="agent", env={"BEHAVE_LOG": str(log)}
+    )
 
 
 def test_submit_on_one_ingress_and_read_on_another(cluster: Cluster, tmp_path: Path) -> None:
@@ -59,7 +62,11 @@ def test_submit_on_one_ingress_and_read_on_another(cluster: Cluster, tmp_path: P
     result_id = submit(first, {"action": "sleep", "seconds": 1.0, "tag": "a"})
     pending = http("GET", f"{second}/results/{result_id}")
     assert pending.status == 202, pending
-    assert pending.json() == {"id": result_id, "state": "pending", "location": f"/results/{result_id}"}
+    assert pending.json() == {
+        "id": result_id,
+        "state": "pending",
+        "location": f"/results/{result_id}",
+    }
     done = poll(second, result_id)
     assert done.status == 200, done
     assert done.headers["content-type"] == "application/json"
@@ -109,7 +116,10 @@ def test_an_idempotent_retry_runs_once(cluster: Cluster, tmp_path: Path) -> None
 
     async def client_side() -> None:
         async with Client(nats) as client:
-            assert await client.submit(json.dumps(body).encode(), idempotency_key="order-1234") == result_id
+            assert (
+                await client.submit(json.dumps(body).encode(), idempotency_key="order-1234")
+                == result_id
+            )
             answer = await client.result(result_id)
             assert answer is not None and json.loads(answer)["echo"]["tag"] == "once"
 
@@ -126,7 +136,10 @@ def test_results_expire_after_their_ttl(cluster: Cluster, tmp_path: Path) -> Non
     result_id = submit(base, {"action": "echo"})
     assert poll(base, result_id).status == 200
     gone = poll_until_status(base, result_id, 404, within=15.0)
-    assert gone.text == f"no result {result_id}: the id is unknown, or its record expired (its TTL passed)"
+    assert (
+        gone.text
+        == f"no result {result_id}: the id is unknown, or its record expired (its TTL passed)"
+    )
 
 
 def poll_until_status(base: str, result_id: str, status: int, within: float) -> Response:

@@ -42,12 +42,11 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    /// The way out of stage `spec`; `next_subject` is the next stage's work subject.
     pub fn new(
         client: async_nats::Client,
         next_subject: Option<String>,
-        route: String,
-        stage: u32,
-        mime: String,
+        spec: &natserve_protocol::StageSpec,
         names: Names,
         results: Results,
         metrics: StageMetrics,
@@ -56,9 +55,9 @@ impl Outbox {
             js: jetstream::new(client.clone()),
             client,
             next_subject,
-            route,
-            stage,
-            mime,
+            route: spec.route.clone(),
+            stage: spec.stage,
+            mime: spec.mime.clone(),
             names,
             results,
             metrics,

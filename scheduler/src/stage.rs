@@ -97,9 +97,7 @@ impl StageContext {
         let outbox = Outbox::new(
             client.clone(),
             next_subject,
-            spec.route.clone(),
-            spec.stage,
-            spec.mime.clone(),
+            &spec,
             names.clone(),
             results,
             metrics.clone(),

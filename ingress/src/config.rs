@@ -29,6 +29,12 @@ pub struct Config {
     /// A connection whose request headers are not complete this long after it opened (or
     /// after its previous response, when kept alive) is closed.
     pub header_read_timeout: Duration,
+    /// How long an asynchronous job's result is kept once finished (and its pending
+    /// record, from its submit).
+    pub result_ttl: Duration,
+    /// Deadline of an asynchronous job (`Prefer: respond-async`), from its submit; at most
+    /// `result_ttl`, so a job's pending record outlives it.
+    pub async_timeout: Duration,
 }
 
 impl Config {
@@ -41,6 +47,8 @@ impl Config {
     pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
     pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
     pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const DEFAULT_RESULT_TTL: Duration = natserve_protocol::buckets::DEFAULT_RESULT_TTL;
+    pub const DEFAULT_ASYNC_TIMEOUT: Duration = Duration::from_secs(600);
 
     /// Defaults for everything but the NATS URL.
     pub fn new(nats_url: impl Into<String>) -> Self {
@@ -54,6 +62,8 @@ impl Config {
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,
             header_read_timeout: Self::DEFAULT_HEADER_READ_TIMEOUT,
+            result_ttl: Self::DEFAULT_RESULT_TTL,
+            async_timeout: Self::DEFAULT_ASYNC_TIMEOUT,
         }
     }
 }

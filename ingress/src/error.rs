@@ -54,4 +54,23 @@ pub enum RequestError {
     DeadlinePassed,
     #[error("invalid reply: {0}")]
     BadReply(String),
+    #[error(
+        "Idempotency-Key must be 1 to {max} visible ASCII characters",
+        max = natserve_protocol::records::MAX_IDEMPOTENCY_KEY
+    )]
+    BadIdempotencyKey,
+    #[error("Idempotency-Key applies to asynchronous submits: add Prefer: respond-async")]
+    IdempotencyNeedsAsync,
+    #[error("result id {0:?} is not one: ids are 1 to 128 letters, digits, '_' and '-'")]
+    BadResultId(String),
+    #[error("no result {0}: the id is unknown, or its record expired (its TTL passed)")]
+    UnknownResult(String),
+    #[error("/results/<id> accepts GET, not {0}")]
+    ResultMethodNotAllowed(String),
+    #[error(
+        "job {0} passed its deadline and no agent answered it (were all agents of its route gone?)"
+    )]
+    JobUnanswered(String),
+    #[error("results bucket unavailable: {0}")]
+    Results(String),
 }

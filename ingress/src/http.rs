@@ -1,4 +1,5 @@
-//! HTTP handlers: `POST <route>` into the pipeline, `GET /` readiness, `GET /metrics`.
+//! HTTP handlers: `POST <route>` into the pipeline (or, with `Prefer: respond-async`,
+//! queued as an asynchronous job), `GET /results/<id>`, `GET /` readiness, `GET /metrics`.
 //!
 //! Every response carries `x-request-id`, stamped by [`with_request_id`], which also opens
 //! the request's span. Results go through [`crate::status::answer`] and nowhere else.
@@ -6,15 +7,16 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get};
 use axum::{Extension, Router};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use natserve_protocol::{headers as wire, route_slug, Names, RouteRecord};
+use natserve_protocol::records::{idempotent_result_id, is_result_id, MAX_IDEMPOTENCY_KEY};
+use natserve_protocol::{headers as wire, route_slug, JobState, Names, Results, RouteRecord};
 use tokio::time::Instant;
 use tower_http::compression::CompressionLayer;
 use tower_http::decompression::RequestDecompressionLayer;
@@ -26,12 +28,21 @@ use crate::error::RequestError;
 use crate::metrics::{Metrics, UNKNOWN_ROUTE};
 use crate::openapi;
 use crate::routes::SharedRoutes;
-use crate::status::{answer, Answer};
-use crate::submit::{Reply, Submission, Submitter};
+use crate::status::{accepted, answer, Answer};
+use crate::submit::{Accepted, AsyncJob, Reply, Submission, Submitter};
 
 /// Name of the response header carrying the request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The `route` label of `GET /results/<id>` in the request metrics.
+pub const RESULTS_LABEL: &str = "/results";
+/// The request header that makes a retried asynchronous submit find its first job.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+/// How long past its deadline a job may stay pending before a read calls it unanswered:
+/// an agent answers expired work as soon as it pulls it, and replaces a worker that hangs
+/// one second past the latest deadline in its batch, so only a job no agent holds is
+/// pending this late.
+pub const PENDING_GRACE_MS: u64 = 5_000;
 
 /// Everything the handlers share.
 #[derive(Debug)]
@@ -40,6 +51,7 @@ pub struct App {
     pub names: Names,
     pub routes: SharedRoutes,
     pub submitter: Submitter,
+    pub results: Results,
     pub metrics: Metrics,
     pub drain: Drain,
 }
@@ -55,6 +67,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route(openapi::METADATA_PATH, get(openapi_document))
         .route(openapi::SWAGGER_PATH, get(swagger))
+        .route("/results/{id}", any(read_result))
         .fallback(serve_route)
         // gzip or zstd request bodies are decompressed before the size limit applies (a
         // small compressed bomb is still refused at the limit, 413); an unknown
@@ -207,8 +220,15 @@ async fn serve_route(
         ) => true,
         _ => body.is_some() && declares_body(&headers),
     };
-    let batch_sizes = result.as_ref().ok().and_then(|r| r.batch_sizes.clone());
-    let answer = answer(result);
+    let batch_sizes = match &result {
+        Ok(Routed::Replied(r)) => r.batch_sizes.clone(),
+        _ => None,
+    };
+    let answer = match result {
+        Ok(Routed::Accepted(Accepted { id, repeated })) => accepted(&id, "pending", repeated),
+        Ok(Routed::Replied(reply)) => answer(Ok(reply)),
+        Err(e) => answer(Err(e)),
+    };
     app.metrics.observe(
         &label,
         answer.status,
@@ -223,6 +243,61 @@ async fn serve_route(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
+}
+
+/// What a request to a route came to: the pipeline's reply, or a job accepted.
+#[derive(Debug)]
+pub enum Routed {
+    Replied(Reply),
+    Accepted(Accepted),
+}
+
+/// `GET /results/<id>`: a finished job's answer as the pipeline gave it, 202 while it is
+/// queued or running, 404 for an id the bucket does not hold.
+async fn read_result(
+    State(app): State<Arc<App>>,
+    method: Method,
+    Path(id): Path<String>,
+) -> Response {
+    let started = Instant::now();
+    let answer = app
+        .read_result(&method, &id)
+        .await
+        .unwrap_or_else(|e| answer(Err(e)));
+    app.metrics
+        .observe(RESULTS_LABEL, answer.status, started.elapsed(), None);
+    log_answer(&answer);
+    into_response(answer)
+}
+
+/// Whether the client asked for an asynchronous answer (`Prefer: respond-async`, RFC 7240),
+/// among any other preferences.
+fn prefers_async(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|pref| {
+            let name = pref.split([';', '=']).next().unwrap_or("").trim();
+            name.eq_ignore_ascii_case("respond-async")
+        })
+}
+
+/// The caller's `Idempotency-Key`, if any: 1 to [`MAX_IDEMPOTENCY_KEY`] visible ASCII
+/// characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, RequestError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY_HEADER) else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .map_err(|_| RequestError::BadIdempotencyKey)?;
+    let sane = !key.is_empty()
+        && key.len() <= MAX_IDEMPOTENCY_KEY
+        && key.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+    sane.then_some(Some(key))
+        .ok_or(RequestError::BadIdempotencyKey)
 }
 
 fn declares_body(headers: &HeaderMap) -> bool {
@@ -274,7 +349,7 @@ impl App {
         headers: &HeaderMap,
         body: &mut Option<Body>,
         started: Instant,
-    ) -> Result<Reply, RequestError> {
+    ) -> Result<Routed, RequestError> {
         if method != Method::POST {
             return Err(RequestError::MethodNotAllowed {
                 route: record.route.clone(),
@@ -298,8 +373,20 @@ impl App {
         }
         let slug = route_slug(&record.route)
             .map_err(|_| RequestError::UnknownRoute(record.route.clone()))?;
+        let asynchronous = prefers_async(headers);
+        let idempotency = idempotency_key(headers)?;
+        if idempotency.is_some() && !asynchronous {
+            return Err(RequestError::IdempotencyNeedsAsync);
+        }
+        // An asynchronous job has its own, longer deadline on the wire; reading its body
+        // and queueing it are still bounded by the request timeout.
         let deadline = started + self.config.timeout;
-        let deadline_ms = natserve_protocol::unix_ms() + self.config.timeout.as_millis() as u64;
+        let lifetime = if asynchronous {
+            self.config.async_timeout
+        } else {
+            self.config.timeout
+        };
+        let deadline_ms = natserve_protocol::unix_ms() + lifetime.as_millis() as u64;
 
         let (limit, why) = self.body_limit();
         let declared = headers
@@ -315,17 +402,60 @@ impl App {
         };
 
         let traceparent = headers.get(wire::TRACEPARENT).and_then(|v| v.to_str().ok());
-        self.submitter
-            .submit(Submission {
-                route: &record.route,
-                slug: &slug,
-                request_id,
+        let submission = Submission {
+            route: &record.route,
+            slug: &slug,
+            request_id,
+            body,
+            traceparent,
+            deadline,
+            deadline_ms,
+        };
+        if !asynchronous {
+            return self.submitter.submit(submission).await.map(Routed::Replied);
+        }
+        let id = match idempotency {
+            Some(key) => idempotent_result_id(&record.route, key),
+            None => request_id.to_owned(),
+        };
+        let job = AsyncJob {
+            results: &self.results,
+            id: &id,
+            idempotent: idempotency.is_some(),
+            ttl: self.config.result_ttl,
+        };
+        let accepted = self.submitter.submit_async(submission, job).await?;
+        debug!(result_id = %accepted.id, repeated = accepted.repeated, "job accepted");
+        Ok(Routed::Accepted(accepted))
+    }
+
+    /// The answer to `GET /results/<id>`.
+    async fn read_result(&self, method: &Method, id: &str) -> Result<Answer, RequestError> {
+        if method != Method::GET && method != Method::HEAD {
+            return Err(RequestError::ResultMethodNotAllowed(method.to_string()));
+        }
+        if !is_result_id(id) {
+            return Err(RequestError::BadResultId(id.to_owned()));
+        }
+        let found = self.results.read(id).await.map_err(|e| match e {
+            natserve_protocol::results::ResultsError::Record(bad) => {
+                RequestError::BadReply(bad.to_string())
+            }
+            other => RequestError::Results(other.to_string()),
+        })?;
+        let (record, body) = found.ok_or_else(|| RequestError::UnknownResult(id.to_owned()))?;
+        match (record.state, record.status) {
+            (JobState::Done, Some(outcome)) => Ok(answer(Ok(Reply {
+                outcome,
+                content_type: record.content_type,
                 body,
-                traceparent,
-                deadline,
-                deadline_ms,
-            })
-            .await
+                batch_sizes: record.batch_sizes,
+            }))),
+            _ if natserve_protocol::unix_ms() > record.deadline_ms + PENDING_GRACE_MS => {
+                Err(RequestError::JobUnanswered(id.to_owned()))
+            }
+            _ => Ok(accepted(id, "pending", false)),
+        }
     }
 
     /// The body limit in force and which setting imposes it.
@@ -388,10 +518,17 @@ fn into_response(answer: Answer) -> Response {
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     }
-    if answer.status == StatusCode::METHOD_NOT_ALLOWED {
+    if let Some(allow) = answer.allow {
         response
             .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            .insert(header::ALLOW, HeaderValue::from_static(allow));
+    }
+    if let Some(location) = answer.location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        response.headers_mut().insert(header::LOCATION, location);
+        response.headers_mut().insert(
+            "preference-applied",
+            HeaderValue::from_static("respond-async"),
+        );
     }
     response
 }

@@ -55,6 +55,13 @@ struct Cli {
     /// idle keep-alive connections close after it too.
     #[arg(long, env = "NATSERVE_HEADER_READ_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     header_read_timeout_ms: u64,
+    /// How long an asynchronous job's result is kept after it finished, in seconds.
+    #[arg(long = "result-ttl-s", env = "NATSERVE_RESULT_TTL_S", default_value_t = Config::DEFAULT_RESULT_TTL.as_secs(), value_parser = clap::value_parser!(u64).range(1..=natserve_protocol::buckets::MAX_RESULT_TTL.as_secs()))]
+    result_ttl_s: u64,
+    /// Deadline of an asynchronous job (`Prefer: respond-async`), in milliseconds; at most
+    /// --result-ttl-s.
+    #[arg(long = "async-timeout-ms", env = "NATSERVE_ASYNC_TIMEOUT_MS", default_value_t = Config::DEFAULT_ASYNC_TIMEOUT.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    async_timeout_ms: u64,
     /// Log filter: a level (error, warn, info, debug, trace) or tracing directives.
     #[arg(long, env = "NATSERVE_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
     log_level: String,
@@ -86,6 +93,8 @@ impl Cli {
             max_connections: self.max_connections,
             header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
             nats_security: self.nats_security.clone(),
+            result_ttl: Duration::from_secs(self.result_ttl_s),
+            async_timeout: Duration::from_millis(self.async_timeout_ms),
             ..Config::new(self.nats.clone())
         }
     }
@@ -133,6 +142,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if cli.async_timeout_ms > cli.result_ttl_s.saturating_mul(1000) {
+        eprintln!(
+            "error: --async-timeout-ms ({}) must not exceed --result-ttl-s ({} s): a job's \
+             pending record must outlive its deadline",
+            cli.async_timeout_ms, cli.result_ttl_s
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(natserve_protocol::log_directives(
             &cli.log_level,

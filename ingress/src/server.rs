@@ -75,6 +75,7 @@ pub async fn run(
         store: open_bucket(&js, agents_bucket_config(&names)).await?,
         config: agents_bucket_config(&names),
     };
+    let results = natserve_protocol::Results::open(&js, &names).await?;
     let table = RouteTable::shared();
     let watching = CancellationToken::new();
     let mut watchers = Watchers::spawn(js, routes, agents, table.clone(), watching.clone());
@@ -89,6 +90,7 @@ pub async fn run(
         names: names.clone(),
         routes: table,
         submitter,
+        results,
         metrics,
     });
 

@@ -27,6 +27,34 @@ pub struct Answer {
     pub body: Bytes,
     /// `Retry-After`, in seconds.
     pub retry_after: Option<u32>,
+    /// `Location`: where an accepted asynchronous job's result will be.
+    pub location: Option<String>,
+    /// `Allow`, on a 405.
+    pub allow: Option<&'static str>,
+}
+
+/// Where the result of job `id` is read.
+pub fn result_location(id: &str) -> String {
+    format!("/results/{id}")
+}
+
+/// A job accepted (`Prefer: respond-async`), or one still queued or running: 202 with
+/// its id and where to poll. `repeated`: the job was submitted before with the same
+/// `Idempotency-Key`.
+pub fn accepted(id: &str, state: &str, repeated: bool) -> Answer {
+    let location = result_location(id);
+    let mut body = serde_json::json!({"id": id, "state": state, "location": location});
+    if repeated {
+        body["repeated"] = true.into();
+    }
+    Answer {
+        status: StatusCode::ACCEPTED,
+        content_type: DEFAULT_CONTENT_TYPE.to_owned(),
+        body: body.to_string().into(),
+        retry_after: Some(RETRY_AFTER_S),
+        location: Some(location),
+        allow: None,
+    }
 }
 
 impl Answer {
@@ -36,11 +64,17 @@ impl Answer {
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
         )
         .then_some(RETRY_AFTER_S);
+        let allow = match status {
+            StatusCode::METHOD_NOT_ALLOWED => Some("POST"),
+            _ => None,
+        };
         Self {
             status,
             content_type: TEXT.to_owned(),
             body: body.into(),
             retry_after,
+            location: None,
+            allow,
         }
     }
 }
@@ -53,8 +87,18 @@ pub fn answer(result: Result<Reply, RequestError>) -> Answer {
         Ok(reply) => reply,
         Err(error) => {
             let status = match &error {
-                RequestError::UnknownRoute(_) => StatusCode::NOT_FOUND,
+                RequestError::UnknownRoute(_) | RequestError::UnknownResult(_) => {
+                    StatusCode::NOT_FOUND
+                }
                 RequestError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+                RequestError::ResultMethodNotAllowed(_) => {
+                    let mut a = Answer::text(StatusCode::METHOD_NOT_ALLOWED, error.to_string());
+                    a.allow = Some("GET");
+                    return a;
+                }
+                RequestError::BadIdempotencyKey
+                | RequestError::IdempotencyNeedsAsync
+                | RequestError::BadResultId(_) => StatusCode::BAD_REQUEST,
                 RequestError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
                 RequestError::BodyRead(_) => StatusCode::BAD_REQUEST,
                 RequestError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -63,8 +107,11 @@ pub fn answer(result: Result<Reply, RequestError>) -> Answer {
                 | RequestError::NotReady(_)
                 | RequestError::NoAgent { .. }
                 | RequestError::NotServed { .. }
-                | RequestError::Nats(_) => StatusCode::SERVICE_UNAVAILABLE,
-                RequestError::DeadlinePassed => StatusCode::GATEWAY_TIMEOUT,
+                | RequestError::Nats(_)
+                | RequestError::Results(_) => StatusCode::SERVICE_UNAVAILABLE,
+                RequestError::DeadlinePassed | RequestError::JobUnanswered(_) => {
+                    StatusCode::GATEWAY_TIMEOUT
+                }
                 RequestError::BadReply(_) => StatusCode::INTERNAL_SERVER_ERROR,
             };
             return Answer::text(status, error.to_string());
@@ -79,6 +126,8 @@ pub fn answer(result: Result<Reply, RequestError>) -> Answer {
                     .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned()),
                 body: reply.body,
                 retry_after: None,
+                location: None,
+                allow: None,
             }
         }
         Outcome::ValidationError => StatusCode::UNPROCESSABLE_ENTITY,
@@ -186,6 +235,13 @@ mod tests {
             (RequestError::Nats("disconnected".into()), 503),
             (RequestError::DeadlinePassed, 504),
             (RequestError::BadReply("no X-Status".into()), 500),
+            (RequestError::BadIdempotencyKey, 400),
+            (RequestError::IdempotencyNeedsAsync, 400),
+            (RequestError::BadResultId("a.b".into()), 400),
+            (RequestError::UnknownResult("x".into()), 404),
+            (RequestError::ResultMethodNotAllowed("PUT".into()), 405),
+            (RequestError::JobUnanswered("x".into()), 504),
+            (RequestError::Results("down".into()), 503),
         ];
         for (error, code) in table {
             let message = error.to_string();
@@ -207,5 +263,31 @@ mod tests {
         assert_eq!(a.body, "no agent serves stage 1 of /inference");
         let a = answer(Err(RequestError::UnknownRoute("/nope".into())));
         assert_eq!(a.body, "no route /nope");
+    }
+
+    #[test]
+    fn a_405_names_the_method_the_path_takes() {
+        let a = answer(Err(RequestError::MethodNotAllowed {
+            route: "/inference".into(),
+            method: "GET".into(),
+        }));
+        assert_eq!(a.allow, Some("POST"));
+        let a = answer(Err(RequestError::ResultMethodNotAllowed("POST".into())));
+        assert_eq!((a.status.as_u16(), a.allow), (405, Some("GET")));
+    }
+
+    #[test]
+    fn an_accepted_job_says_where_its_result_will_be() {
+        let a = accepted("abc", "pending", false);
+        assert_eq!(a.status, StatusCode::ACCEPTED);
+        assert_eq!(a.location.as_deref(), Some("/results/abc"));
+        let body: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"id": "abc", "state": "pending", "location": "/results/abc"})
+        );
+        let again: serde_json::Value =
+            serde_json::from_slice(&accepted("abc", "pending", true).body).unwrap();
+        assert_eq!(again["repeated"], true);
     }
 }

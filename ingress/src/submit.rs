@@ -3,6 +3,10 @@
 //!
 //! Both waits end by the request's deadline, so no request hangs: a publish ack that does
 //! not come in time means NATS is unavailable, a reply that does not come means timeout.
+//!
+//! An asynchronous job ([`Submitter::submit_async`]) waits for nothing but the publish
+//! ack: its pending record goes into the results bucket first, and the agent that finishes
+//! it writes the outcome there, so no ingress needs to be alive for it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +14,8 @@ use std::time::Duration;
 use async_nats::jetstream::context::PublishError;
 use async_nats::{jetstream, Client, HeaderMap, Message};
 use bytes::Bytes;
-use natserve_protocol::{headers, Names, Outcome, Rejection};
+use natserve_protocol::results::{clamp_ttl, Created};
+use natserve_protocol::{headers, Names, Outcome, Rejection, ResultRecord, Results};
 use tokio::time::Instant;
 
 use crate::error::RequestError;
@@ -65,6 +70,25 @@ pub struct Submission<'a> {
     pub deadline_ms: u64,
 }
 
+/// What makes a submission an asynchronous job.
+#[derive(Debug)]
+pub struct AsyncJob<'a> {
+    pub results: &'a Results,
+    /// Its result id, also its request id on the wire.
+    pub id: &'a str,
+    /// Derived from an `Idempotency-Key`: an existing record is this job's earlier submit.
+    pub idempotent: bool,
+    pub ttl: Duration,
+}
+
+/// An accepted asynchronous job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub id: String,
+    /// Submitted before with the same `Idempotency-Key`: not queued again.
+    pub repeated: bool,
+}
+
 /// Publishes requests and collects their replies; shared by all handlers.
 #[derive(Debug, Clone)]
 pub struct Submitter {
@@ -117,25 +141,7 @@ impl Submitter {
         if let Some(tp) = s.traceparent {
             h.insert(headers::TRACEPARENT, tp);
         }
-        let subject = self.names.work_subject(s.slug, 0);
-        let publish = async {
-            self.jetstream
-                .publish_with_headers(subject, h, s.body)
-                .await?
-                .await
-        };
-        match tokio::time::timeout_at(s.deadline, publish).await {
-            Err(_) => {
-                return Err(RequestError::Nats(
-                    "no publish ack before the deadline".into(),
-                ))
-            }
-            Ok(Err(e)) => {
-                let nats_limit = self.max_nats_body().unwrap_or(0);
-                return Err(classify_publish_error(&e, s.route, nats_limit));
-            }
-            Ok(Ok(_ack)) => {}
-        }
+        self.publish_work(&s, h).await?;
         // From here on, a client that goes away (axum drops this future) cancels the
         // queued request; a reply or the deadline disarms that.
         let mut cancel = CancelOnDrop {
@@ -150,6 +156,82 @@ impl Submitter {
             Err(_) => Err(RequestError::DeadlinePassed),
             Ok(None) => Err(RequestError::Nats("reply subscription closed".into())),
             Ok(Some(message)) => Reply::from_message(message),
+        }
+    }
+
+    /// Queues an asynchronous job: its pending record first (atomically: an idempotent
+    /// retry finds it and queues nothing), then its work, with no reply subject. A job
+    /// whose work could not be queued loses its record again, so a retry can submit it.
+    pub async fn submit_async(
+        &self,
+        s: Submission<'_>,
+        job: AsyncJob<'_>,
+    ) -> Result<Accepted, RequestError> {
+        if !self.is_connected() {
+            return Err(RequestError::Nats("not connected".into()));
+        }
+        let record = ResultRecord::pending(s.route, s.deadline_ms);
+        let created = job
+            .results
+            .create_pending(job.id, &record, job.ttl)
+            .await
+            .map_err(|e| RequestError::Results(e.to_string()))?;
+        match (created, job.idempotent) {
+            (Created::New, _) => {}
+            (Created::Exists, true) => {
+                return Ok(Accepted {
+                    id: job.id.to_owned(),
+                    repeated: true,
+                })
+            }
+            (Created::Exists, false) => {
+                return Err(RequestError::Results(format!(
+                    "result id {} is taken; submit again",
+                    job.id
+                )))
+            }
+        }
+        let mut h = HeaderMap::new();
+        h.insert(headers::REQUEST_ID, job.id);
+        h.insert(headers::RESULT_KEY, job.id);
+        h.insert(
+            headers::RESULT_TTL,
+            clamp_ttl(job.ttl).as_secs().to_string(),
+        );
+        h.insert(headers::DEADLINE, s.deadline_ms.to_string());
+        h.insert(headers::MSG_ID, format!("{}.0", job.id));
+        if let Some(tp) = s.traceparent {
+            h.insert(headers::TRACEPARENT, tp);
+        }
+        if let Err(e) = self.publish_work(&s, h).await {
+            job.results.forget(job.id).await;
+            return Err(e);
+        }
+        Ok(Accepted {
+            id: job.id.to_owned(),
+            repeated: false,
+        })
+    }
+
+    /// Publishes a request's work to its route's first stage and waits for JetStream's
+    /// ack, by the submission's deadline.
+    async fn publish_work(&self, s: &Submission<'_>, h: HeaderMap) -> Result<(), RequestError> {
+        let subject = self.names.work_subject(s.slug, 0);
+        let publish = async {
+            self.jetstream
+                .publish_with_headers(subject, h, s.body.clone())
+                .await?
+                .await
+        };
+        match tokio::time::timeout_at(s.deadline, publish).await {
+            Err(_) => Err(RequestError::Nats(
+                "no publish ack before the deadline".into(),
+            )),
+            Ok(Err(e)) => {
+                let nats_limit = self.max_nats_body().unwrap_or(0);
+                Err(classify_publish_error(&e, s.route, nats_limit))
+            }
+            Ok(Ok(_ack)) => Ok(()),
         }
     }
 }

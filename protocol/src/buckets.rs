@@ -1,5 +1,6 @@
-//! The KV buckets agents write and ingresses watch. Their settings live here alone, so
-//! whichever process comes first creates them the same way.
+//! The KV buckets agents write and ingresses watch (routes, agents) and the results
+//! bucket of asynchronous jobs. Their settings live here alone, so whichever process
+//! comes first creates them the same way.
 
 use std::time::Duration;
 
@@ -35,6 +36,29 @@ pub fn agents_bucket_config(names: &Names) -> kv::Config {
         description: "natserve live agents, by id".to_owned(),
         history: 1,
         max_age: AGENTS_MAX_AGE,
+        ..Default::default()
+    }
+}
+
+/// How long a finished asynchronous job's result is kept when its submitter named no
+/// TTL (`X-Result-Ttl`); the ingress's `--result-ttl-s` default.
+pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(3600);
+/// The longest a result is kept, whatever its TTL says: the bucket's `max_age`, so a
+/// record written without a TTL cannot stay forever either.
+pub const MAX_RESULT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long the marker the server leaves where a record expired stays (it must be set
+/// for per-record TTLs to be allowed at all; nothing reads it).
+const RESULT_MARKER_TTL: Duration = Duration::from_secs(5);
+
+/// The results bucket: one record per asynchronous job, each with its own TTL (`Nats-TTL`,
+/// nats-server >= 2.11), set by whoever writes it; one revision per key.
+pub fn results_bucket_config(names: &Names) -> kv::Config {
+    kv::Config {
+        bucket: names.results_bucket(),
+        description: "natserve results of asynchronous jobs, by result id".to_owned(),
+        history: 1,
+        max_age: MAX_RESULT_TTL,
+        limit_markers: Some(RESULT_MARKER_TTL),
         ..Default::default()
     }
 }
@@ -81,5 +105,15 @@ mod tests {
         let agents = agents_bucket_config(&names);
         assert_eq!((agents.bucket.as_str(), agents.history), ("prod_agents", 1));
         assert_eq!(agents.max_age, AGENTS_MAX_AGE);
+        let results = results_bucket_config(&names);
+        assert_eq!(
+            (results.bucket.as_str(), results.history),
+            ("prod_results", 1)
+        );
+        assert_eq!(results.max_age, MAX_RESULT_TTL);
+        assert!(
+            results.limit_markers.is_some(),
+            "per-record TTLs need markers on"
+        );
     }
 }

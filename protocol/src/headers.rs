@@ -18,6 +18,12 @@ pub const CONTENT_TYPE: &str = "Content-Type";
 pub const TRACEPARENT: &str = "traceparent";
 /// JetStream de-duplication id: `<request id>.<stage>`.
 pub const MSG_ID: &str = "Nats-Msg-Id";
+/// An asynchronous job's result id: whichever agent finishes the request writes its
+/// outcome under this key of the results bucket (`crate::results`), instead of (or as
+/// well as) replying to [`REPLY_TO`]. Such work is never dropped by a cancellation.
+pub const RESULT_KEY: &str = "X-Result-Key";
+/// Seconds the finished result is kept ([`RESULT_KEY`]); the default when absent.
+pub const RESULT_TTL: &str = "X-Result-Ttl";
 
 /// One header of a message, as text; `None` when the message has no headers or not this one.
 pub fn get<'a>(headers: Option<&'a async_nats::HeaderMap>, name: &str) -> Option<&'a str> {

@@ -1,8 +1,8 @@
 //! natserve's wire contract, shared by the ingress and the worker agent.
 //!
 //! Everything two natserve processes must agree on lives here and nowhere else:
-//! NATS subject and stream names, message headers, the registration records and the KV
-//! buckets that hold them, how to connect to NATS, the outcome a reply carries, and the
+//! NATS subject and stream names, message headers, the registration and result records
+//! and the KV buckets that hold them, how to connect to NATS, the outcome a reply carries, and the
 //! frame codec spoken over each Python worker's Unix socket. The README's "Wire
 //! protocol" section documents the same.
 
@@ -17,6 +17,7 @@ pub mod names;
 pub mod nats;
 pub mod outcome;
 pub mod records;
+pub mod results;
 pub mod streams;
 
 pub use agent_config::{AgentConfig, ConfigError, RouteSpec, StageSpec};
@@ -24,7 +25,10 @@ pub use connection::{Connection, ConnectionError};
 pub use frame::{Frame, FrameError, ItemResult, ItemStatus};
 pub use names::{route_slug, NameError, Names, CONSUMER};
 pub use outcome::Outcome;
-pub use records::{AgentRecord, BodyType, RouteRecord, RouteTypes, StageLoad};
+pub use records::{
+    AgentRecord, BodyType, JobState, ResultRecord, RouteRecord, RouteTypes, StageLoad,
+};
+pub use results::Results;
 pub use streams::{QueueConfig, Rejection};
 
 /// The tracing filter for a `--log-level`: a bare level keeps async-nats at `warn`, whose

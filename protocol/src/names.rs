@@ -68,6 +68,11 @@ impl Names {
         format!("{}_agents", self.namespace)
     }
 
+    /// KV bucket of asynchronous jobs' results, keyed by result id.
+    pub fn results_bucket(&self) -> String {
+        format!("{}_results", self.namespace)
+    }
+
     /// Core NATS subject on which an ingress names a queued request whose client went
     /// away (payload: the request id, header `X-Deadline`); agents drop it unrun.
     pub fn cancel_subject(&self) -> String {
@@ -142,6 +147,7 @@ mod tests {
             }
             assert_eq!(n.routes_bucket(), text(&case["routes_bucket"]));
             assert_eq!(n.agents_bucket(), text(&case["agents_bucket"]));
+            assert_eq!(n.results_bucket(), text(&case["results_bucket"]));
             assert_eq!(n.cancel_subject(), text(&case["cancel_subject"]));
             let reply = &case["reply_prefix"];
             assert_eq!(
@@ -169,6 +175,7 @@ mod tests {
         assert_eq!(n.stream("inference", 1), "prod_work_inference_1");
         assert_eq!(n.routes_bucket(), "prod_routes");
         assert_eq!(n.agents_bucket(), "prod_agents");
+        assert_eq!(n.results_bucket(), "prod_results");
         assert_eq!(n.reply_prefix("abc"), "prod.reply.abc");
         assert_eq!(n.cancel_subject(), "prod.cancel");
         assert_eq!(n.inbox_prefix("agent"), "prod.inbox.agent");

@@ -1,9 +1,11 @@
 """`Client`: submits requests straight to a route's first stage over NATS (no HTTP).
 
-It follows docs/protocol.md "Submitting a request": a JetStream publish to
-``NS.work.<slug>.0`` with the ``X-*`` headers, the reply arriving as one core NATS
-message on this client's inbox subscription ``NS.reply.<client id>.*``, matched to its
-request by id.
+It follows the README's "Wire protocol": a JetStream publish to ``NS.work.<slug>.0`` with
+the ``X-*`` headers, the reply arriving as one core NATS message on this client's inbox
+subscription ``NS.reply.<client id>.*``, matched to its request by id. An asynchronous job
+(`Client.submit`) gets no reply: its pending record goes into the results bucket
+``NS_results`` first, the agent that finishes it writes the outcome there, and
+`Client.result` (or any ingress's ``GET /results/<id>``) reads it.
 """
 
 from __future__ import annotations
@@ -25,8 +27,23 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from ._names import inbox_prefix, is_namespace, is_route, reply_prefix, route_slug, work_subject
+from ._names import (
+    inbox_prefix,
+    is_namespace,
+    is_route,
+    reply_prefix,
+    results_bucket,
+    route_slug,
+    work_subject,
+)
 from ._nats_options import NatsSecurity, has_secret, redact
+from ._results import (
+    ResultRecord,
+    decode_record,
+    idempotent_result_id,
+    is_idempotency_key,
+    is_result_id,
+)
 from .errors import (
     ClientError,
     DecodingError,
@@ -43,6 +60,11 @@ logger = logging.getLogger("natserve.client")
 #: JetStream API error code of a publish a full stream refused (``discard: new``,
 #: "maximum messages exceeded"); ``natserve_protocol::streams::STREAM_FULL_CODE`` in Rust.
 _ERR_QUEUE_FULL = 10077
+#: JetStream API error code of a publish whose expected last sequence did not hold: for
+#: a pending record's create, a record under that id exists already.
+_ERR_WRONG_LAST_SEQUENCE = 10071
+#: Seconds between looks at a pending job's record in `Client.result`.
+_RESULT_POLL_S = 0.1
 #: Seconds between reconnect attempts. The client reconnects forever once connected:
 #: each request is bounded by its own timeout instead (nats-py gives up after 60 by default).
 _RECONNECT_WAIT_S = 1
@@ -288,3 +310,120 @@ class Client:
         if status == "ok":
             return msg.data
         raise error_for_reply(status, msg.data)
+
+    async def submit(
+        self,
+        body: bytes,
+        *,
+        route: str = "/inference",
+        timeout: float = 600.0,
+        ttl: int = 3600,
+        idempotency_key: Optional[str] = None,
+    ) -> str:
+        """Queues ``body`` as an asynchronous job on ``route``; returns its result id.
+
+        ``timeout`` (seconds) is the job's deadline, ``ttl`` (whole seconds) how long its
+        result is kept once finished. With ``idempotency_key`` a retried submit returns the
+        first submit's id and queues nothing (the same id an ingress gives that key on
+        that route)."""
+        if self._js is None:
+            raise RuntimeError("Client.submit: call connect() first, or use `async with`")
+        if not is_route(route):
+            raise ValueError(f"Client.submit: route must look like /name or /a/b, got {route!r}")
+        if timeout <= 0:
+            raise ValueError(f"Client.submit: timeout must be > 0 seconds, got {timeout!r}")
+        if not isinstance(ttl, int) or ttl < 1 or ttl < timeout:
+            raise ValueError(
+                f"Client.submit: ttl must be whole seconds, >= 1 and >= timeout ({timeout}), "
+                f"got {ttl!r}"
+            )
+        if idempotency_key is not None and not is_idempotency_key(idempotency_key):
+            raise ValueError(
+                "Client.submit: idempotency_key must be 1 to 255 visible ASCII characters, "
+                f"got {idempotency_key!r}"
+            )
+        result_id = (
+            uuid.uuid4().hex
+            if idempotency_key is None
+            else idempotent_result_id(route, idempotency_key)
+        )
+        deadline_ms = int(time.time() * 1000 + timeout * 1000)
+        pending = ResultRecord(
+            state="pending",
+            route=route,
+            deadline_ms=deadline_ms,
+            written_ms=int(time.time() * 1000),
+        )
+        key_subject = f"$KV.{results_bucket(self._namespace)}.{result_id}"
+        try:
+            await self._js.publish(
+                key_subject,
+                pending.encode(),
+                timeout=timeout,
+                headers={"Nats-Expected-Last-Subject-Sequence": "0", "Nats-TTL": str(ttl)},
+            )
+        except nats.js.errors.APIError as err:
+            if err.err_code == _ERR_WRONG_LAST_SEQUENCE and idempotency_key is not None:
+                return result_id  # submitted before: its first job stands
+            raise UnavailableError(f"cannot create the result record {result_id}: {err}") from err
+        except nats.errors.Error as err:
+            raise UnavailableError(
+                f"cannot create the result record {result_id} "
+                f"(is an agent running? it makes the bucket): {err}"
+            ) from err
+        headers = {
+            "X-Request-Id": result_id,
+            "X-Result-Key": result_id,
+            "X-Result-Ttl": str(ttl),
+            "X-Deadline": str(deadline_ms),
+            "Nats-Msg-Id": f"{result_id}.0",
+        }
+        subject = work_subject(self._namespace, route_slug(route), 0)
+        try:
+            await self._js.publish(subject, body, timeout=timeout, headers=headers)
+        except nats.errors.Error as err:
+            with contextlib.suppress(nats.errors.Error):
+                await self._js.publish(key_subject, b"", headers={"KV-Operation": "DEL"})
+            raise error_for_publish(err, route, subject) from err
+        return result_id
+
+    async def result(self, result_id: str, *, wait: float = 0.0) -> Optional[bytes]:
+        """The body of finished job ``result_id``; ``None`` while it is queued or running
+        (after waiting up to ``wait`` seconds for it to finish). A job that did not end
+        ``ok`` raises its outcome's error, as `request` does; an unknown or expired id
+        raises ``LookupError``."""
+        if self._js is None:
+            raise RuntimeError("Client.result: call connect() first, or use `async with`")
+        if not is_result_id(result_id):
+            raise ValueError(
+                "Client.result: result ids are 1 to 128 letters, digits, '_' and '-', "
+                f"got {result_id!r}"
+            )
+        if wait < 0:
+            raise ValueError(f"Client.result: wait must be >= 0 seconds, got {wait!r}")
+        bucket = results_bucket(self._namespace)
+        give_up = time.monotonic() + wait
+        while True:
+            try:
+                msg = await self._js.get_msg(
+                    f"KV_{bucket}", subject=f"$KV.{bucket}.{result_id}", direct=True
+                )
+            except nats.js.errors.NotFoundError as err:
+                raise LookupError(
+                    f"no result {result_id}: the id is unknown, or its record expired"
+                ) from err
+            except nats.errors.Error as err:
+                raise UnavailableError(f"cannot read result {result_id}: {err}") from err
+            headers = msg.headers or {}
+            if "KV-Operation" in headers or "Nats-Marker-Reason" in headers or not msg.data:
+                raise LookupError(
+                    f"no result {result_id}: the id is unknown, or its record expired"
+                )
+            record, body = decode_record(msg.data)
+            if record.state == "done":
+                if record.status == "ok":
+                    return body
+                raise error_for_reply(record.status, body)
+            if time.monotonic() >= give_up:
+                return None
+            await asyncio.sleep(min(_RESULT_POLL_S, max(give_up - time.monotonic(), 0.0)))

@@ -118,6 +118,8 @@ def ingress_argv(binary: str, settings: Settings) -> List[str]:
         "--ingress-grace-ms", str(settings.ingress_grace_ms),
         "--max-connections", str(settings.max_connections),
         "--header-read-timeout-ms", str(settings.header_read_timeout_ms),
+        "--result-ttl-s", str(settings.result_ttl_s),
+        "--async-timeout-ms", str(settings.async_timeout_ms),
     ]  # fmt: skip
 
 

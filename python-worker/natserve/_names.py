@@ -44,3 +44,8 @@ def reply_prefix(namespace: str, client_id: str) -> str:
 def inbox_prefix(namespace: str, role: str) -> str:
     """Prefix of the NATS inboxes (JetStream acks, requests) of one role's connections."""
     return f"{namespace}.inbox.{role}"
+
+
+def results_bucket(namespace: str) -> str:
+    """KV bucket of asynchronous jobs' results (``natserve._results`` has their layout)."""
+    return f"{namespace}_results"

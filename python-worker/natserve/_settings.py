@@ -69,6 +69,8 @@ class Settings:
     ingress_grace_ms: int = 10_000
     max_connections: int = 10_000
     header_read_timeout_ms: int = 30_000
+    result_ttl_s: int = 3600
+    async_timeout_ms: int = 600_000
     socket_dir: Optional[str] = None
     dry_run: bool = False
     #: Mosec flags given that natserve ignores, for `mosec_flag_notices`.
@@ -311,6 +313,19 @@ _OPTIONS: List[_Option] = [
         "MS",
     ),
     _Option(
+        "--result-ttl-s",
+        _int_at_least(1, 7 * 24 * 3600),
+        "ingress: how long an asynchronous job's result is kept once finished, s",
+        "S",
+    ),
+    _Option(
+        "--async-timeout-ms",
+        _int_at_least(1, _MAX_I64),
+        "ingress: deadline of an asynchronous job (Prefer: respond-async), ms; at most "
+        "--result-ttl-s",
+        "MS",
+    ),
+    _Option(
         "--socket-dir",
         _directory,
         "agent: directory of the workers' Unix sockets; a fresh temporary one when unset",
@@ -373,6 +388,13 @@ def parse_settings(
     given += [f for f in ("--debug", "--dry-run") if f not in given and _truthy(env, f)]
     if "--debug" in given and "log_level" not in values:
         values["log_level"] = "debug"
+    ttl_s = values.get("result_ttl_s", Settings.result_ttl_s)
+    if values.get("async_timeout_ms", Settings.async_timeout_ms) > ttl_s * 1000:
+        fail(
+            "--async-timeout-ms",
+            f"must not exceed --result-ttl-s ({ttl_s} s): a job's pending record must "
+            "outlive its deadline",
+        )
     values["dry_run"] = "--dry-run" in given
     values["mosec_flags"] = tuple(f for f in given if f not in ("--debug", "--dry-run"))
     return Settings(**values), rest

@@ -135,6 +135,11 @@ def check_route(route: Any, known: Sequence[str], *, where: str = "append_worker
             f"{where}: route {route!r} is under /openapi/, where the ingress serves the "
             "OpenAPI document and Swagger UI; choose another path, like '/inference'"
         )
+    if isinstance(route, str) and (route == "/results" or route.startswith("/results/")):
+        raise ValueError(
+            f"{where}: route {route!r} is under /results/, where the ingress serves the "
+            "results of asynchronous jobs; choose another path, like '/inference'"
+        )
     if not isinstance(route, str) or not is_route(route):
         raise ValueError(
             f"{where}: route must match {ROUTE_PATTERN} (like '/inference' or "

@@ -11,6 +11,7 @@ pub struct StageMetrics {
     pub batch_seconds: Histogram,
     pub worker_failures: IntCounter,
     items: IntCounterVec,
+    results: IntCounterVec,
     route: String,
     stage: String,
 }
@@ -21,6 +22,14 @@ impl StageMetrics {
             .with_label_values(&[self.route.as_str(), self.stage.as_str(), outcome.as_str()])
             .inc();
     }
+
+    /// One asynchronous job's result record: `written`, `duplicate` (another run wrote
+    /// it first), `too_large`, `failed` or `refused` (not a result id).
+    pub fn count_result(&self, result: &str) {
+        self.results
+            .with_label_values(&[self.route.as_str(), self.stage.as_str(), result])
+            .inc();
+    }
 }
 
 /// Metric families shared by all stages of an agent, labelled by route and stage.
@@ -29,6 +38,7 @@ pub struct AgentMetrics {
     batch_size: HistogramVec,
     batch_seconds: HistogramVec,
     items: IntCounterVec,
+    results: IntCounterVec,
     worker_failures: IntCounterVec,
 }
 
@@ -54,6 +64,13 @@ impl AgentMetrics {
             opts!("natserve_agent_items_total", "Items run, by outcome"),
             &["route", "stage", "outcome"],
         )?;
+        let results = IntCounterVec::new(
+            opts!(
+                "natserve_agent_results_total",
+                "Asynchronous jobs' result records written to the results bucket, by result"
+            ),
+            &["route", "stage", "result"],
+        )?;
         let worker_failures = IntCounterVec::new(
             opts!(
                 "natserve_agent_worker_failures_total",
@@ -64,11 +81,13 @@ impl AgentMetrics {
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(batch_seconds.clone()))?;
         registry.register(Box::new(items.clone()))?;
+        registry.register(Box::new(results.clone()))?;
         registry.register(Box::new(worker_failures.clone()))?;
         Ok(Self {
             batch_size,
             batch_seconds,
             items,
+            results,
             worker_failures,
         })
     }
@@ -81,6 +100,7 @@ impl AgentMetrics {
             batch_seconds: self.batch_seconds.with_label_values(&labels),
             worker_failures: self.worker_failures.with_label_values(&labels),
             items: self.items.clone(),
+            results: self.results.clone(),
             route: route.to_owned(),
             stage,
         }

@@ -1,13 +1,21 @@
 //! Where a result goes, and the ack that follows it: the next stage's work stream
-//! (JetStream, de-duplicated), or the requester's reply subject (core NATS). Every reply,
-//! hand-off and ack of a stage goes through its [`Outbox`], so "acked only once its
-//! result is safe" is kept in one place.
+//! (JetStream, de-duplicated), or, once the request is finished, its record in the results
+//! bucket (an asynchronous job's `X-Result-Key`) and the requester's reply subject (core
+//! NATS). Every reply, hand-off and ack of a stage goes through its [`Outbox`], so "acked
+//! only once its result is safe" is kept in one place.
+
+use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use natserve_protocol::buckets::DEFAULT_RESULT_TTL;
+use natserve_protocol::records::is_result_id;
+use natserve_protocol::results::{Finished, ResultsError};
 use natserve_protocol::streams::MAX_DELIVER;
-use natserve_protocol::{headers, ItemResult, Names, Outcome, Rejection};
+use natserve_protocol::{
+    headers, ItemResult, JobState, Names, Outcome, Rejection, ResultRecord, Results,
+};
 use tracing::warn;
 
 use crate::StageMetrics;
@@ -28,27 +36,30 @@ pub struct Outbox {
     mime: String,
     /// Which reply subjects are trusted ([`Names::is_reply_subject`]).
     names: Names,
+    /// Where asynchronous jobs' outcomes are written.
+    results: Results,
     metrics: StageMetrics,
 }
 
 impl Outbox {
+    /// The way out of stage `spec`; `next_subject` is the next stage's work subject.
     pub fn new(
         client: async_nats::Client,
         next_subject: Option<String>,
-        route: String,
-        stage: u32,
-        mime: String,
+        spec: &natserve_protocol::StageSpec,
         names: Names,
+        results: Results,
         metrics: StageMetrics,
     ) -> Self {
         Self {
             js: jetstream::new(client.clone()),
             client,
             next_subject,
-            route,
-            stage,
-            mime,
+            route: spec.route.clone(),
+            stage: spec.stage,
+            mime: spec.mime.clone(),
             names,
+            results,
             metrics,
         }
     }
@@ -175,8 +186,9 @@ impl Outbox {
         }
     }
 
-    /// Publishes the one reply a request gets. Messages without a reply subject were
-    /// submitted fire-and-forget and get none.
+    /// Publishes the one reply a request gets: first its durable record, for an
+    /// asynchronous job, then its core NATS reply. Messages without either were submitted
+    /// fire-and-forget and get none.
     async fn reply(
         &self,
         msg: &jetstream::Message,
@@ -184,6 +196,10 @@ impl Outbox {
         body: Bytes,
         batch_sizes: Option<&str>,
     ) {
+        if let Some(key) = header(msg, headers::RESULT_KEY) {
+            self.store_result(msg, key, outcome, &body, batch_sizes)
+                .await;
+        }
         let Some(to) = header(msg, headers::REPLY_TO) else {
             return;
         };
@@ -212,6 +228,65 @@ impl Outbox {
             .await
         {
             warn!(subject = to, error = %e, "reply publish failed");
+        }
+    }
+}
+
+impl Outbox {
+    /// Writes an asynchronous job's final record, before its input is acked. A result
+    /// too large for one NATS message is recorded as a server error saying so: the job
+    /// is answered at once rather than left pending (the object-store claim check that
+    /// would carry it is not there yet; `ResultsError::TooLarge` is where it goes).
+    async fn store_result(
+        &self,
+        msg: &jetstream::Message,
+        key: &str,
+        outcome: Outcome,
+        body: &[u8],
+        batch_sizes: Option<&str>,
+    ) {
+        if !is_result_id(key) {
+            warn!(
+                key,
+                "not writing a result under a key that is not a result id"
+            );
+            self.metrics.count_result("refused");
+            return;
+        }
+        let ttl = header(msg, headers::RESULT_TTL)
+            .and_then(|t| t.trim().parse().ok())
+            .map_or(DEFAULT_RESULT_TTL, Duration::from_secs);
+        let mut record = ResultRecord {
+            state: JobState::Done,
+            route: self.route.clone(),
+            deadline_ms: headers::deadline_ms(msg.headers.as_ref()).unwrap_or(0),
+            written_ms: natserve_protocol::unix_ms(),
+            status: Some(outcome),
+            content_type: (outcome == Outcome::Ok).then(|| self.mime.clone()),
+            batch_sizes: batch_sizes.map(str::to_owned),
+        };
+        let written = match self.results.finish(key, &record, body, ttl).await {
+            Err(too_large @ ResultsError::TooLarge { .. }) => {
+                warn!(route = %self.route, key, error = %too_large, "result too large for the results bucket");
+                self.metrics.count_result("too_large");
+                record.status = Some(Outcome::ServerError);
+                record.content_type = None;
+                let text = format!(
+                    "internal error: {too_large}; results that large are not supported yet"
+                );
+                self.results
+                    .finish(key, &record, text.as_bytes(), ttl)
+                    .await
+            }
+            other => other,
+        };
+        match written {
+            Ok(Finished::Written) => self.metrics.count_result("written"),
+            Ok(Finished::AlreadyDone) => self.metrics.count_result("duplicate"),
+            Err(e) => {
+                warn!(route = %self.route, key, error = %e, "could not write the result");
+                self.metrics.count_result("failed");
+            }
         }
     }
 }

@@ -161,7 +161,8 @@ pub(crate) async fn triage(
     live
 }
 
-/// Splits off the messages whose request was cancelled by its ingress.
+/// Splits off the messages whose request was cancelled by its ingress. An asynchronous
+/// job (`X-Result-Key`) is never cancelled: nobody waits on a connection for it.
 fn drop_cancelled(
     ctx: &StageContext,
     batch: Vec<jetstream::Message>,
@@ -170,7 +171,8 @@ fn drop_cancelled(
         return (batch, Vec::new());
     }
     batch.into_iter().partition(|msg| {
-        header(msg, headers::REQUEST_ID).is_none_or(|id| !ctx.cancelled.contains(id))
+        header(msg, headers::RESULT_KEY).is_some()
+            || header(msg, headers::REQUEST_ID).is_none_or(|id| !ctx.cancelled.contains(id))
     })
 }
 

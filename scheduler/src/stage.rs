@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use natserve_protocol::streams::{work_consumer_config, work_stream_config, QueueConfig};
-use natserve_protocol::{Names, StageSpec};
+use natserve_protocol::{Names, Results, StageSpec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -88,6 +88,7 @@ impl StageContext {
         names: &Names,
         queue: QueueConfig,
         client: async_nats::Client,
+        results: Results,
         metrics: StageMetrics,
     ) -> Result<Self, StageError> {
         let slug = natserve_protocol::route_slug(&spec.route)?;
@@ -96,10 +97,9 @@ impl StageContext {
         let outbox = Outbox::new(
             client.clone(),
             next_subject,
-            spec.route.clone(),
-            spec.stage,
-            spec.mime.clone(),
+            &spec,
             names.clone(),
+            results,
             metrics.clone(),
         );
         Ok(Self {

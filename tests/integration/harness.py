@@ -46,8 +46,14 @@ class Response:
         return f"<{self.status} {self.body[:200]!r}>"
 
 
-def http(method: str, url: str, body: Optional[bytes] = None, timeout: float = 30.0) -> Response:
-    req = urllib.request.Request(url, data=body, method=method)
+def http(
+    method: str,
+    url: str,
+    body: Optional[bytes] = None,
+    timeout: float = 30.0,
+    headers: Optional[Dict[str, str]] = None,
+) -> Response:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return Response(resp.status, dict(resp.headers), resp.read())

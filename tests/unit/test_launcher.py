@@ -139,6 +139,7 @@ def test_starts_agent_and_ingress_then_stops_them_in_order(tmp_path: Path) -> No
         "--port", "8123", "--timeout", "1500", "--max-body-size", "2048",
         "--log-level", "debug", "--ingress-grace-ms", "10000",
         "--max-connections", "10000", "--header-read-timeout-ms", "30000",
+        "--result-ttl-s", "3600", "--async-timeout-ms", "600000",
     ]  # fmt: skip
     # the NATS URL (which may carry a password) comes through the environment, never argv
     assert agent["nats"] == ingress["nats"] == {"NATSERVE_NATS": "nats://127.0.0.1:4999"}
@@ -290,6 +291,8 @@ def test_every_agent_and_ingress_setting_reaches_its_binary_as_the_same_flag() -
         ingress_grace_ms=4321,
         max_connections=7,
         header_read_timeout_ms=999,
+        result_ttl_s=60,
+        async_timeout_ms=5000,
         socket_dir="/tmp/sockets",
     )
     agent = agent_argv("a", settings, Path("c"))
@@ -301,6 +304,7 @@ def test_every_agent_and_ingress_setting_reaches_its_binary_as_the_same_flag() -
     ingress = ingress_argv("i", settings)
     assert ingress[ingress.index("--ingress-grace-ms") :] == [
         "--ingress-grace-ms", "4321", "--max-connections", "7", "--header-read-timeout-ms", "999",
+        "--result-ttl-s", "60", "--async-timeout-ms", "5000",
     ]  # fmt: skip
     assert "--metrics-address" not in agent_argv("a", Settings(), Path("c"))
 

@@ -14,6 +14,7 @@ from natserve._names import (
     is_namespace,
     is_route,
     reply_prefix,
+    results_bucket,
     route_slug,
     work_subject,
 )
@@ -34,6 +35,7 @@ def test_names_match_the_golden_file(case: Dict[str, Any]) -> None:
     ]
     assert reply_prefix(namespace, case["reply_prefix"]["id"]) == case["reply_prefix"]["prefix"]
     assert inbox_prefix(namespace, case["inbox_prefix"]["role"]) == case["inbox_prefix"]["prefix"]
+    assert results_bucket(namespace) == case["results_bucket"]
 
 
 @pytest.mark.parametrize("route", GOLDEN["invalid_routes"])

@@ -114,6 +114,16 @@ def test_routes_the_ingress_answers_itself_are_refused(route: str, what: str) ->
     assert server.routes == {}
 
 
+@pytest.mark.parametrize("route", ["/results", "/results/x"])
+def test_routes_under_results_are_refused(route: str) -> None:
+    class W(Worker):
+        def forward(self, data: object) -> object:
+            return data
+
+    with pytest.raises(ValueError, match="asynchronous jobs"):
+        Server().append_worker(W, route=route)
+
+
 @pytest.mark.parametrize("route", ["/openapi", "/openapi/metadata.json", "/openapi/swagger"])
 def test_routes_under_openapi_are_refused(route: str) -> None:
     class W(Worker):

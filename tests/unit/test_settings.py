@@ -163,6 +163,17 @@ def test_prefixes_of_natserve_flags_are_not_taken_as_flags() -> None:
             "(from NATSERVE_INGRESS_GRACE_MS)",
         ),
         (
+            ["--result-ttl-s", "0"],
+            {},
+            "natserve: error: --result-ttl-s: invalid value '0': must be >= 1 and <= 604800",
+        ),
+        (
+            ["--result-ttl-s", "10"],
+            {"NATSERVE_ASYNC_TIMEOUT_MS": "10001"},
+            "natserve: error: --async-timeout-ms: must not exceed --result-ttl-s (10 s): "
+            "a job's pending record must outlive its deadline",
+        ),
+        (
             ["--socket-dir", __file__],
             {},
             f"natserve: error: --socket-dir: invalid directory {__file__!r}: "
@@ -198,6 +209,8 @@ def test_help_lists_every_flag_with_its_default(capsys: pytest.CaptureFixture[st
         ("--namespace", "natserve"),
         ("--max-queue", "10000"),
         ("--storage", "memory"),
+        ("--result-ttl-s", "3600"),
+        ("--async-timeout-ms", "600000"),
         ("--prefetch", "false"),
         ("--metrics-address", "none"),
         ("--heartbeat-ms", "2000"),
@@ -225,3 +238,10 @@ def test_agent_and_ingress_settings_from_flags_and_env() -> None:
     assert settings.socket_dir == "/tmp/natserve-sockets"
     assert parse_settings([], env={"NATSERVE_PREFETCH": "0"})[0].prefetch is False
     assert parse_settings([], env={"NATSERVE_PREFETCH": "1"})[0].prefetch is True
+
+
+def test_async_job_settings_reach_the_ingress_together() -> None:
+    settings, _ = parse_settings(
+        ["--result-ttl-s", "60"], env={"NATSERVE_ASYNC_TIMEOUT_MS": "60000"}
+    )
+    assert (settings.result_ttl_s, settings.async_timeout_ms) == (60, 60000)

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use natserve_protocol::{AgentConfig, Names};
+use natserve_protocol::{AgentConfig, Names, Results};
 use natserve_scheduler::stage::StageContext;
 use natserve_scheduler::{ensure_stage, run_stage, AgentMetrics, Cancellations, WorkerPool};
 use tokio_util::sync::CancellationToken;
@@ -62,6 +62,8 @@ pub enum AgentError {
     Stage(#[from] natserve_scheduler::StageError),
     #[error(transparent)]
     Registration(#[from] RegistrationError),
+    #[error(transparent)]
+    Bucket(#[from] natserve_protocol::buckets::BucketError),
     #[error("socket directory {path}: {source}")]
     SocketDir {
         path: PathBuf,
@@ -140,6 +142,7 @@ pub async fn run(
         Arc::new(Registration::open(&js, &names, settings.heartbeat, &config.routes, loads).await?);
     registration.check_routes().await?;
 
+    let results = Results::open(&js, &names).await?;
     let cancelled = Arc::new(Cancellations::default());
     let _cancel_follower = cancelled
         .clone()
@@ -174,6 +177,7 @@ pub async fn run(
             &names,
             settings.queue.clone(),
             client.clone(),
+            results.clone(),
             metrics.stage(&spec.route, spec.stage),
         )?
         .with_prefetch(settings.prefetch)

@@ -54,4 +54,6 @@ pub enum RequestError {
     DeadlinePassed,
     #[error("invalid reply: {0}")]
     BadReply(String),
+    #[error("stream broken: {0}")]
+    StreamBroken(String),
 }

@@ -3,18 +3,21 @@
 //! Every response carries `x-request-id`, stamped by [`with_request_id`], which also opens
 //! the request's span. Results go through [`crate::status::answer`] and nowhere else.
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use natserve_protocol::{headers as wire, route_slug, Names, RouteRecord};
+use natserve_protocol::{headers as wire, route_slug, Names, Outcome, RouteRecord};
 use tokio::time::Instant;
 use tower_http::compression::CompressionLayer;
 use tower_http::decompression::RequestDecompressionLayer;
@@ -26,12 +29,23 @@ use crate::error::RequestError;
 use crate::metrics::{Metrics, UNKNOWN_ROUTE};
 use crate::openapi;
 use crate::routes::SharedRoutes;
-use crate::status::{answer, Answer};
+use crate::status::{answer, error_event, Answer};
+use crate::stream::{ReplyStream, StreamItem};
 use crate::submit::{Reply, Submission, Submitter};
 
 /// Name of the response header carrying the request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// How often a quiet stream gets an SSE comment, so proxies keep it open (Mosec's 3 s).
+const KEEP_ALIVE: Duration = Duration::from_secs(3);
+
+/// What a request to a route gets from the pipeline: one reply, or (a streaming route)
+/// a stream of events ended by the reply.
+#[derive(Debug)]
+enum Answered {
+    Reply(Reply),
+    Stream(ReplyStream),
+}
 
 /// Everything the handlers share.
 #[derive(Debug)]
@@ -197,6 +211,15 @@ async fn serve_route(
             (record.route, result)
         }
     };
+    let result = match result {
+        Ok(Answered::Stream(stream)) => {
+            app.metrics
+                .observe(&label, StatusCode::OK, started.elapsed(), None);
+            return sse_response(stream);
+        }
+        Ok(Answered::Reply(reply)) => Ok(reply),
+        Err(e) => Err(e),
+    };
     // A body left (partly) unread makes hyper close the connection after the answer; say
     // so, or the client may reuse the connection and lose its next request.
     let unread = match &result {
@@ -274,7 +297,7 @@ impl App {
         headers: &HeaderMap,
         body: &mut Option<Body>,
         started: Instant,
-    ) -> Result<Reply, RequestError> {
+    ) -> Result<Answered, RequestError> {
         if method != Method::POST {
             return Err(RequestError::MethodNotAllowed {
                 route: record.route.clone(),
@@ -315,17 +338,23 @@ impl App {
         };
 
         let traceparent = headers.get(wire::TRACEPARENT).and_then(|v| v.to_str().ok());
-        self.submitter
-            .submit(Submission {
-                route: &record.route,
-                slug: &slug,
-                request_id,
-                body,
-                traceparent,
-                deadline,
-                deadline_ms,
-            })
-            .await
+        let submission = Submission {
+            route: &record.route,
+            slug: &slug,
+            request_id,
+            body,
+            traceparent,
+            deadline,
+            deadline_ms,
+        };
+        if record.streams {
+            return self
+                .submitter
+                .submit_stream(submission)
+                .await
+                .map(Answered::Stream);
+        }
+        self.submitter.submit(submission).await.map(Answered::Reply)
     }
 
     /// The body limit in force and which setting imposes it.
@@ -374,6 +403,35 @@ fn log_answer(answer: &Answer) {
     } else {
         debug!(status, "request answered");
     }
+}
+
+/// A streaming route's answer, as Mosec sends it: 200 and `text/event-stream` as soon as
+/// the request is queued, one `data:` event per event the worker sent, and the stream's
+/// end; a failure at any stage (or a broken stream) is a last `event: error` whose data is
+/// [`error_event`]. Dropping the body (the client went away) cancels the request.
+fn sse_response(stream: ReplyStream) -> Response {
+    let span = tracing::Span::current();
+    let events = futures::stream::unfold(stream, move |mut stream| {
+        async move {
+            let event = match stream.next().await? {
+                StreamItem::Event(text) => Event::default().data(String::from_utf8_lossy(&text)),
+                StreamItem::End(Ok(reply)) if reply.outcome == Outcome::Ok => {
+                    debug!(request = stream.request_id(), "stream ended");
+                    return None;
+                }
+                StreamItem::End(result) => {
+                    let answer = answer(result);
+                    log_answer(&answer);
+                    Event::default().event("error").data(error_event(&answer))
+                }
+            };
+            Some((Ok::<_, Infallible>(event), stream))
+        }
+        .instrument(span.clone())
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response()
 }
 
 fn into_response(answer: Answer) -> Response {

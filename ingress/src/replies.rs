@@ -63,8 +63,7 @@ impl Replies {
     /// Starts waiting for the reply to `request_id`.
     pub fn register(self: &Arc<Self>, request_id: &str) -> PendingReply {
         let (tx, rx) = oneshot::channel();
-        self.lock()
-            .insert(request_id.to_owned(), Waiter::Reply(tx));
+        self.lock().insert(request_id.to_owned(), Waiter::Reply(tx));
         PendingReply {
             _claim: Claim::new(self, request_id),
             rx,
@@ -259,10 +258,16 @@ mod tests {
         assert!(replies.deliver(event("p.r1", "2")));
         assert!(replies.deliver(end("p.r1")));
         assert_eq!(replies.waiting(), 0, "the reply ends the entry");
-        assert!(!replies.deliver(event("p.r1", "3")), "nothing after the end");
+        assert!(
+            !replies.deliver(event("p.r1", "3")),
+            "nothing after the end"
+        );
         for want in ["1", "2"] {
             let m = s.recv().await.unwrap();
-            assert_eq!(headers::get(m.headers.as_ref(), headers::EVENT_SEQ), Some(want));
+            assert_eq!(
+                headers::get(m.headers.as_ref(), headers::EVENT_SEQ),
+                Some(want)
+            );
         }
         assert_eq!(s.recv().await.unwrap().payload, "done");
     }

@@ -59,9 +59,9 @@ impl ReplyStream {
         }
         let item = match tokio::time::timeout_at(self.give_up, self.pending.recv()).await {
             Err(_) => StreamItem::End(Err(RequestError::DeadlinePassed)),
-            Ok(None) => StreamItem::End(Err(RequestError::Nats(
-                "reply subscription closed".into(),
-            ))),
+            Ok(None) => {
+                StreamItem::End(Err(RequestError::Nats("reply subscription closed".into())))
+            }
             Ok(Some(message)) => self.order.check(message),
         };
         if let StreamItem::End(_) = item {
@@ -149,16 +149,26 @@ mod tests {
             &[(headers::STATUS, "ok"), (headers::EVENT_COUNT, "2")],
             "",
         ));
-        assert!(matches!(end, StreamItem::End(Ok(Reply { outcome: Outcome::Ok, .. }))));
+        assert!(matches!(
+            end,
+            StreamItem::End(Ok(Reply {
+                outcome: Outcome::Ok,
+                ..
+            }))
+        ));
     }
 
     #[test]
     fn a_skipped_or_repeated_number_breaks_the_stream() {
         let mut order = EventOrder::default();
-        assert!(broken(order.check(message(&[(headers::EVENT_SEQ, "2")], "x"))));
+        assert!(broken(
+            order.check(message(&[(headers::EVENT_SEQ, "2")], "x"))
+        ));
         let mut order = EventOrder::default();
         order.check(message(&[(headers::EVENT_SEQ, "1")], "x"));
-        assert!(broken(order.check(message(&[(headers::EVENT_SEQ, "1")], "x"))));
+        assert!(broken(
+            order.check(message(&[(headers::EVENT_SEQ, "1")], "x"))
+        ));
     }
 
     #[test]
@@ -175,7 +185,10 @@ mod tests {
         let end = order.check(message(&[(headers::STATUS, "validation_error")], "bad"));
         assert!(matches!(
             end,
-            StreamItem::End(Ok(Reply { outcome: Outcome::ValidationError, .. }))
+            StreamItem::End(Ok(Reply {
+                outcome: Outcome::ValidationError,
+                ..
+            }))
         ));
     }
 }

@@ -93,14 +93,29 @@ pub struct ItemResult {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    Ready { pid: u32 },
-    Batch { id: u64, items: Vec<Bytes> },
-    Results { id: u64, items: Vec<ItemResult> },
+    Ready {
+        pid: u32,
+    },
+    Batch {
+        id: u64,
+        items: Vec<Bytes>,
+    },
+    Results {
+        id: u64,
+        items: Vec<ItemResult>,
+    },
     /// One event of item `index`'s stream (the text a worker passed to
     /// `send_stream_event`, UTF-8 by contract, not checked here).
-    Stream { id: u64, index: u32, body: Bytes },
+    Stream {
+        id: u64,
+        index: u32,
+        body: Bytes,
+    },
     /// The requester of item `index` of the running batch `id` went away.
-    Cancel { id: u64, index: u32 },
+    Cancel {
+        id: u64,
+        index: u32,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -292,7 +292,7 @@ class _Stop:
 
 
 def _read_frames(
-    conn: Connection, running: Running, batches: "queue.SimpleQueue[Union[Batch, _Stop]]"
+    conn: Connection, running: Running, batches: queue.SimpleQueue[Union[Batch, _Stop]]
 ) -> None:
     """The reader thread: hands BATCH frames to the main loop, CANCEL frames to `running`
     at once (the main thread may be inside ``forward``), and ends with a `_Stop`."""
@@ -333,7 +333,7 @@ def _serve(conn: Connection, cls: Type[Worker], spec: WorkerSpec) -> int:
         return 1
     running = Running(conn)
     runner = BatchRunner(worker, first=spec.first, last=spec.last, running=running)
-    batches: "queue.SimpleQueue[Union[Batch, _Stop]]" = queue.SimpleQueue()
+    batches: queue.SimpleQueue[Union[Batch, _Stop]] = queue.SimpleQueue()
     try:
         running.write(Ready(pid=os.getpid()))
         logger.info("worker %s ready (pid %d, %d warm-up examples)", spec.name, os.getpid(), warmed)

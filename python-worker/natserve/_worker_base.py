@@ -191,8 +191,7 @@ class SSEWorker(Worker):
         if call is None:
             if not isinstance(text, str):
                 raise TypeError(
-                    "send_stream_event: text must be a str (UTF-8 text), "
-                    f"got {type(text).__name__}"
+                    f"send_stream_event: text must be a str (UTF-8 text), got {type(text).__name__}"
                 )
             return
         call.send_event(text, index)

@@ -268,7 +268,12 @@ impl ItemStreams {
 
     /// Publishes one event to its item's requester, numbered from 1. A cancelled item's
     /// events go nowhere: nobody reads them.
-    async fn publish(&mut self, ctx: &StageContext, msgs: &[jetstream::Message], event: StreamEvent) {
+    async fn publish(
+        &mut self,
+        ctx: &StageContext,
+        msgs: &[jetstream::Message],
+        event: StreamEvent,
+    ) {
         let i = event.index as usize;
         if self.cancelled[i] {
             return;
@@ -278,7 +283,9 @@ impl ItemStreams {
             return;
         }
         self.sent[i] += 1;
-        ctx.outbox.stream_event(&msgs[i], self.sent[i], event.body).await;
+        ctx.outbox
+            .stream_event(&msgs[i], self.sent[i], event.body)
+            .await;
     }
 
     /// Items whose request was cancelled since the last look.

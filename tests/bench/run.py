@@ -553,9 +553,7 @@ def write_docs(md: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
-    parser.add_argument(
-        "--only", default="floor,W1,W2,W3,W4,W5,W6", help="comma-separated subset"
-    )
+    parser.add_argument("--only", default="floor,W1,W2,W3,W4,W5,W6", help="comma-separated subset")
     parser.add_argument("--no-docs", action="store_true", help="leave docs/benchmarks.md alone")
     parser.add_argument(
         "--against-bin", type=Path, help="compare with natserve binaries in this directory"

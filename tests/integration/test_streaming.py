@@ -135,8 +135,9 @@ def test_a_plain_worker_learns_its_client_went_away(
 def test_a_stream_that_stalls_past_the_deadline_ends_with_an_error_event(
     service: Tuple[Cluster, str],
 ) -> None:
-    """Last, as its worker is replaced (hung past its deadline). --timeout 2000 bounds the whole stream: the worker's 5 s pause after its first
-    event ends the stream with a 504 error event at about 2 s, not a hanging response."""
+    """Last, as its worker is replaced (hung past its deadline). --timeout 2000 bounds the
+    whole stream: the worker's 5 s pause after its first event ends the stream with a 504
+    error event at about 2 s, not a hanging response."""
     _, base = service
     started = time.monotonic()
     events = EventStream(base + "/chat", body(text="s", count=2, stall_s=5), timeout=10).all()

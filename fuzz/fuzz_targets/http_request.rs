@@ -51,6 +51,7 @@ async fn app() -> Arc<App> {
             stages: 1,
             names: vec!["W".into()],
             types: None,
+            streams: false,
         };
         table.put_route("inference", route, Instant::now());
         let agent = AgentRecord {

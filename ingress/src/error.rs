@@ -73,4 +73,8 @@ pub enum RequestError {
     JobUnanswered(String),
     #[error("results bucket unavailable: {0}")]
     Results(String),
+    #[error("{0} streams its answer as events: it cannot be submitted with Prefer: respond-async")]
+    AsyncStream(String),
+    #[error("stream broken: {0}")]
+    StreamBroken(String),
 }

@@ -4,19 +4,24 @@
 //! Every response carries `x-request-id`, stamped by [`with_request_id`], which also opens
 //! the request's span. Results go through [`crate::status::answer`] and nowhere else.
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::{Extension, Router};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use natserve_protocol::records::{idempotent_result_id, is_result_id, MAX_IDEMPOTENCY_KEY};
-use natserve_protocol::{headers as wire, route_slug, JobState, Names, Results, RouteRecord};
+use natserve_protocol::{
+    headers as wire, route_slug, JobState, Names, Outcome, Results, RouteRecord,
+};
 use tokio::time::Instant;
 use tower_http::compression::CompressionLayer;
 use tower_http::decompression::RequestDecompressionLayer;
@@ -28,7 +33,8 @@ use crate::error::RequestError;
 use crate::metrics::{Metrics, UNKNOWN_ROUTE};
 use crate::openapi;
 use crate::routes::SharedRoutes;
-use crate::status::{accepted, answer, Answer};
+use crate::status::{accepted, answer, error_event, Answer};
+use crate::stream::{ReplyStream, StreamItem};
 use crate::submit::{Accepted, AsyncJob, Reply, Submission, Submitter};
 
 /// Name of the response header carrying the request id.
@@ -43,6 +49,8 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 /// one second past the latest deadline in its batch, so only a job no agent holds is
 /// pending this late.
 pub const PENDING_GRACE_MS: u64 = 5_000;
+/// How often a quiet stream gets an SSE comment, so proxies keep it open (Mosec's 3 s).
+const KEEP_ALIVE: Duration = Duration::from_secs(3);
 
 /// Everything the handlers share.
 #[derive(Debug)]
@@ -225,6 +233,11 @@ async fn serve_route(
         _ => None,
     };
     let answer = match result {
+        Ok(Routed::Streamed(stream)) => {
+            app.metrics
+                .observe(&label, StatusCode::OK, started.elapsed(), None);
+            return sse_response(stream);
+        }
         Ok(Routed::Accepted(Accepted { id, repeated })) => accepted(&id, "pending", repeated),
         Ok(Routed::Replied(reply)) => answer(Ok(reply)),
         Err(e) => answer(Err(e)),
@@ -245,11 +258,13 @@ async fn serve_route(
     response
 }
 
-/// What a request to a route came to: the pipeline's reply, or a job accepted.
+/// What a request to a route came to: the pipeline's reply, a job accepted, or (a
+/// streaming route) a stream of events ended by the reply.
 #[derive(Debug)]
 pub enum Routed {
     Replied(Reply),
     Accepted(Accepted),
+    Streamed(ReplyStream),
 }
 
 /// `GET /results/<id>`: a finished job's answer as the pipeline gave it, 202 while it is
@@ -378,6 +393,9 @@ impl App {
         if idempotency.is_some() && !asynchronous {
             return Err(RequestError::IdempotencyNeedsAsync);
         }
+        if asynchronous && record.streams {
+            return Err(RequestError::AsyncStream(record.route.clone()));
+        }
         // An asynchronous job has its own, longer deadline on the wire; reading its body
         // and queueing it are still bounded by the request timeout.
         let deadline = started + self.config.timeout;
@@ -411,6 +429,13 @@ impl App {
             deadline,
             deadline_ms,
         };
+        if record.streams {
+            return self
+                .submitter
+                .submit_stream(submission)
+                .await
+                .map(Routed::Streamed);
+        }
         if !asynchronous {
             return self.submitter.submit(submission).await.map(Routed::Replied);
         }
@@ -504,6 +529,35 @@ fn log_answer(answer: &Answer) {
     } else {
         debug!(status, "request answered");
     }
+}
+
+/// A streaming route's answer, as Mosec sends it: 200 and `text/event-stream` as soon as
+/// the request is queued, one `data:` event per event the worker sent, and the stream's
+/// end; a failure at any stage (or a broken stream) is a last `event: error` whose data is
+/// [`error_event`]. Dropping the body (the client went away) cancels the request.
+fn sse_response(stream: ReplyStream) -> Response {
+    let span = tracing::Span::current();
+    let events = futures::stream::unfold(stream, move |mut stream| {
+        async move {
+            let event = match stream.next().await? {
+                StreamItem::Event(text) => Event::default().data(String::from_utf8_lossy(&text)),
+                StreamItem::End(Ok(reply)) if reply.outcome == Outcome::Ok => {
+                    debug!(request = stream.request_id(), "stream ended");
+                    return None;
+                }
+                StreamItem::End(result) => {
+                    let answer = answer(result);
+                    log_answer(&answer);
+                    Event::default().event("error").data(error_event(&answer))
+                }
+            };
+            Some((Ok::<_, Infallible>(event), stream))
+        }
+        .instrument(span.clone())
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response()
 }
 
 fn into_response(answer: Answer) -> Response {

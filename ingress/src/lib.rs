@@ -18,6 +18,7 @@ pub mod replies;
 pub mod routes;
 pub mod server;
 pub mod status;
+pub mod stream;
 pub mod submit;
 pub mod watch;
 

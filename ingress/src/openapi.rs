@@ -133,6 +133,7 @@ mod tests {
             stages: 1,
             names: vec!["W".into()],
             types,
+            streams: false,
         };
         (route.trim_start_matches('/').into(), record)
     }

@@ -4,20 +4,37 @@
 //! is the request id. A request registers before it publishes (a reply can beat the
 //! publish ack) and its [`PendingReply`] removes the entry when dropped, whether the reply
 //! came, the deadline passed, or the client went away and axum dropped the handler.
+//!
+//! A request to a streaming route registers a stream instead ([`Replies::register_stream`]):
+//! it gets every message on its subject, the numbered events (`X-Event-Seq`) and then the
+//! reply, which ends its entry. Its channel is bounded: a client reading
+//! slower than the worker streams loses events, and the gap in their numbers ends the
+//! stream with an error (see `crate::stream`), instead of this ingress buffering without
+//! end.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_nats::{Message, Subscriber};
 use futures::StreamExt;
-use tokio::sync::oneshot;
+use natserve_protocol::headers;
+use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
+
+/// Messages of one stream held for a client that has not read them yet.
+pub const STREAM_BUFFER: usize = 1024;
+
+#[derive(Debug)]
+enum Waiter {
+    Reply(oneshot::Sender<Message>),
+    Stream(mpsc::Sender<Message>),
+}
 
 /// In-flight requests of this ingress waiting for their reply.
 #[derive(Debug)]
 pub struct Replies {
     prefix: String,
-    pending: Mutex<HashMap<String, oneshot::Sender<Message>>>,
+    pending: Mutex<HashMap<String, Waiter>>,
 }
 
 impl Replies {
@@ -39,32 +56,70 @@ impl Replies {
         format!("{}.{request_id}", self.prefix)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Message>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiter>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Starts waiting for the reply to `request_id`.
     pub fn register(self: &Arc<Self>, request_id: &str) -> PendingReply {
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(request_id.to_owned(), tx);
+        self.lock().insert(request_id.to_owned(), Waiter::Reply(tx));
         PendingReply {
-            request_id: request_id.to_owned(),
-            replies: self.clone(),
+            _claim: Claim::new(self, request_id),
+            rx,
+        }
+    }
+
+    /// Starts taking every message to `request_id`'s subject: stream events, then its reply.
+    pub fn register_stream(self: &Arc<Self>, request_id: &str) -> PendingStream {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        self.lock()
+            .insert(request_id.to_owned(), Waiter::Stream(tx));
+        PendingStream {
+            claim: Claim::new(self, request_id),
             rx,
         }
     }
 
     /// Hands a reply to the request waiting for it. False when nobody waits any more
-    /// (a late reply after the deadline, or a client that disconnected).
+    /// (a late reply after the deadline, or a client that disconnected), or when a stream's
+    /// buffer is full (the message is dropped; its number shows the gap).
     pub fn deliver(&self, message: Message) -> bool {
         let Some(id) = message.subject.rsplit('.').next() else {
             return false;
         };
-        let Some(tx) = self.lock().remove(id) else {
-            debug!(subject = %message.subject, "reply for no waiting request");
-            return false;
-        };
-        tx.send(message).is_ok()
+        // Anything but a numbered event ends the request: its reply, or a malformed one
+        // (which the request then reports).
+        let ends = headers::get(message.headers.as_ref(), headers::EVENT_SEQ).is_none();
+        let mut pending = self.lock();
+        match pending.get(id) {
+            None => {
+                debug!(subject = %message.subject, "reply for no waiting request");
+                return false;
+            }
+            Some(Waiter::Stream(tx)) if !ends => return tx.try_send(message).is_ok(),
+            Some(Waiter::Reply(_)) if !ends => {
+                debug!(subject = %message.subject, "stream event for a request that does not stream; dropped");
+                return false;
+            }
+            Some(_) => {}
+        }
+        let waiter = pending.remove(id);
+        drop(pending);
+        match waiter {
+            None => false,
+            Some(Waiter::Reply(tx)) => tx.send(message).is_ok(),
+            // The reply that ends a stream waits for room: it is the one message a
+            // stream must not lose.
+            Some(Waiter::Stream(tx)) => match tx.try_send(message) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(message)) => {
+                    tokio::spawn(async move { tx.send(message).await.is_ok() });
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            },
+        }
     }
 
     /// Requests waiting for a reply now.
@@ -81,11 +136,33 @@ pub async fn dispatch(mut subscription: Subscriber, replies: Arc<Replies>) {
     debug!("reply subscription ended");
 }
 
+/// One request's entry in [`Replies`]; dropping it removes the entry.
+#[derive(Debug)]
+struct Claim {
+    request_id: String,
+    replies: Arc<Replies>,
+}
+
+impl Claim {
+    fn new(replies: &Arc<Replies>, request_id: &str) -> Self {
+        Self {
+            request_id: request_id.to_owned(),
+            replies: replies.clone(),
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.replies.lock().remove(&self.request_id);
+    }
+}
+
 /// One request's claim on its reply; dropping it withdraws the claim.
 #[derive(Debug)]
 pub struct PendingReply {
-    request_id: String,
-    replies: Arc<Replies>,
+    /// Held for its `Drop`.
+    _claim: Claim,
     rx: oneshot::Receiver<Message>,
 }
 
@@ -96,9 +173,21 @@ impl PendingReply {
     }
 }
 
-impl Drop for PendingReply {
-    fn drop(&mut self) {
-        self.replies.lock().remove(&self.request_id);
+/// One streaming request's claim on the messages to its subject.
+#[derive(Debug)]
+pub struct PendingStream {
+    claim: Claim,
+    rx: mpsc::Receiver<Message>,
+}
+
+impl PendingStream {
+    /// The next event or the reply; `None` if the dispatcher went away.
+    pub async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.claim.request_id
     }
 }
 
@@ -129,12 +218,67 @@ mod tests {
         let mut b = replies.register("r2");
         assert_eq!(replies.waiting(), 2);
 
-        assert!(replies.deliver(reply_to("ns.reply.ing1.r2", "two")));
-        assert!(replies.deliver(reply_to("ns.reply.ing1.r1", "one")));
+        assert!(replies.deliver(end_with("ns.reply.ing1.r2", "two")));
+        assert!(replies.deliver(end_with("ns.reply.ing1.r1", "one")));
         assert_eq!(b.recv().await.unwrap().payload, "two");
         assert_eq!(a.recv().await.unwrap().payload, "one");
         assert_eq!(replies.waiting(), 0, "delivery removes the entry");
-        assert!(!replies.deliver(reply_to("ns.reply.ing1.r1", "again")));
+        assert!(!replies.deliver(end_with("ns.reply.ing1.r1", "again")));
+    }
+
+    fn end_with(subject: &str, body: &'static str) -> Message {
+        let mut m = reply_to(subject, body);
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::STATUS, "ok");
+        m.headers = Some(h);
+        m
+    }
+
+    fn event(subject: &str, seq: &str) -> Message {
+        let mut m = reply_to(subject, "e");
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::EVENT_SEQ, seq);
+        m.headers = Some(h);
+        m
+    }
+
+    fn end(subject: &str) -> Message {
+        let mut m = reply_to(subject, "done");
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::STATUS, "ok");
+        m.headers = Some(h);
+        m
+    }
+
+    #[tokio::test]
+    async fn a_stream_gets_its_events_then_the_reply_that_ends_it() {
+        let replies = Replies::new("p".into());
+        let mut s = replies.register_stream("r1");
+        assert!(replies.deliver(event("p.r1", "1")));
+        assert!(replies.deliver(event("p.r1", "2")));
+        assert!(replies.deliver(end("p.r1")));
+        assert_eq!(replies.waiting(), 0, "the reply ends the entry");
+        assert!(
+            !replies.deliver(event("p.r1", "3")),
+            "nothing after the end"
+        );
+        for want in ["1", "2"] {
+            let m = s.recv().await.unwrap();
+            assert_eq!(
+                headers::get(m.headers.as_ref(), headers::EVENT_SEQ),
+                Some(want)
+            );
+        }
+        assert_eq!(s.recv().await.unwrap().payload, "done");
+    }
+
+    #[tokio::test]
+    async fn an_event_for_a_plain_request_is_dropped_and_the_reply_still_comes() {
+        let replies = Replies::new("p".into());
+        let mut r = replies.register("r1");
+        assert!(!replies.deliver(event("p.r1", "1")));
+        assert!(replies.deliver(end("p.r1")));
+        assert_eq!(r.recv().await.unwrap().payload, "done");
     }
 
     #[test]

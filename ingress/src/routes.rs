@@ -176,6 +176,7 @@ mod tests {
             stages,
             names: vec![],
             types: None,
+            streams: false,
         }
     }
 

@@ -98,7 +98,8 @@ pub fn answer(result: Result<Reply, RequestError>) -> Answer {
                 }
                 RequestError::BadIdempotencyKey
                 | RequestError::IdempotencyNeedsAsync
-                | RequestError::BadResultId(_) => StatusCode::BAD_REQUEST,
+                | RequestError::BadResultId(_)
+                | RequestError::AsyncStream(_) => StatusCode::BAD_REQUEST,
                 RequestError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
                 RequestError::BodyRead(_) => StatusCode::BAD_REQUEST,
                 RequestError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -112,7 +113,9 @@ pub fn answer(result: Result<Reply, RequestError>) -> Answer {
                 RequestError::DeadlinePassed | RequestError::JobUnanswered(_) => {
                     StatusCode::GATEWAY_TIMEOUT
                 }
-                RequestError::BadReply(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                RequestError::BadReply(_) | RequestError::StreamBroken(_) => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
             };
             return Answer::text(status, error.to_string());
         }
@@ -140,6 +143,24 @@ pub fn answer(result: Result<Reply, RequestError>) -> Answer {
     Answer::text(status, reply.body)
 }
 
+/// The text of the `event: error` that ends a stream instead of `answer`'s status, in
+/// Mosec's words: `SSE inference error: 422: Unprocessable Content: <message>`. Once a
+/// stream's headers went out (200, as Mosec sends them at once) the status can only be
+/// told this way.
+pub fn error_event(answer: &Answer) -> String {
+    let code = answer.status;
+    // RFC 9110's name, which Mosec shows; the http crate still says "Unprocessable Entity".
+    let reason = match code {
+        StatusCode::UNPROCESSABLE_ENTITY => "Unprocessable Content",
+        other => other.canonical_reason().unwrap_or("Error"),
+    };
+    format!(
+        "SSE inference error: {}: {reason}: {}",
+        code.as_u16(),
+        String::from_utf8_lossy(&answer.body)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,6 +172,24 @@ mod tests {
             body: Bytes::from_static(body.as_bytes()),
             batch_sizes: None,
         }
+    }
+
+    #[test]
+    fn an_error_event_reads_as_mosec_s() {
+        let bad = answer(Ok(reply(
+            Outcome::ValidationError,
+            None,
+            "validation error: text is required",
+        )));
+        assert_eq!(
+            error_event(&bad),
+            "SSE inference error: 422: Unprocessable Content: validation error: text is required"
+        );
+        let late = answer(Err(RequestError::DeadlinePassed));
+        assert_eq!(
+            error_event(&late),
+            "SSE inference error: 504: Gateway Timeout: no reply before the deadline"
+        );
     }
 
     #[test]

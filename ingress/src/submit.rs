@@ -19,7 +19,8 @@ use natserve_protocol::{headers, Names, Outcome, Rejection, ResultRecord, Result
 use tokio::time::Instant;
 
 use crate::error::RequestError;
-use crate::replies::Replies;
+use crate::replies::{PendingStream, Replies};
+use crate::stream::ReplyStream;
 
 /// Bytes of `max_payload` left for the headers of a work message.
 pub const HEADER_RESERVE: usize = 4 * 1024;
@@ -128,11 +129,35 @@ impl Submitter {
     }
 
     pub async fn submit(&self, s: Submission<'_>) -> Result<Reply, RequestError> {
+        // Register first: the reply may arrive before the publish ack does.
+        let mut pending = self.replies.register(s.request_id);
+        let deadline = s.deadline;
+        let mut cancel = self.publish(s).await?;
+        let reply = tokio::time::timeout_at(deadline + REPLY_GRACE, pending.recv()).await;
+        cancel.armed = false;
+        match reply {
+            Err(_) => Err(RequestError::DeadlinePassed),
+            Ok(None) => Err(RequestError::Nats("reply subscription closed".into())),
+            Ok(Some(message)) => Reply::from_message(message),
+        }
+    }
+
+    /// Submits a request to a streaming route: once it is queued, its events and then its
+    /// reply come out of the returned stream, which cancels the request when dropped
+    /// before its end (the HTTP client went away).
+    pub async fn submit_stream(&self, s: Submission<'_>) -> Result<ReplyStream, RequestError> {
+        let pending: PendingStream = self.replies.register_stream(s.request_id);
+        let deadline = s.deadline;
+        let cancel = self.publish(s).await?;
+        Ok(ReplyStream::new(pending, deadline + REPLY_GRACE, cancel))
+    }
+
+    /// Publishes the request to its route's first stage and waits for JetStream's ack.
+    /// From the ack on, the returned guard cancels the queued request when dropped armed.
+    async fn publish(&self, s: Submission<'_>) -> Result<CancelOnDrop, RequestError> {
         if !self.is_connected() {
             return Err(RequestError::Nats("not connected".into()));
         }
-        // Register first: the reply may arrive before the publish ack does.
-        let mut pending = self.replies.register(s.request_id);
         let mut h = HeaderMap::new();
         h.insert(headers::REQUEST_ID, s.request_id);
         h.insert(headers::REPLY_TO, self.replies.subject(s.request_id));
@@ -142,21 +167,15 @@ impl Submitter {
             h.insert(headers::TRACEPARENT, tp);
         }
         self.publish_work(&s, h).await?;
-        // From here on, a client that goes away (axum drops this future) cancels the
-        // queued request; a reply or the deadline disarms that.
-        let mut cancel = CancelOnDrop {
-            submitter: self,
-            request_id: s.request_id,
+        // From here on, a client that goes away (axum drops the request's future or its
+        // response body) cancels the request; a reply or the deadline disarms that.
+        Ok(CancelOnDrop {
+            client: self.client.clone(),
+            subject: self.names.cancel_subject(),
+            request_id: s.request_id.to_owned(),
             deadline_ms: s.deadline_ms,
             armed: true,
-        };
-        let reply = tokio::time::timeout_at(s.deadline + REPLY_GRACE, pending.recv()).await;
-        cancel.armed = false;
-        match reply {
-            Err(_) => Err(RequestError::DeadlinePassed),
-            Ok(None) => Err(RequestError::Nats("reply subscription closed".into())),
-            Ok(Some(message)) => Reply::from_message(message),
-        }
+        })
     }
 
     /// Queues an asynchronous job: its pending record first (atomically: an idempotent
@@ -236,16 +255,19 @@ impl Submitter {
     }
 }
 
-/// Names a queued request on the cancel subject when its HTTP client went away before the
-/// reply came, so agents drop it unrun instead of spending a worker on it.
-struct CancelOnDrop<'a> {
-    submitter: &'a Submitter,
-    request_id: &'a str,
+/// Names a request on the cancel subject when its HTTP client went away before the reply
+/// came, so agents drop it unrun, or tell its worker if it is running.
+#[derive(Debug)]
+pub struct CancelOnDrop {
+    client: Client,
+    subject: String,
+    request_id: String,
     deadline_ms: u64,
-    armed: bool,
+    /// Cleared once the request has its answer.
+    pub armed: bool,
 }
 
-impl Drop for CancelOnDrop<'_> {
+impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         if !self.armed || natserve_protocol::unix_ms() >= self.deadline_ms {
             return; // answered, or expired: agents skip expired work by themselves
@@ -253,11 +275,11 @@ impl Drop for CancelOnDrop<'_> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let client = self.submitter.client.clone();
-        let subject = self.submitter.names.cancel_subject();
+        let client = self.client.clone();
+        let subject = std::mem::take(&mut self.subject);
         let mut h = HeaderMap::new();
         h.insert(headers::DEADLINE, self.deadline_ms.to_string());
-        let id = bytes::Bytes::from(self.request_id.to_owned());
+        let id = bytes::Bytes::from(std::mem::take(&mut self.request_id));
         runtime.spawn(async move {
             if let Err(e) = client.publish_with_headers(subject, h, id).await {
                 tracing::debug!(error = %e, "cancel publish failed");

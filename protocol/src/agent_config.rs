@@ -36,6 +36,10 @@ pub struct RouteSpec {
     /// Request and response types, registered for the route's OpenAPI document.
     #[serde(default)]
     pub types: Option<crate::RouteTypes>,
+    /// Whether the last stage streams its answers (Mosec's `SSEWorker`): the ingress then
+    /// answers the route as Server-Sent Events.
+    #[serde(default)]
+    pub streams: bool,
 }
 
 /// One stage as this agent hosts it. Each worker process also gets it, as JSON, in
@@ -207,6 +211,7 @@ mod tests {
                         response: body("application/json", serde_json::json!({})),
                         components: Default::default(),
                     }),
+                    streams: false,
                 },
                 RouteSpec {
                     route: "/v1/embed".into(),
@@ -230,6 +235,17 @@ mod tests {
                         .unwrap()
                         .clone(),
                     }),
+                    streams: false,
+                },
+                RouteSpec {
+                    route: "/v1/chat".into(),
+                    names: vec!["Chat".into()],
+                    types: Some(crate::RouteTypes {
+                        request: body("application/json", serde_json::json!({})),
+                        response: body("text/event-stream", serde_json::json!({})),
+                        components: Default::default(),
+                    }),
+                    streams: true,
                 },
             ],
             stages: vec![
@@ -268,6 +284,18 @@ mod tests {
                     timeout_ms: 0,
                     env: None,
                     mime: "application/msgpack".into(),
+                },
+                StageSpec {
+                    route: "/v1/chat".into(),
+                    stage: 0,
+                    name: "Chat".into(),
+                    worker: "__main__:Chat".into(),
+                    num: nz(1),
+                    max_batch_size: nz(4),
+                    max_wait_ms: 0,
+                    timeout_ms: 0,
+                    env: None,
+                    mime: "text/event-stream".into(),
                 },
             ],
         };
@@ -334,6 +362,7 @@ mod tests {
             route: "/v1_embed".into(),
             names: vec!["Other".into()],
             types: None,
+            streams: false,
         });
         let err = c.validate().unwrap_err().to_string();
         assert!(

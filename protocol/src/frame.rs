@@ -5,7 +5,14 @@
 //! READY   kind 1  pid:u32be                    worker -> agent, after __init__ and warm-up
 //! BATCH   kind 2  id:u64be count:u32be (len:u32be bytes){count}            agent -> worker
 //! RESULTS kind 3  id:u64be count:u32be (status:u8 len:u32be bytes){count}   worker -> agent
+//! STREAM  kind 4  id:u64be index:u32be len:u32be bytes      worker -> agent, before RESULTS
+//! CANCEL  kind 5  id:u64be index:u32be                      agent -> worker, while it runs
 //! ```
+//!
+//! A streaming worker sends any number of `STREAM` frames for item `index` of batch `id`
+//! while it runs it, then the batch's one `RESULTS` frame, which ends every item's stream.
+//! The agent sends `CANCEL` when the requester of item `index` went away; the worker may
+//! get it after it already answered the batch, and then ignores it.
 //!
 //! Item status: 0 ok, 1 validation error, 2 client error, 3 server error. The declared
 //! length is checked against a maximum before anything is allocated, and every inner
@@ -19,6 +26,8 @@ use crate::Outcome;
 pub const KIND_READY: u8 = 1;
 pub const KIND_BATCH: u8 = 2;
 pub const KIND_RESULTS: u8 = 3;
+pub const KIND_STREAM: u8 = 4;
+pub const KIND_CANCEL: u8 = 5;
 
 /// Largest frame accepted by default: big enough for a batch of large NATS payloads.
 pub const DEFAULT_MAX_FRAME: usize = 256 * 1024 * 1024;
@@ -84,9 +93,29 @@ pub struct ItemResult {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    Ready { pid: u32 },
-    Batch { id: u64, items: Vec<Bytes> },
-    Results { id: u64, items: Vec<ItemResult> },
+    Ready {
+        pid: u32,
+    },
+    Batch {
+        id: u64,
+        items: Vec<Bytes>,
+    },
+    Results {
+        id: u64,
+        items: Vec<ItemResult>,
+    },
+    /// One event of item `index`'s stream (the text a worker passed to
+    /// `send_stream_event`, UTF-8 by contract, not checked here).
+    Stream {
+        id: u64,
+        index: u32,
+        body: Bytes,
+    },
+    /// The requester of item `index` of the running batch `id` went away.
+    Cancel {
+        id: u64,
+        index: u32,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -169,6 +198,24 @@ impl Frame {
                 }
                 finish(&body, Frame::Results { id, items })
             }
+            KIND_STREAM => {
+                let id = take_u64(&mut body)?;
+                let index = take_u32(&mut body)?;
+                let event = take_bytes(&mut body)?;
+                finish(
+                    &body,
+                    Frame::Stream {
+                        id,
+                        index,
+                        body: event,
+                    },
+                )
+            }
+            KIND_CANCEL => {
+                let id = take_u64(&mut body)?;
+                let index = take_u32(&mut body)?;
+                finish(&body, Frame::Cancel { id, index })
+            }
             other => Err(FrameError::UnknownKind(other)),
         }
     }
@@ -200,6 +247,18 @@ impl Frame {
                     out.put_u32(item.body.len() as u32);
                     out.put_slice(&item.body);
                 }
+            }
+            Frame::Stream { id, index, body } => {
+                out.put_u8(KIND_STREAM);
+                out.put_u64(*id);
+                out.put_u32(*index);
+                out.put_u32(body.len() as u32);
+                out.put_slice(body);
+            }
+            Frame::Cancel { id, index } => {
+                out.put_u8(KIND_CANCEL);
+                out.put_u64(*id);
+                out.put_u32(*index);
             }
         }
         let len = (out.len() - start - 4) as u32;
@@ -297,6 +356,15 @@ mod tests {
                         body: text(&it["body"]),
                     })
                     .collect(),
+            },
+            "stream" => Frame::Stream {
+                id: v["id"].as_u64().unwrap(),
+                index: v["index"].as_u64().unwrap() as u32,
+                body: text(&v["body"]),
+            },
+            "cancel" => Frame::Cancel {
+                id: v["id"].as_u64().unwrap(),
+                index: v["index"].as_u64().unwrap() as u32,
             },
             other => panic!("unknown kind {other}"),
         }

@@ -16,6 +16,13 @@ pub const STATUS: &str = "X-Status";
 pub const CONTENT_TYPE: &str = "Content-Type";
 /// W3C trace context, passed through untouched.
 pub const TRACEPARENT: &str = "traceparent";
+/// On a streamed event (a core NATS message to the reply subject without [`STATUS`]): its
+/// 1-based position in the item's stream. The ingress ends a stream whose events skip a
+/// number with an error event, rather than showing the client a stream with a hole.
+pub const EVENT_SEQ: &str = "X-Event-Seq";
+/// On the reply that ends a stream: how many events came before it, so a lost last event
+/// is noticed too. Absent means none.
+pub const EVENT_COUNT: &str = "X-Event-Count";
 /// JetStream de-duplication id: `<request id>.<stage>`.
 pub const MSG_ID: &str = "Nats-Msg-Id";
 /// An asynchronous job's result id: whichever agent finishes the request writes its

@@ -21,6 +21,10 @@ pub struct RouteRecord {
     /// What the route takes and answers, for its OpenAPI document.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub types: Option<RouteTypes>,
+    /// The last stage streams events before its reply: the ingress answers the route as
+    /// Server-Sent Events. Absent (an older agent) means false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub streams: bool,
 }
 
 /// A route's request and response bodies as its workers declare them (the first stage's

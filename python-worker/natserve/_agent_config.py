@@ -84,6 +84,7 @@ def agent_config(
                 "route": route,
                 "names": [s.name for s in route_stages],
                 "types": route_types(route_stages),
+                "streams": route_stages[-1].streams,
             }
             for route, route_stages in routes.items()
         ],

@@ -11,7 +11,10 @@ One bad item never fails its batch-mates:
   about 2·log2(n) extra ``forward`` calls;
 - a batching ``forward`` that returns anything but a list or tuple of the batch's length
   fails every item of that call with a message saying so;
-- a ``serialize``/``serialize_ipc`` failure is that item's own result.
+- a ``serialize``/``serialize_ipc`` failure is that item's own result;
+- a streaming item (one that already sent an event) is never run again: when its
+  ``forward`` call raises, the exception is its answer, and only its batch-mates that
+  have streamed nothing yet are retried in halves.
 
 Error bodies start with the prefixes docs/protocol.md lists; the traceback of a server
 error goes to the log, never to the client.
@@ -23,6 +26,7 @@ import logging
 from typing import Any, List, Optional, Sequence, Tuple
 
 from ._protocol import ItemResult, Status
+from ._running import ForwardCall, Running
 from ._worker_base import Worker
 from .errors import (
     ClientError,
@@ -82,11 +86,27 @@ def error_result(err: BaseException, during: str) -> ItemResult:
 class BatchRunner:
     """Turns the payloads of one BATCH into its RESULTS items for one worker."""
 
-    def __init__(self, worker: Worker, *, first: bool, last: bool) -> None:
+    def __init__(
+        self, worker: Worker, *, first: bool, last: bool, running: Optional[Running] = None
+    ) -> None:
         self._worker = worker
         self._first = first
         self._last = last
         self._batched = worker.max_batch_size > 1
+        self._running = running
+
+    def _forward(self, items: Sequence[int], data: Any) -> Any:
+        """`forward` on ``data``, which is the batch's items ``items``."""
+        if self._running is None:
+            return self._worker.forward(data)
+        self._worker._natserve_call = ForwardCall(self._running, items)
+        try:
+            return self._worker.forward(data)
+        finally:
+            self._worker._natserve_call = None
+
+    def _streamed(self, item: int) -> bool:
+        return self._running is not None and self._running.streamed(item)
 
     def run(self, payloads: Sequence[bytes]) -> List[ItemResult]:
         results: List[Optional[ItemResult]] = [None] * len(payloads)
@@ -103,7 +123,7 @@ class BatchRunner:
         else:
             for i, data in inputs:
                 try:
-                    output = self._worker.forward(data)
+                    output = self._forward([i], data)
                 except Exception as err:
                     results[i] = error_result(err, "forward")
                     continue
@@ -121,10 +141,17 @@ class BatchRunner:
         if not inputs:
             return
         try:
-            outputs = self._worker.forward([data for _, data in inputs])
+            outputs = self._forward([i for i, _ in inputs], [data for _, data in inputs])
         except Exception as err:
             if len(inputs) == 1:
                 results[inputs[0][0]] = error_result(err, "forward")
+                return
+            # A client that saw part of its stream would see it again: answered now.
+            streamed = [i for i, _ in inputs if self._streamed(i)]
+            if streamed:
+                for i in streamed:
+                    results[i] = error_result(err, "forward")
+                self._forward_batch([x for x in inputs if x[0] not in streamed], results)
                 return
             logger.debug(
                 "forward raised %s on a batch of %d; retrying in halves",

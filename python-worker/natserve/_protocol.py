@@ -6,6 +6,8 @@ This mirrors ``protocol/src/frame.rs`` and ``connection.rs`` byte for byte::
     READY   kind 1  pid:u32be
     BATCH   kind 2  id:u64be count:u32be (len:u32be bytes){count}
     RESULTS kind 3  id:u64be count:u32be (status:u8 len:u32be bytes){count}
+    STREAM  kind 4  id:u64be index:u32be len:u32be bytes     worker -> agent
+    CANCEL  kind 5  id:u64be index:u32be                     agent -> worker
 
 The declared length is checked against a maximum before anything is read or allocated,
 and every inner length against what is left of the frame. ``tests/golden/frames.json``
@@ -23,6 +25,8 @@ from typing import List, Optional, Union
 KIND_READY = 1
 KIND_BATCH = 2
 KIND_RESULTS = 3
+KIND_STREAM = 4
+KIND_CANCEL = 5
 
 #: Largest frame accepted by default: big enough for a batch of large NATS payloads.
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
@@ -85,7 +89,24 @@ class Results:
     items: List[ItemResult] = field(default_factory=list)
 
 
-Frame = Union[Ready, Batch, Results]
+@dataclass(frozen=True)
+class Stream:
+    """Worker -> agent, before the batch's RESULTS: one event of item ``index``'s stream."""
+
+    id: int
+    index: int
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Agent -> worker: the requester of item ``index`` of running batch ``id`` went away."""
+
+    id: int
+    index: int
+
+
+Frame = Union[Ready, Batch, Results, Stream, Cancel]
 
 
 def check(buf: bytes | bytearray | memoryview, max_frame: int = DEFAULT_MAX_FRAME) -> Optional[int]:
@@ -190,6 +211,14 @@ def _parse_body(body: memoryview) -> Frame:
             results.append(ItemResult(status=status, body=reader.bytes_()))
         reader.finish()
         return Results(id=results_id, items=results)
+    if kind == KIND_STREAM:
+        stream = Stream(id=reader.u64(), index=reader.u32(), body=reader.bytes_())
+        reader.finish()
+        return stream
+    if kind == KIND_CANCEL:
+        cancel = Cancel(id=reader.u64(), index=reader.u32())
+        reader.finish()
+        return cancel
     raise FrameError(f"unknown frame kind {kind}")
 
 
@@ -204,13 +233,20 @@ def encode(frame: Frame) -> bytes:
         for item in frame.items:
             parts += [_U32.pack(len(item)), bytes(item)]
         kind = KIND_BATCH
+    elif isinstance(frame, Stream):
+        body = bytes(frame.body)
+        parts += [_U64.pack(frame.id), _U32.pack(frame.index), _U32.pack(len(body)), body]
+        kind = KIND_STREAM
+    elif isinstance(frame, Cancel):
+        parts += [_U64.pack(frame.id), _U32.pack(frame.index)]
+        kind = KIND_CANCEL
     else:
         parts += [_U64.pack(frame.id), _U32.pack(len(frame.items))]
         for result in frame.items:
             parts += [bytes([int(result.status)]), _U32.pack(len(result.body)), result.body]
         kind = KIND_RESULTS
-    body = b"".join(parts)
-    return _HEADER.pack(len(body) + 1, kind) + body
+    payload = b"".join(parts)
+    return _HEADER.pack(len(payload) + 1, kind) + payload
 
 
 class Connection:

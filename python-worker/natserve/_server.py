@@ -153,6 +153,12 @@ class Server:
 
     def _add(self, route: str, runtime: Runtime) -> None:
         stages = self._routes.setdefault(route, [])
+        if stages and stages[-1].streams:
+            raise ValueError(
+                f"append_worker: {stages[-1].name} is an SSEWorker, so it must be the last "
+                f"stage of {route}, but {runtime.worker.__name__} would follow it; append "
+                f"{runtime.worker.__name__} before it"
+            )
         stages.append(
             StageSpec(
                 route=route,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Type
 
 from ._names import ROUTE_PATTERN, is_route, route_slug
-from ._worker_base import Worker
+from ._worker_base import SSEWorker, Worker
 
 START_METHODS = ("spawn", "fork")
 
@@ -52,6 +52,11 @@ class StageSpec:
     @property
     def mime(self) -> str:
         return self.worker.resp_mime_type
+
+    @property
+    def streams(self) -> bool:
+        """Whether the stage sends stream events (Mosec's `SSEWorker`)."""
+        return issubclass(self.worker, SSEWorker)
 
     @property
     def worker_ref(self) -> str:

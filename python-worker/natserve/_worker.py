@@ -9,7 +9,9 @@ stage's `Worker` class from the spec's ``module:qualname``, and takes every para
 from the spec, never from re-running ``append_worker``. It then connects to the socket,
 builds the worker (``worker_id``, ``stage`` and ``max_batch_size`` set before
 ``__init__``), warms it up, sends READY with its pid and answers every BATCH with one
-RESULTS frame of the same id (see `natserve._batch` for how items fail independently).
+RESULTS frame of the same id (see `natserve._batch` for how items fail independently),
+preceded by any STREAM frames its ``forward`` sent. A reader thread takes the agent's
+frames, so a CANCEL reaches the running ``forward`` (`natserve._running`).
 It exits 0 when the agent closes the socket, and 1 when the worker cannot start or the
 agent breaks the protocol; the agent restarts it.
 """
@@ -22,14 +24,25 @@ import importlib.util
 import json
 import logging
 import os
+import queue
 import socket
 import sys
+import threading
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional, Sequence, Type
+from typing import Any, List, Mapping, Optional, Sequence, Type, Union
 
 from ._batch import BatchRunner
 from ._logging import configure
-from ._protocol import DEFAULT_MAX_FRAME, Batch, Connection, FrameError, Ready, Results
+from ._protocol import (
+    DEFAULT_MAX_FRAME,
+    Batch,
+    Cancel,
+    Connection,
+    FrameError,
+    Ready,
+    Results,
+)
+from ._running import Running
 from ._settings import parse_settings
 from ._worker_base import Worker
 
@@ -271,6 +284,40 @@ def serve(
         conn.close()
 
 
+@dataclass(frozen=True)
+class _Stop:
+    """The reader thread's last word: why the main loop must stop, and its exit code."""
+
+    code: int
+
+
+def _read_frames(
+    conn: Connection, running: Running, batches: queue.SimpleQueue[Union[Batch, _Stop]]
+) -> None:
+    """The reader thread: hands BATCH frames to the main loop, CANCEL frames to `running`
+    at once (the main thread may be inside ``forward``), and ends with a `_Stop`."""
+    try:
+        while True:
+            frame = conn.read_frame()
+            if frame is None:
+                logger.debug("agent closed the socket; exiting")
+                batches.put(_Stop(0))
+                return
+            if isinstance(frame, Cancel):
+                running.cancel(frame.id, frame.index)
+            elif isinstance(frame, Batch):
+                batches.put(frame)
+            else:
+                logger.error("agent sent an unexpected %s frame; exiting", type(frame).__name__)
+                batches.put(_Stop(1))
+                return
+    except FrameError as err:
+        logger.error("bad frame from the agent: %s; exiting", err)
+    except OSError as err:
+        logger.error("socket to the agent failed: %s; exiting", err)
+    batches.put(_Stop(1))
+
+
 def _serve(conn: Connection, cls: Type[Worker], spec: WorkerSpec) -> int:
     try:
         worker = build_worker(
@@ -284,22 +331,26 @@ def _serve(conn: Connection, cls: Type[Worker], spec: WorkerSpec) -> int:
             spec.name,
         )
         return 1
-    runner = BatchRunner(worker, first=spec.first, last=spec.last)
+    running = Running(conn)
+    runner = BatchRunner(worker, first=spec.first, last=spec.last, running=running)
+    batches: queue.SimpleQueue[Union[Batch, _Stop]] = queue.SimpleQueue()
     try:
-        conn.write_frame(Ready(pid=os.getpid()))
+        running.write(Ready(pid=os.getpid()))
         logger.info("worker %s ready (pid %d, %d warm-up examples)", spec.name, os.getpid(), warmed)
+        reader = threading.Thread(
+            target=_read_frames, args=(conn, running, batches), name="natserve-agent", daemon=True
+        )
+        reader.start()
         while True:
-            frame = conn.read_frame()
-            if frame is None:
-                logger.debug("agent closed the socket; exiting")
-                return 0
-            if not isinstance(frame, Batch):
-                logger.error("agent sent an unexpected %s frame; exiting", type(frame).__name__)
-                return 1
-            conn.write_frame(Results(id=frame.id, items=runner.run(frame.items)))
-    except FrameError as err:
-        logger.error("bad frame from the agent: %s; exiting", err)
-        return 1
+            batch = batches.get()
+            if isinstance(batch, _Stop):
+                return batch.code
+            running.start(batch.id)
+            try:
+                results = runner.run(batch.items)
+            finally:
+                running.finish()
+            running.write(Results(id=batch.id, items=results))
     except OSError as err:
         logger.error("socket to the agent failed: %s; exiting", err)
         return 1

@@ -10,8 +10,10 @@ can already use them (to pick a GPU, for example). Defaults:
   ``numpy.ndarray`` travels as a msgpack extension, see `natserve._ipc`). Pickle is never
   used unless a worker opts in with `natserve.mixin.PickleMixin`.
 
-`SSEWorker` is Mosec's streaming worker; natserve cannot stream through the cluster yet,
-so `Server.append_worker` refuses it (see `natserve._stage.check_worker`).
+`SSEWorker` is Mosec's streaming worker: the last stage of a route, whose ``forward``
+sends events with ``send_stream_event``; the ingress answers its route as Server-Sent
+Events. ``is_cancelled`` (natserve's own; Mosec has none) tells any worker that the
+requester of one of its items went away.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import _ipc
+from ._running import ForwardCall
 from .errors import DecodingError, EncodingError
 from .utils import ParseTarget
 
@@ -63,6 +66,8 @@ class Worker(abc.ABC):
     _worker_id: int = 0
     _stage: int = 0
     _max_batch_size: int = 1
+    #: The ``forward`` call running now, set by the worker process around each call.
+    _natserve_call: Optional[ForwardCall] = None
 
     def __init__(self) -> None:  # noqa: B027 - deliberately empty, not abstract
         """Does nothing: ``worker_id``, ``stage`` and ``max_batch_size`` are set before
@@ -138,6 +143,14 @@ class Worker(abc.ABC):
         """Between stages: the previous stage's bytes to one `forward` input. msgpack."""
         return _ipc.unpack(data)
 
+    def is_cancelled(self, index: int = 0) -> bool:
+        """Whether the requester of item ``index`` of the running ``forward`` call went
+        away (its HTTP client disconnected): check it in a long loop and stop early. The
+        index is the item's position in ``forward``'s input (0 without batching). False
+        outside a request (warm-up). natserve's own; Mosec has no equivalent."""
+        call = self._natserve_call
+        return call is not None and call.is_cancelled(index)
+
     @abc.abstractmethod
     def forward(self, data: Any) -> Any:
         """The model: one input to one output, or (batching) a list to a list."""
@@ -161,21 +174,24 @@ class Worker(abc.ABC):
 class SSEWorker(Worker):
     """Mosec's Server-Sent Events worker: `forward` streams with `send_stream_event`.
 
-    Streaming through the cluster is not available in natserve yet: `Server.append_worker`
-    and `Server.register_runtime` refuse an `SSEWorker` subclass with an error saying so,
-    rather than serving it without its stream.
+    It must be the last stage of its route. Each event reaches the HTTP client as it is
+    sent (``data: <text>``); what `forward` returns is not sent, as in Mosec, and an
+    exception ends the stream with an ``event: error``. With batching, every item of the
+    batch streams on its own: pass its position as ``index``.
     """
 
     resp_mime_type = "text/event-stream"
-    _natserve_unsupported = (
-        "is an SSEWorker: streaming responses are not available in natserve yet "
-        "(the ingress cannot stream through NATS); return the whole answer from "
-        "a plain Worker until streaming lands"
-    )
 
     def send_stream_event(self, text: str, index: int = 0) -> None:
-        """Sends ``text`` (UTF-8) as one event to the client of batch item ``index``."""
-        raise NotImplementedError(
-            f"send_stream_event(text={text[:40]!r}, index={index}): streaming responses "
-            "are not available in natserve yet"
-        )
+        """Sends ``text`` (UTF-8) as one event to the client of batch item ``index`` (its
+        position in `forward`'s input; 0 without batching). An event for an item whose
+        client went away is dropped (see `is_cancelled`); outside a request (warm-up) every
+        event is."""
+        call = self._natserve_call
+        if call is None:
+            if not isinstance(text, str):
+                raise TypeError(
+                    f"send_stream_event: text must be a str (UTF-8 text), got {type(text).__name__}"
+                )
+            return
+        call.send_event(text, index)

@@ -1,7 +1,8 @@
-//! Requests whose HTTP client went away while they were queued. An ingress names each on
-//! `<ns>.cancel`; the agent remembers the id until the request's deadline and drops the
-//! message unrun when it comes up, instead of spending a worker on an answer nobody reads.
-//! A cancel that arrives after the request started changes nothing: it finishes.
+//! Requests whose HTTP client went away. An ingress names each on `<ns>.cancel`; the agent
+//! remembers the id until the request's deadline and drops the message unrun when it comes
+//! up, instead of spending a worker on an answer nobody reads. A request already running
+//! is told to its worker (`crate::run` watches [`Cancellations::subscribe`]), which may
+//! stop early; its result, if any, is still answered.
 //!
 //! Anyone who can publish on the cancel subject can fill this table, so it is bounded: at
 //! most [`CAPACITY`] ids of at most [`MAX_ID_LEN`] bytes, each kept no longer than
@@ -38,6 +39,8 @@ struct Table {
 #[derive(Debug)]
 pub struct Cancellations {
     table: Mutex<Table>,
+    /// Bumped on every id remembered, so running batches look at their items again.
+    inserted: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for Cancellations {
@@ -48,6 +51,7 @@ impl Default for Cancellations {
                 sweep_at: FIRST_SWEEP_AT,
                 swept_ms: 0,
             }),
+            inserted: tokio::sync::watch::Sender::new(0),
         }
     }
 }
@@ -78,7 +82,15 @@ impl Cancellations {
             return false;
         }
         table.ids.insert(id.to_owned(), until);
+        drop(table);
+        self.inserted.send_modify(|n| *n += 1);
         true
+    }
+
+    /// Changes whenever an id is remembered: a running batch waits on it to learn that
+    /// one of its requests was cancelled.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inserted.subscribe()
     }
 
     pub fn contains(&self, id: &str) -> bool {

@@ -20,5 +20,8 @@ pub mod stage;
 
 pub use cancel::Cancellations;
 pub use metrics::{AgentMetrics, StageMetrics};
-pub use pool::{FailureKind, PoolSender, WorkerConn, WorkerError, WorkerPool, WorkerStats};
+pub use pool::{
+    BatchChannels, FailureKind, PoolSender, StreamEvent, WorkerConn, WorkerError, WorkerPool,
+    WorkerStats,
+};
 pub use stage::{ensure_stage, run_stage, StageError};

@@ -97,16 +97,25 @@ impl Outbox {
 
     /// Sends every result where it belongs, then acks each input once its result is safe:
     /// a hand-off only after JetStream acknowledged it.
-    pub async fn hand_on(&self, msgs: &[jetstream::Message], results: Vec<ItemResult>) {
+    /// `events[i]` is how many stream events item `i` sent (the last stage of a streaming
+    /// route); its reply says so, ending the stream.
+    pub async fn hand_on(
+        &self,
+        msgs: &[jetstream::Message],
+        results: Vec<ItemResult>,
+        events: &[u32],
+    ) {
         let size = msgs.len();
         let mut handoffs = Vec::new();
-        for (msg, result) in msgs.iter().zip(results) {
+        for (i, (msg, result)) in msgs.iter().zip(results).enumerate() {
             let sizes = append_batch_size(header(msg, headers::BATCH_SIZES), size);
             let next = match (&self.next_subject, Outcome::from(result.status)) {
                 (Some(next), Outcome::Ok) => next,
                 (_, outcome) => {
                     self.metrics.count_item(outcome);
-                    self.reply(msg, outcome, result.body, Some(&sizes)).await;
+                    let sent = events.get(i).copied().unwrap_or(0);
+                    self.reply(msg, outcome, result.body, Some(&sizes), sent)
+                        .await;
                     ack(msg, AckKind::Ack).await;
                     continue;
                 }
@@ -162,8 +171,55 @@ impl Outbox {
         sizes: Option<&str>,
     ) {
         self.metrics.count_item(outcome);
-        self.reply(msg, outcome, body, sizes).await;
+        self.reply(msg, outcome, body, sizes, 0).await;
         ack(msg, AckKind::Term).await;
+    }
+
+    /// [`Outbox::finish`] for a request whose stream already carried `events` events.
+    pub async fn finish_stream(
+        &self,
+        msg: &jetstream::Message,
+        outcome: Outcome,
+        body: Bytes,
+        events: u32,
+    ) {
+        self.metrics.count_item(outcome);
+        self.reply(msg, outcome, body, None, events).await;
+        ack(msg, AckKind::Term).await;
+    }
+
+    /// Publishes event number `seq` (from 1) of a request's stream to its requester: core
+    /// NATS, like the reply that will end the stream, so they arrive in order.
+    pub async fn stream_event(&self, msg: &jetstream::Message, seq: u32, body: Bytes) {
+        let Some(to) = self.trusted_reply_subject(msg) else {
+            return;
+        };
+        let mut h = HeaderMap::new();
+        h.insert(headers::EVENT_SEQ, seq.to_string());
+        if let Some(id) = header(msg, headers::REQUEST_ID) {
+            h.insert(headers::REQUEST_ID, id);
+        }
+        if let Err(e) = self
+            .client
+            .publish_with_headers(to.to_owned(), h, body)
+            .await
+        {
+            warn!(subject = to, error = %e, "stream event publish failed");
+        }
+    }
+
+    /// The message's reply subject, if it has one this agent may publish to.
+    fn trusted_reply_subject<'m>(&self, msg: &'m jetstream::Message) -> Option<&'m str> {
+        let to = header(msg, headers::REPLY_TO)?;
+        // Triage already refused such messages; this keeps every other path honest.
+        if !self.names.is_reply_subject(to) {
+            warn!(
+                subject = to,
+                "not replying to a subject outside <namespace>.reply."
+            );
+            return None;
+        }
+        Some(to)
     }
 
     /// Terminates a request nobody waits for any more, without an answer.
@@ -195,23 +251,19 @@ impl Outbox {
         outcome: Outcome,
         body: Bytes,
         batch_sizes: Option<&str>,
+        events: u32,
     ) {
         if let Some(key) = header(msg, headers::RESULT_KEY) {
             self.store_result(msg, key, outcome, &body, batch_sizes)
                 .await;
         }
-        let Some(to) = header(msg, headers::REPLY_TO) else {
+        let Some(to) = self.trusted_reply_subject(msg) else {
             return;
         };
-        // Triage already refused such messages; this keeps every other path honest.
-        if !self.names.is_reply_subject(to) {
-            warn!(
-                subject = to,
-                "not replying to a subject outside <namespace>.reply."
-            );
-            return;
-        }
         let mut h = HeaderMap::new();
+        if events > 0 {
+            h.insert(headers::EVENT_COUNT, events.to_string());
+        }
         h.insert(headers::STATUS, outcome.as_str());
         if let Some(id) = header(msg, headers::REQUEST_ID) {
             h.insert(headers::REQUEST_ID, id);

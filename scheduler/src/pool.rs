@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use natserve_protocol::{Connection, ConnectionError, Frame, ItemResult};
 use tokio::net::UnixStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// What became of a batch whose worker failed, which decides what becomes of its items.
@@ -53,6 +53,21 @@ impl WorkerError {
             }
         }
     }
+}
+
+/// One event a streaming worker sent for item `index` of the batch it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamEvent {
+    pub index: u32,
+    pub body: Bytes,
+}
+
+/// What a running batch exchanges with its worker besides the batch and its results:
+/// stream events out (bounded, so a worker streaming faster than NATS takes them waits on
+/// its socket), and the indices of items whose requester went away in.
+pub struct BatchChannels {
+    pub events: mpsc::Sender<StreamEvent>,
+    pub cancels: mpsc::UnboundedReceiver<u32>,
 }
 
 /// Live counts of a stage's workers on this agent.
@@ -134,8 +149,30 @@ impl WorkerConn {
     }
 
     /// Runs one batch: one result per item, in order, or an error that retires the worker
-    /// and says whether the batch got to it ([`WorkerError::kind`]).
+    /// and says whether the batch got to it ([`WorkerError::kind`]). Stream events are
+    /// dropped and nothing is cancelled; see [`WorkerConn::run_with`].
     pub async fn run(&mut self, items: Vec<Bytes>) -> Result<Vec<ItemResult>, WorkerError> {
+        let (events, mut dropped) = mpsc::channel(16);
+        let (_cancel, cancels) = mpsc::unbounded_channel();
+        let mut channels = BatchChannels { events, cancels };
+        let run = self.run_with(items, &mut channels);
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                done = &mut run => return done,
+                _ = dropped.recv() => {}
+            }
+        }
+    }
+
+    /// [`WorkerConn::run`], handing each `STREAM` frame to `channels.events` as it comes
+    /// (all of them before this returns) and telling the worker of every index that
+    /// arrives on `channels.cancels` with a `CANCEL` frame.
+    pub async fn run_with(
+        &mut self,
+        items: Vec<Bytes>,
+        channels: &mut BatchChannels,
+    ) -> Result<Vec<ItemResult>, WorkerError> {
         // A worker can die while idle, e.g. while its pull loop waits for work.
         if !self.is_alive() {
             return Err(WorkerError::Exited);
@@ -148,16 +185,51 @@ impl WorkerConn {
             .write_frame(&Frame::Batch { id, items })
             .await
             .map_err(WorkerError::Send)?;
-        match self.conn.read_frame().await.map_err(WorkerError::Receive)? {
-            None => Err(WorkerError::Closed),
-            Some(Frame::Results { id: got, items }) if got == id && items.len() == count => {
-                Ok(items)
+        let mut cancels_open = true;
+        loop {
+            // `read_frame` is cancel-safe (what it read stays buffered), so a cancel to
+            // forward may interrupt it.
+            let frame = tokio::select! {
+                frame = self.conn.read_frame() => frame.map_err(WorkerError::Receive)?,
+                index = channels.cancels.recv(), if cancels_open => {
+                    match index {
+                        Some(index) => {
+                            // A worker that died meanwhile shows up on the next read.
+                            let _ = self.conn.write_frame(&Frame::Cancel { id, index }).await;
+                        }
+                        None => cancels_open = false,
+                    }
+                    continue;
+                }
+            };
+            match frame {
+                None => return Err(WorkerError::Closed),
+                Some(Frame::Results { id: got, items }) if got == id && items.len() == count => {
+                    return Ok(items)
+                }
+                Some(Frame::Results { id: got, items }) => {
+                    return Err(WorkerError::Protocol(format!(
+                        "batch {got} with {} results for batch {id} of {count} items",
+                        items.len()
+                    )))
+                }
+                Some(Frame::Stream {
+                    id: got,
+                    index,
+                    body,
+                }) if got == id && (index as usize) < count => {
+                    // Whoever runs the batch stopped listening: the results still come.
+                    let _ = channels.events.send(StreamEvent { index, body }).await;
+                }
+                Some(Frame::Stream { id: got, index, .. }) => {
+                    return Err(WorkerError::Protocol(format!(
+                        "stream event for item {index} of batch {got} while running batch {id} of {count} items"
+                    )))
+                }
+                Some(other) => {
+                    return Err(WorkerError::Protocol(format!("{other:?} to a batch")))
+                }
             }
-            Some(Frame::Results { id: got, items }) => Err(WorkerError::Protocol(format!(
-                "batch {got} with {} results for batch {id} of {count} items",
-                items.len()
-            ))),
-            Some(other) => Err(WorkerError::Protocol(format!("{other:?} to a batch"))),
         }
     }
 }

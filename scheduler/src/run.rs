@@ -4,6 +4,11 @@
 //! while running it goes back to the queue (`Nak`), item by item: each then runs alone
 //! (`crate::pull::next_run`), so the healthy ones are answered, and an item that kills a
 //! worker a second time, alone, is answered `server_error` by itself.
+//!
+//! While a batch runs, its worker's stream events go straight to each item's requester
+//! (core NATS, numbered), and a request cancelled meanwhile is named to the worker. An
+//! item that already streamed is never run again: its requester has seen part of an
+//! answer, so a failure then is its answer.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,12 +18,13 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use natserve_protocol::streams::PROGRESS_EVERY;
 use natserve_protocol::{headers, unix_ms, ItemResult, Outcome};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use crate::outbox::{delivered, header};
-use crate::pool::{FailureKind, WorkerConn, WorkerError, WorkerPool};
+use crate::pool::{BatchChannels, FailureKind, StreamEvent, WorkerConn, WorkerError, WorkerPool};
 use crate::pull::triage;
 use crate::stage::StageContext;
 
@@ -51,6 +57,10 @@ enum BatchEnd {
     Hung(Duration),
 }
 
+/// Stream events a worker may send ahead of what NATS has taken; past it the agent stops
+/// reading the worker's socket until NATS catches up, and the worker waits.
+const EVENTS_IN_FLIGHT: usize = 64;
+
 /// Runs `msgs` on `worker` and hands the results on. Should the batch not reach the
 /// worker (it died while idle), it goes to the next idle worker; at shutdown, back to the
 /// queue.
@@ -64,7 +74,7 @@ pub(crate) async fn run_batch(
     ctx.metrics.batch_size.observe(msgs.len() as f64);
     loop {
         let running = pool.stats().batch_running();
-        let end = attempt(&ctx, &mut worker, &msgs).await;
+        let (end, events) = attempt(&ctx, &mut worker, &msgs).await;
         drop(running);
         match end {
             BatchEnd::Done(results) => {
@@ -72,7 +82,7 @@ pub(crate) async fn run_batch(
                 // batch while this one's hand-offs and acks complete (each input is still
                 // acked only after its result is safe).
                 pool.sender().put(worker);
-                ctx.outbox.hand_on(&msgs, results).await;
+                ctx.outbox.hand_on(&msgs, results, &events).await;
                 return;
             }
             BatchEnd::Failed(e) if e.kind() == FailureKind::NotDelivered => {
@@ -109,8 +119,18 @@ pub(crate) async fn run_batch(
                     }
                 }
                 error!(worker = %label, error = %e, items = msgs.len(), "worker failed a batch; replacing it and running each item again alone");
-                for msg in &msgs {
-                    ctx.outbox.retry(msg).await;
+                for (msg, &sent) in msgs.iter().zip(&events) {
+                    if sent == 0 {
+                        ctx.outbox.retry(msg).await;
+                        continue;
+                    }
+                    // Its requester saw part of a stream: a second run would repeat it.
+                    let body = Bytes::from_static(
+                        b"internal error: worker process failed while streaming this request",
+                    );
+                    ctx.outbox
+                        .finish_stream(msg, Outcome::ServerError, body, sent)
+                        .await;
                 }
                 return;
             }
@@ -128,9 +148,9 @@ pub(crate) async fn run_batch(
                     ctx.spec.route,
                     limit.as_millis()
                 ));
-                for msg in &msgs {
+                for (msg, &sent) in msgs.iter().zip(&events) {
                     ctx.outbox
-                        .finish(msg, Outcome::Timeout, body.clone(), None)
+                        .finish_stream(msg, Outcome::Timeout, body.clone(), sent)
                         .await;
                 }
                 return;
@@ -174,12 +194,12 @@ async fn holding<T, K: Future<Output = ()>>(
     }
 }
 
-/// One try of the batch on one worker.
+/// One try of the batch on one worker, and how many stream events each item sent.
 async fn attempt(
     ctx: &StageContext,
     worker: &mut WorkerConn,
     msgs: &[jetstream::Message],
-) -> BatchEnd {
+) -> (BatchEnd, Vec<u32>) {
     let started = Instant::now();
     let payloads: Vec<Bytes> = msgs.iter().map(|m| m.payload.clone()).collect();
     let limit = hang_limit(
@@ -188,7 +208,14 @@ async fn attempt(
             .map(|m| headers::deadline_ms(m.headers.as_ref())),
         unix_ms(),
     );
-    let run = worker.run(payloads);
+    let (events, mut streamed) = mpsc::channel(EVENTS_IN_FLIGHT);
+    let (cancel, cancels) = mpsc::unbounded_channel();
+    let mut channels = BatchChannels { events, cancels };
+    let mut items = ItemStreams::new(msgs.len());
+    let mut cancelled = ctx.cancelled.subscribe();
+    // A cancel may have come between triage and now.
+    cancelled.mark_changed();
+    let run = worker.run_with(payloads, &mut channels);
     tokio::pin!(run);
     let mut progress = tokio::time::interval_at(started + PROGRESS_EVERY, PROGRESS_EVERY);
     let hang = async {
@@ -204,14 +231,75 @@ async fn attempt(
                 Ok(results) => BatchEnd::Done(results),
                 Err(e) => BatchEnd::Failed(e),
             },
+            Some(event) = streamed.recv() => items.publish(ctx, msgs, event).await,
+            Ok(()) = cancelled.changed() => {
+                for index in items.newly_cancelled(ctx, msgs) {
+                    let _ = cancel.send(index);
+                }
+            }
             _ = progress.tick() => ctx.outbox.progress(msgs).await,
             _ = &mut hang => break BatchEnd::Hung(limit.unwrap_or_default()),
         }
     };
+    // Events the worker sent before its results go out before the reply that ends them.
+    while let Ok(event) = streamed.try_recv() {
+        items.publish(ctx, msgs, event).await;
+    }
     ctx.metrics
         .batch_seconds
         .observe(started.elapsed().as_secs_f64());
-    end
+    (end, items.sent)
+}
+
+/// Per item of a running batch: events published, and whether its worker was told that
+/// the requester went away.
+struct ItemStreams {
+    sent: Vec<u32>,
+    cancelled: Vec<bool>,
+}
+
+impl ItemStreams {
+    fn new(len: usize) -> Self {
+        Self {
+            sent: vec![0; len],
+            cancelled: vec![false; len],
+        }
+    }
+
+    /// Publishes one event to its item's requester, numbered from 1. A cancelled item's
+    /// events go nowhere: nobody reads them.
+    async fn publish(
+        &mut self,
+        ctx: &StageContext,
+        msgs: &[jetstream::Message],
+        event: StreamEvent,
+    ) {
+        let i = event.index as usize;
+        if self.cancelled[i] {
+            return;
+        }
+        if ctx.outbox.hands_off() {
+            warn!(route = %ctx.spec.route, stage = ctx.spec.stage, "a stage before the last sent a stream event; dropped");
+            return;
+        }
+        self.sent[i] += 1;
+        ctx.outbox
+            .stream_event(&msgs[i], self.sent[i], event.body)
+            .await;
+    }
+
+    /// Items whose request was cancelled since the last look.
+    fn newly_cancelled(&mut self, ctx: &StageContext, msgs: &[jetstream::Message]) -> Vec<u32> {
+        let mut out = Vec::new();
+        for (i, msg) in msgs.iter().enumerate() {
+            let id = header(msg, headers::REQUEST_ID).unwrap_or("");
+            if !self.cancelled[i] && !id.is_empty() && ctx.cancelled.contains(id) {
+                self.cancelled[i] = true;
+                out.push(i as u32);
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]

@@ -18,9 +18,9 @@ import time
 from typing import Any, Dict, List
 
 if os.environ.get("BENCH_FRAMEWORK") == "mosec":
-    from mosec import Server, Worker
+    from mosec import Server, SSEWorker, Worker
 else:
-    from natserve import Server, Worker
+    from natserve import Server, SSEWorker, Worker
 
 Item = Dict[str, Any]
 
@@ -76,6 +76,20 @@ class Slow(JsonEdges):
         return [{"x": d["x"], "y": 2 * d["x"] + 1} for d in data]
 
 
+class Tokens(SSEWorker, JsonEdges):  # type: ignore[misc]
+    """W6: streams EVENTS events 1 ms apart (a small model's tokens), then ends."""
+
+    def forward(self, data: Item) -> Item:
+        for n in range(EVENTS):
+            self.send_stream_event(f'{{"token": {n}}}')
+            time.sleep(0.001)
+        return data
+
+
+#: Events per W6 stream.
+EVENTS = 8
+
+
 def build(workload: str) -> Any:
     server = Server()
     if workload == "echo":
@@ -85,11 +99,13 @@ def build(workload: str) -> Any:
     elif workload == "pipeline":
         server.append_worker(Preprocess, num=2)
         server.append_worker(Inference, num=1, max_batch_size=8, max_wait_time=10)
+    elif workload == "sse":
+        server.append_worker(Tokens, num=1, max_batch_size=1)
     elif workload == "scaleout":
         server.append_worker(Slow, num=1, max_batch_size=8, max_wait_time=10)
     else:
         raise SystemExit(
-            f"BENCH_WORKLOAD={workload!r}: expected echo, batched, pipeline or scaleout"
+            f"BENCH_WORKLOAD={workload!r}: expected echo, batched, pipeline, sse or scaleout"
         )
     return server
 

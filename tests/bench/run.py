@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import http.client
 import json
 import os
 import platform
@@ -33,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -53,6 +55,8 @@ RESULTS = REPO / "bench-results"
 DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 WRK_THREADS = 1
+#: Events of each W6 stream (`apps.EVENTS`).
+SSE_EVENTS = 8
 REPS = 2
 #: Set by --against-bin: the "mosec" side runs natserve with these binaries instead.
 AGAINST_BIN: Optional[Path] = None
@@ -231,6 +235,101 @@ def side_by_side(
             for _ in range(REPS):
                 for f, base in bases.items():
                     run = wrk(f, base, row.concurrency, seconds)
+                    row.runs.append(run)
+                    log_run(row, run)
+    return rows
+
+
+def sse_once(base: str) -> tuple[float, float, int]:
+    """One streamed request: seconds to its first event, to its end, and its events."""
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        started = time.perf_counter()
+        conn.request("POST", "/inference", body=b'{"x": 1, "y": 3}')
+        resp = conn.getresponse()
+        first, events = 0.0, 0
+        for line in resp:
+            if line.startswith(b"data:"):
+                events += 1
+                first = first or time.perf_counter() - started
+            elif line.startswith(b"event: error"):
+                return first, time.perf_counter() - started, -1
+        return first, time.perf_counter() - started, events
+    finally:
+        conn.close()
+
+
+def sse_clients(framework: str, base: str, concurrency: int, seconds: float) -> Run:
+    """``concurrency`` clients streaming one request after another for ``seconds``; p50 and
+    p99 are of the time to the first event, errors count streams without all events."""
+    firsts: List[float] = []
+    errors = [0]
+    stop = time.monotonic() + seconds
+
+    def client() -> None:
+        while time.monotonic() < stop:
+            try:
+                first, _, events = sse_once(base)
+            except OSError:
+                errors[0] += 1
+                continue
+            if events != SSE_EVENTS:
+                errors[0] += 1
+            else:
+                firsts.append(first)
+
+    busy0, total0 = cpu_ticks()
+    started = time.monotonic()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.monotonic() - started
+    busy1, total1 = cpu_ticks()
+    firsts.sort()
+    pick = lambda q: firsts[min(len(firsts) - 1, int(q * len(firsts)))] * 1e3 if firsts else 0.0  # noqa: E731
+    return Run(
+        framework=framework,
+        requests=len(firsts),
+        seconds=took,
+        p50_ms=pick(0.5),
+        p99_ms=pick(0.99),
+        errors=errors[0],
+        cpu_busy=(busy1 - busy0) / max(1, total1 - total0),
+    )
+
+
+def wait_streaming(base: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = sse_once(base)
+            if last[2] == SSE_EVENTS:
+                return
+        except OSError as err:
+            last = err
+        time.sleep(0.2)
+    raise TimeoutError(f"{base} never streamed: {last}")
+
+
+def time_to_first_event(concurrencies: List[int], seconds: float, logs: Path) -> List[Row]:
+    """W6: the same SSEWorker under both frameworks; p50/p99 are time to first event."""
+    rows = [Row("W6 SSE time to first event", c) for c in concurrencies]
+    for row in rows:
+        row.note = f"p50/p99: time to the first of {SSE_EVENTS} events (1 ms apart)"
+    with processes(logs) as procs:
+        bases = {f: start_app(procs, f, "sse") for f in ("natserve", "mosec")}
+        for base in bases.values():
+            wait_streaming(base)
+        for f, base in bases.items():  # warm-up, not recorded
+            sse_clients(f, base, max(concurrencies), min(2.0, seconds))
+        for row in rows:
+            for _ in range(REPS):
+                for f, base in bases.items():
+                    run = sse_clients(f, base, row.concurrency, seconds)
                     row.runs.append(run)
                     log_run(row, run)
     return rows
@@ -454,7 +553,7 @@ def write_docs(md: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
-    parser.add_argument("--only", default="floor,W1,W2,W3,W4,W5", help="comma-separated subset")
+    parser.add_argument("--only", default="floor,W1,W2,W3,W4,W5,W6", help="comma-separated subset")
     parser.add_argument("--no-docs", action="store_true", help="leave docs/benchmarks.md alone")
     parser.add_argument(
         "--against-bin", type=Path, help="compare with natserve binaries in this directory"
@@ -484,14 +583,14 @@ def main() -> int:
         global AGAINST_SRC
         AGAINST_SRC = args.against_src.resolve()
         print(f"... and the Python package of {AGAINST_SRC}")
-    for need in (NATSERVE_PY, MOSEC_PY, NATS_SERVER, FLOOR):
+    only = set(args.only.split(","))
+    for need in (NATSERVE_PY, MOSEC_PY, NATS_SERVER) + ((FLOOR,) if "floor" in only else ()):
         if not need.exists():
             print(f"missing {need}: run `make bench`, which installs everything", file=sys.stderr)
             return 2
     if shutil.which("wrk") is None:
         print("wrk not found: run `make bench` (apt-get install wrk)", file=sys.stderr)
         return 2
-    only = set(args.only.split(","))
     RESULTS.mkdir(exist_ok=True)
     logs = RESULTS / "logs"
     logs.mkdir(exist_ok=True)
@@ -516,6 +615,9 @@ def main() -> int:
     if "W5" in only:
         print("W5 uneven agents (20 ms and 2 ms per batch of 8; prefetch off, on)", flush=True)
         rows += uneven(32, d, logs)
+    if "W6" in only:
+        print("W6 SSE time to first event (8 events, 1 ms apart)", flush=True)
+        rows += time_to_first_event([1, 8], d, logs)
 
     summaries = [summary(r) for r in rows]
     md_table = table(summaries)

@@ -12,9 +12,11 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from http.client import HTTPConnection
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from natserve._binaries import find
 
@@ -59,6 +61,50 @@ def http(
             return Response(resp.status, dict(resp.headers), resp.read())
     except urllib.error.HTTPError as err:
         return Response(err.code, dict(err.headers), err.read())
+
+
+class EventStream:
+    """A Server-Sent Events response read as it arrives: ``events()`` yields
+    ``(event, data)`` pairs (event ``message`` when the server named none, as browsers and
+    httpx-sse read it); ``close()`` hangs up, as a client that goes away."""
+
+    def __init__(self, url: str, body: bytes, timeout: float = 30.0) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self._conn = HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        self._conn.request("POST", parts.path, body=body)
+        self.response = self._conn.getresponse()
+        self.status = self.response.status
+        self.headers = {k.lower(): v for k, v in self.response.getheaders()}
+
+    def events(self) -> Iterator[Tuple[str, str]]:
+        event, data = "message", []
+        for raw in self.response:
+            line = raw.decode().rstrip("\r\n")
+            if not line:
+                if data:
+                    yield event, "\n".join(data)
+                event, data = "message", []
+            elif line.startswith(":"):
+                continue  # keep-alive comment
+            else:
+                field, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if field == "event":
+                    event = value
+                elif field == "data":
+                    data.append(value)
+
+    def all(self) -> List[Tuple[str, str]]:
+        try:
+            return list(self.events())
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        sock = self._conn.sock
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+        self._conn.close()
 
 
 class Proc:

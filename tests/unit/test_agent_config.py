@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 
-from natserve import Server, Worker
+from natserve import Server, SSEWorker, Worker
 from natserve._agent_config import (
     StageSelectionError,
     agent_config,
@@ -206,6 +206,10 @@ def golden_server() -> Server:
         def forward(self, data: List[Any]) -> List[Any]:
             return data
 
+    class Chat(SSEWorker):
+        def forward(self, data: List[Any]) -> List[Any]:
+            return data
+
     server = Server()
     server.append_worker(located(Preprocess, "__main__"))
     server.append_worker(
@@ -219,6 +223,7 @@ def golden_server() -> Server:
     server.append_worker(
         located(Embed, "models.text"), max_batch_size=16, max_wait_time=5, route="/v1/embed"
     )
+    server.append_worker(located(Chat, "__main__"), max_batch_size=4, route="/v1/chat")
     return server
 
 

@@ -1,5 +1,5 @@
 """Mosec 0.9's user API, importable from natserve with Mosec's meaning: names, Runtime and
-shared routes, SSEWorker and plasma refused, errors, utils, mixins and flags."""
+shared routes, SSEWorker, plasma refused, errors, utils, mixins and flags."""
 
 from __future__ import annotations
 
@@ -126,13 +126,20 @@ class Streamer(SSEWorker):
         return data
 
 
-def test_sse_worker_is_refused_until_streaming_lands() -> None:
-    with pytest.raises(NotImplementedError, match="streaming responses are not available"):
-        Server().append_worker(Streamer)
-    with pytest.raises(NotImplementedError, match="Streamer is an SSEWorker"):
-        Runtime(Streamer)
-    with pytest.raises(NotImplementedError, match="send_stream_event"):
-        Streamer.send_stream_event(Streamer.__new__(Streamer), "text", index=1)
+def test_sse_worker_is_served_last_and_streams_only_inside_a_request() -> None:
+    server = Server()
+    server.append_worker(Pre)
+    server.append_worker(Streamer)
+    assert [s.streams for s in server.routes["/inference"]] == [False, True]
+    assert server.routes["/inference"][1].mime == "text/event-stream"
+    with pytest.raises(ValueError, match="Streamer is an SSEWorker, so it must be the last stage"):
+        server.append_worker(Pre)
+    Runtime(Streamer)  # accepted
+    worker = Streamer.__new__(Streamer)
+    worker.send_stream_event("warm-up events go nowhere", index=1)
+    assert worker.is_cancelled() is False
+    with pytest.raises(TypeError, match="text must be a str"):
+        worker.send_stream_event(b"bytes")  # type: ignore[arg-type]
 
 
 class Plasma(PlasmaShmIPCMixin, Worker):

@@ -13,6 +13,7 @@ import pytest
 from natserve._protocol import (
     DEFAULT_MAX_FRAME,
     Batch,
+    Cancel,
     Connection,
     CutFrameError,
     Frame,
@@ -21,6 +22,7 @@ from natserve._protocol import (
     Ready,
     Results,
     Status,
+    Stream,
     check,
     encode,
     parse,
@@ -34,6 +36,10 @@ def frame_from_json(v: Dict[str, Any]) -> Frame:
         return Ready(pid=v["pid"])
     if v["kind"] == "batch":
         return Batch(id=v["id"], items=[s.encode() for s in v["items"]])
+    if v["kind"] == "stream":
+        return Stream(id=v["id"], index=v["index"], body=v["body"].encode())
+    if v["kind"] == "cancel":
+        return Cancel(id=v["id"], index=v["index"])
     return Results(
         id=v["id"],
         items=[

@@ -6,13 +6,14 @@ import json
 import logging
 import math
 import os
+import time
 from typing import Any, Callable, Dict, List
 
 import pytest
 
 from fake_agent import FakeAgent
-from natserve import Server, Worker
-from natserve._protocol import Ready, Status
+from natserve import Server, SSEWorker, Worker
+from natserve._protocol import Batch, Cancel, Ready, Results, Status, Stream
 from natserve.errors import (
     ClientError,
     DecodingError,
@@ -289,3 +290,91 @@ def test_a_msgpack_nesting_bomb_is_a_decoding_error_that_says_so() -> None:
 
     with pytest.raises(DecodingError, match="nested too deeply"):
         Packed().deserialize(b"\x91" * 100_000 + b"\xc0")
+
+
+class Tokens(SSEWorker):
+    """Streams ``<text>-<n>`` per item; raises after two events for a text of "bad"."""
+
+    def forward(self, data: List[Any]) -> List[Any]:
+        for n in range(3):
+            for j, item in enumerate(data):
+                if item == "bad" and n == 2:
+                    raise RuntimeError("bad item")
+                self.send_stream_event(f"{item}-{n}", index=j)
+        return data
+
+
+def stream_then_results(agent: FakeAgent, items: List[bytes], batch_id: int) -> Any:
+    agent.conn.write_frame(Batch(id=batch_id, items=items))
+    events: List[Stream] = []
+    while True:
+        frame = agent.read()
+        if isinstance(frame, Results):
+            return events, frame
+        assert isinstance(frame, Stream), frame
+        events.append(frame)
+
+
+def test_stream_events_come_before_the_results_each_for_its_own_item(start_worker: Start) -> None:
+    agent = start_worker(server_with(Tokens, max_batch_size=4))
+    agent.ready()
+    # The undecodable item is left out of forward's input: index 1 there is item 2 here.
+    events, results = stream_then_results(agent, [b'"a"', b"{", b'"c"'], batch_id=9)
+    assert {(e.id, e.index, e.body) for e in events} == {
+        (9, i, f"{t}-{n}".encode()) for i, t in ((0, "a"), (2, "c")) for n in range(3)
+    }
+    assert [r.status for r in results.items] == [Status.OK, Status.CLIENT_ERROR, Status.OK]
+
+
+def test_a_streamed_item_that_fails_is_answered_not_run_again(start_worker: Start) -> None:
+    agent = start_worker(server_with(Tokens, max_batch_size=4))
+    agent.ready()
+    events, results = stream_then_results(agent, [b'"bad"', b'"ok"'], batch_id=1)
+    # Both streamed two events before the failure: neither is run again, both fail.
+    assert sorted(e.body for e in events) == sorted([b"bad-0", b"bad-1", b"ok-0", b"ok-1"])
+    assert [r.status for r in results.items] == [Status.SERVER_ERROR, Status.SERVER_ERROR]
+
+
+class Patient(SSEWorker):
+    """Streams until its item is cancelled (at most 5 s), then answers how far it got."""
+
+    def forward(self, data: Any) -> Any:
+        started = time.monotonic()
+        n = 0
+        while not self.is_cancelled() and time.monotonic() - started < 5:
+            self.send_stream_event(str(n))
+            n += 1
+            time.sleep(0.002)
+        return {"cancelled": self.is_cancelled()}
+
+
+def test_a_cancel_reaches_forward_while_it_runs(start_worker: Start) -> None:
+    agent = start_worker(server_with(Patient))
+    agent.ready()
+    agent.conn.write_frame(Batch(id=3, items=[b"{}"]))
+    first = agent.read()
+    assert isinstance(first, Stream) and first.body == b"0"
+    agent.conn.write_frame(Cancel(id=3, index=0))
+    while True:
+        frame = agent.read()
+        if isinstance(frame, Results):
+            break
+    assert body_json(frame.items[0]) == {"cancelled": True}
+    # A late cancel for a batch already answered changes nothing for the next one.
+    agent.conn.write_frame(Cancel(id=3, index=0))
+    agent.conn.write_frame(Batch(id=4, items=[b"{}"]))
+    assert isinstance(agent.read(), Stream)
+    agent.conn.write_frame(Cancel(id=4, index=0))
+
+
+def test_a_bad_stream_index_is_the_item_s_error(start_worker: Start) -> None:
+    class OutOfRange(SSEWorker):
+        def forward(self, data: Any) -> Any:
+            self.send_stream_event("x", index=1)
+            return data
+
+    agent = start_worker(server_with(OutOfRange))
+    agent.ready()
+    (result,) = agent.batch([b"{}"])
+    assert result.status == Status.SERVER_ERROR
+    assert b"index 1 is not an item of this forward call" in result.body

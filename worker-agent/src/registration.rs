@@ -89,6 +89,7 @@ impl Registration {
                     stages: r.names.len() as u32,
                     names: r.names.clone(),
                     types: r.types.clone(),
+                    streams: r.streams,
                 };
                 (slug, record)
             })

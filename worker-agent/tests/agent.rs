@@ -128,6 +128,7 @@ async fn a_stale_route_record_nobody_serves_is_replaced() {
         stages: 1,
         names: vec!["Old".into()],
         types: None,
+        streams: false,
     };
     routes
         .put("x_y", serde_json::to_vec(&stale).unwrap().into())

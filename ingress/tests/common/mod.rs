@@ -226,6 +226,7 @@ impl Agent {
             stages,
             names: (0..stages).map(|i| format!("Stage{i}")).collect(),
             types: None,
+            streams: false,
         };
         let slug = natserve_protocol::route_slug(route).unwrap();
         let value = serde_json::to_vec(&record).unwrap();

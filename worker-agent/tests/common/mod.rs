@@ -150,6 +150,7 @@ pub fn pipeline(route: &str, stages: u32, num: u32, env: Option<(&str, &str)>) -
             route: route.to_owned(),
             names: names.clone(),
             types: None,
+            streams: false,
         }],
         stages: (0..stages)
             .map(|stage| StageSpec {

@@ -18,6 +18,9 @@ pub const CONTENT_TYPE: &str = "Content-Type";
 pub const TRACEPARENT: &str = "traceparent";
 /// JetStream de-duplication id: `<request id>.<stage>`.
 pub const MSG_ID: &str = "Nats-Msg-Id";
+/// The body is in the payloads object store under this object name (the message's own
+/// body is empty): see [`crate::payloads`].
+pub const PAYLOAD_OBJECT: &str = "X-Payload-Object";
 
 /// One header of a message, as text; `None` when the message has no headers or not this one.
 pub fn get<'a>(headers: Option<&'a async_nats::HeaderMap>, name: &str) -> Option<&'a str> {

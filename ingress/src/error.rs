@@ -54,4 +54,10 @@ pub enum RequestError {
     DeadlinePassed,
     #[error("invalid reply: {0}")]
     BadReply(String),
+    /// A body over one NATS message could not go into the payloads store.
+    #[error("the request body could not be stored for the pipeline: {0}")]
+    PayloadStore(String),
+    /// The pipeline answered with a claim check whose object could not be read.
+    #[error("the result could not be delivered: {0}")]
+    ReplyPayload(String),
 }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use async_nats::{Message, Subscriber};
 use futures::StreamExt;
+use natserve_protocol::payloads::{self, Payloads};
 use tokio::sync::oneshot;
 use tracing::debug;
 
@@ -54,17 +55,19 @@ impl Replies {
         }
     }
 
-    /// Hands a reply to the request waiting for it. False when nobody waits any more
-    /// (a late reply after the deadline, or a client that disconnected).
-    pub fn deliver(&self, message: Message) -> bool {
-        let Some(id) = message.subject.rsplit('.').next() else {
-            return false;
-        };
-        let Some(tx) = self.lock().remove(id) else {
+    /// Hands a reply to the request waiting for it; gives it back when nobody waits any
+    /// more (a late reply after the deadline, or a client that disconnected).
+    pub fn deliver(&self, message: Message) -> Result<(), Message> {
+        let Some(tx) = message
+            .subject
+            .rsplit('.')
+            .next()
+            .and_then(|id| self.lock().remove(id))
+        else {
             debug!(subject = %message.subject, "reply for no waiting request");
-            return false;
+            return Err(message);
         };
-        tx.send(message).is_ok()
+        tx.send(message)
     }
 
     /// Requests waiting for a reply now.
@@ -74,9 +77,17 @@ impl Replies {
 }
 
 /// Routes every message of the reply subscription until it ends (when the client drains).
-pub async fn dispatch(mut subscription: Subscriber, replies: Arc<Replies>) {
+/// A reply nobody waits for that came as a claim check has its object deleted: no one
+/// else would.
+pub async fn dispatch(mut subscription: Subscriber, replies: Arc<Replies>, store: Payloads) {
     while let Some(message) = subscription.next().await {
-        replies.deliver(message);
+        let Err(unclaimed) = replies.deliver(message) else {
+            continue;
+        };
+        if let Some(name) = payloads::claim(unclaimed.headers.as_ref()) {
+            let (store, name) = (store.clone(), name.to_owned());
+            tokio::spawn(async move { store.delete(&name).await });
+        }
     }
     debug!("reply subscription ended");
 }
@@ -129,12 +140,12 @@ mod tests {
         let mut b = replies.register("r2");
         assert_eq!(replies.waiting(), 2);
 
-        assert!(replies.deliver(reply_to("ns.reply.ing1.r2", "two")));
-        assert!(replies.deliver(reply_to("ns.reply.ing1.r1", "one")));
+        assert!(replies.deliver(reply_to("ns.reply.ing1.r2", "two")).is_ok());
+        assert!(replies.deliver(reply_to("ns.reply.ing1.r1", "one")).is_ok());
         assert_eq!(b.recv().await.unwrap().payload, "two");
         assert_eq!(a.recv().await.unwrap().payload, "one");
         assert_eq!(replies.waiting(), 0, "delivery removes the entry");
-        assert!(!replies.deliver(reply_to("ns.reply.ing1.r1", "again")));
+        assert!(replies.deliver(reply_to("ns.reply.ing1.r1", "again")).is_err());
     }
 
     #[test]
@@ -144,6 +155,6 @@ mod tests {
         assert_eq!(replies.waiting(), 1);
         drop(pending);
         assert_eq!(replies.waiting(), 0);
-        assert!(!replies.deliver(reply_to("p.gone", "late")));
+        assert!(replies.deliver(reply_to("p.gone", "late")).is_err());
     }
 }

@@ -63,9 +63,12 @@ pub fn answer(result: Result<Reply, RequestError>) -> Answer {
                 | RequestError::NotReady(_)
                 | RequestError::NoAgent { .. }
                 | RequestError::NotServed { .. }
-                | RequestError::Nats(_) => StatusCode::SERVICE_UNAVAILABLE,
+                | RequestError::Nats(_)
+                | RequestError::PayloadStore(_) => StatusCode::SERVICE_UNAVAILABLE,
                 RequestError::DeadlinePassed => StatusCode::GATEWAY_TIMEOUT,
-                RequestError::BadReply(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                RequestError::BadReply(_) | RequestError::ReplyPayload(_) => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
             };
             return Answer::text(status, error.to_string());
         }
@@ -186,6 +189,8 @@ mod tests {
             (RequestError::Nats("disconnected".into()), 503),
             (RequestError::DeadlinePassed, 504),
             (RequestError::BadReply("no X-Status".into()), 500),
+            (RequestError::PayloadStore("store full".into()), 503),
+            (RequestError::ReplyPayload("object gone".into()), 500),
         ];
         for (error, code) in table {
             let message = error.to_string();

@@ -3,6 +3,9 @@
 //!
 //! Both waits end by the request's deadline, so no request hangs: a publish ack that does
 //! not come in time means NATS is unavailable, a reply that does not come means timeout.
+//!
+//! A body or a reply larger than one NATS message goes through the payloads object store
+//! (a claim check, [`natserve_protocol::payloads`]); one that fits pays nothing for it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,19 +13,21 @@ use std::time::Duration;
 use async_nats::jetstream::context::PublishError;
 use async_nats::{jetstream, Client, HeaderMap, Message};
 use bytes::Bytes;
+use natserve_protocol::payloads::{self, Hop, Payloads};
 use natserve_protocol::{headers, Names, Outcome, Rejection};
 use tokio::time::Instant;
 
 use crate::error::RequestError;
 use crate::replies::Replies;
 
-/// Bytes of `max_payload` left for the headers of a work message.
-pub const HEADER_RESERVE: usize = 4 * 1024;
+/// How long fetching a reply that came as a claim check may take, whatever the deadline:
+/// the pipeline answered in time, and its answer is better than our own 504.
+pub const REPLY_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long after the deadline a reply is still awaited: the agent answers work that
 /// expired in its queue with `timeout`, and that answer is better than our own 504.
 pub const REPLY_GRACE: Duration = Duration::from_millis(250);
 
-/// A reply as it came from the pipeline.
+/// A reply as it came from the pipeline (its body fetched, if it came as a claim check).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub outcome: Outcome,
@@ -72,30 +77,23 @@ pub struct Submitter {
     jetstream: jetstream::Context,
     names: Names,
     replies: Arc<Replies>,
+    payloads: Payloads,
 }
 
 impl Submitter {
-    pub fn new(client: Client, names: Names, replies: Arc<Replies>) -> Self {
+    pub fn new(client: Client, names: Names, replies: Arc<Replies>, payloads: Payloads) -> Self {
         let jetstream = jetstream::new(client.clone());
         Self {
             client,
             jetstream,
             names,
             replies,
+            payloads,
         }
     }
 
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.jetstream
-    }
-
-    /// The largest body a work message can carry: the server's `max_payload` less room
-    /// for headers. `None` until the server has told us its `max_payload`.
-    pub fn max_nats_body(&self) -> Option<usize> {
-        match self.client.server_info().max_payload {
-            0 => None,
-            max => Some(max.saturating_sub(HEADER_RESERVE)),
-        }
     }
 
     /// Whether the NATS connection is up right now (it reconnects by itself).
@@ -117,23 +115,41 @@ impl Submitter {
         if let Some(tp) = s.traceparent {
             h.insert(headers::TRACEPARENT, tp);
         }
+        let mut body = s.body;
+        let mut claim = None;
+        if !payloads::fits_inline(&self.client, body.len()) {
+            let name = payloads::object_name(s.request_id, Hop::Stage(0));
+            let put = self.payloads.put(&name, &body);
+            match tokio::time::timeout_at(s.deadline, put).await {
+                Err(_) => return Err(RequestError::PayloadStore("store timed out".into())),
+                Ok(Err(e)) => return Err(RequestError::PayloadStore(e.to_string())),
+                Ok(Ok(())) => {}
+            }
+            h.insert(headers::PAYLOAD_OBJECT, name.as_str());
+            body = Bytes::new();
+            claim = Some(name);
+        }
         let subject = self.names.work_subject(s.slug, 0);
         let publish = async {
             self.jetstream
-                .publish_with_headers(subject, h, s.body)
+                .publish_with_headers(subject, h, body)
                 .await?
                 .await
         };
-        match tokio::time::timeout_at(s.deadline, publish).await {
+        let published = tokio::time::timeout_at(s.deadline, publish).await;
+        if !matches!(published, Ok(Ok(_))) {
+            // Nobody will consume the object: remove it now rather than at its max age.
+            if let Some(name) = &claim {
+                self.payloads.delete(name).await;
+            }
+        }
+        match published {
             Err(_) => {
                 return Err(RequestError::Nats(
                     "no publish ack before the deadline".into(),
                 ))
             }
-            Ok(Err(e)) => {
-                let nats_limit = self.max_nats_body().unwrap_or(0);
-                return Err(classify_publish_error(&e, s.route, nats_limit));
-            }
+            Ok(Err(e)) => return Err(classify_publish_error(&e, s.route)),
             Ok(Ok(_ack)) => {}
         }
         // From here on, a client that goes away (axum drops this future) cancels the
@@ -146,10 +162,30 @@ impl Submitter {
         };
         let reply = tokio::time::timeout_at(s.deadline + REPLY_GRACE, pending.recv()).await;
         cancel.armed = false;
-        match reply {
-            Err(_) => Err(RequestError::DeadlinePassed),
-            Ok(None) => Err(RequestError::Nats("reply subscription closed".into())),
-            Ok(Some(message)) => Reply::from_message(message),
+        let message = match reply {
+            Err(_) => return Err(RequestError::DeadlinePassed),
+            Ok(None) => return Err(RequestError::Nats("reply subscription closed".into())),
+            Ok(Some(message)) => message,
+        };
+        let claim = payloads::claim(message.headers.as_ref()).map(str::to_owned);
+        let mut reply = Reply::from_message(message)?;
+        if let Some(name) = claim {
+            reply.body = self.fetch_reply(&name).await?;
+        }
+        Ok(reply)
+    }
+
+    /// The body of a reply that came as a claim check; the object is deleted once read.
+    async fn fetch_reply(&self, name: &str) -> Result<Bytes, RequestError> {
+        let fetched = tokio::time::timeout(REPLY_FETCH_TIMEOUT, self.payloads.fetch(name)).await;
+        self.payloads.delete(name).await;
+        match fetched {
+            Err(_) => Err(RequestError::ReplyPayload(format!(
+                "fetching reply object {name} took over {} s",
+                REPLY_FETCH_TIMEOUT.as_secs()
+            ))),
+            Ok(Err(e)) => Err(RequestError::ReplyPayload(e.to_string())),
+            Ok(Ok(body)) => Ok(body),
         }
     }
 }
@@ -184,25 +220,20 @@ impl Drop for CancelOnDrop<'_> {
     }
 }
 
-/// Turns a failed JetStream publish into the request's error.
-/// `nats_limit` is the body limit `max_payload` allows, named in a 413.
-pub fn classify_publish_error(
-    error: &PublishError,
-    route: &str,
-    nats_limit: usize,
-) -> RequestError {
+/// Turns a failed JetStream publish into the request's error. A body too large for one
+/// message went to the payloads store before the publish, so `TooLarge` means only that
+/// the server lowered its `max_payload` meanwhile: NATS cannot take the request now.
+pub fn classify_publish_error(error: &PublishError, route: &str) -> RequestError {
     match Rejection::from_publish_error(error) {
         Rejection::NoStream => RequestError::NotServed {
             route: route.to_owned(),
         },
-        Rejection::TooLarge => RequestError::BodyTooLarge {
-            limit: nats_limit,
-            why: "nats max_payload",
-        },
         Rejection::QueueFull => RequestError::QueueFull {
             route: route.to_owned(),
         },
-        Rejection::Unreachable | Rejection::Other => RequestError::Nats(error.to_string()),
+        Rejection::TooLarge | Rejection::Unreachable | Rejection::Other => {
+            RequestError::Nats(error.to_string())
+        }
     }
 }
 
@@ -263,18 +294,18 @@ mod tests {
         let route = "/r";
         let e = PublishError::new(PublishErrorKind::StreamNotFound);
         assert!(matches!(
-            classify_publish_error(&e, route, 9),
+            classify_publish_error(&e, route),
             RequestError::NotServed { .. }
         ));
         let e = PublishError::new(PublishErrorKind::TimedOut);
         assert!(matches!(
-            classify_publish_error(&e, route, 9),
+            classify_publish_error(&e, route),
             RequestError::Nats(_)
         ));
         let e = PublishError::new(PublishErrorKind::MaxPayloadExceeded);
         assert!(matches!(
-            classify_publish_error(&e, route, 9),
-            RequestError::BodyTooLarge { .. }
+            classify_publish_error(&e, route),
+            RequestError::Nats(_)
         ));
         let full: jetstream::Error = serde_json::from_str(
             r#"{"code": 503, "err_code": 10077, "description": "maximum messages exceeded"}"#,
@@ -282,7 +313,7 @@ mod tests {
         .unwrap();
         let e = PublishError::with_source(PublishErrorKind::Other, full);
         assert!(matches!(
-            classify_publish_error(&e, route, 9),
+            classify_publish_error(&e, route),
             RequestError::QueueFull { .. }
         ));
         let other: jetstream::Error =
@@ -290,7 +321,7 @@ mod tests {
                 .unwrap();
         let e = PublishError::with_source(PublishErrorKind::Other, other);
         assert!(matches!(
-            classify_publish_error(&e, route, 9),
+            classify_publish_error(&e, route),
             RequestError::Nats(_)
         ));
     }

@@ -57,14 +57,18 @@ class Payloads:
             try:
                 self._store = await self._js.object_store(self._bucket)
             except nats.js.errors.BucketNotFoundError:
-                self._store = await self._js.create_object_store(
-                    config=ObjectStoreConfig(
-                        bucket=self._bucket,
-                        description="natserve bodies larger than a NATS message, until consumed",
-                        ttl=float(MAX_AGE_S),
-                        storage=StorageType.MEMORY,
-                    )
+                config = ObjectStoreConfig(
+                    bucket=self._bucket,
+                    description="natserve bodies larger than a NATS message, until consumed",
+                    ttl=float(MAX_AGE_S),
+                    storage=StorageType.MEMORY,
                 )
+                try:
+                    # nats-py takes the name from `bucket`, even with a config.
+                    self._store = await self._js.create_object_store(self._bucket, config)
+                except nats.js.errors.APIError:
+                    # Another process made it first (an agent, with its own description).
+                    self._store = await self._js.object_store(self._bucket)
         return self._store
 
     async def put(self, name: str, body: bytes) -> None:

@@ -121,10 +121,10 @@ class Cluster:
         name = f"nats-{runs}" if runs else "nats"
         store = self.tmp / f"js-{runs}" if runs else self.tmp / "js"
         conf = self.tmp / f"{name}.conf"
-        memory = f" max_memory_store: {max_memory_store}" if max_memory_store else ""
+        memory = f"\n  max_memory_store: {max_memory_store}" if max_memory_store else ""
         conf.write_text(
             f'listen: "127.0.0.1:{port}"\nmax_payload: {max_payload}\n'
-            f'jetstream {{ store_dir: "{store}"{memory} }}\n'
+            f'jetstream {{\n  store_dir: "{store}"{memory}\n}}\n'
         )
         self.nats_proc = self.start([find("nats-server"), "-c", str(conf)], name)
         wait_for_port(port)

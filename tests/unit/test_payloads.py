@@ -26,9 +26,9 @@ GOLDEN: Dict[str, Any] = json.loads(
 
 
 def test_constants_match_the_golden_file() -> None:
-    assert PAYLOAD_OBJECT == GOLDEN["header"]
-    assert HEADER_RESERVE == GOLDEN["header_reserve"]
-    assert MAX_AGE_S == GOLDEN["max_age_s"]
+    assert GOLDEN["header"] == PAYLOAD_OBJECT
+    assert GOLDEN["header_reserve"] == HEADER_RESERVE
+    assert GOLDEN["max_age_s"] == MAX_AGE_S
 
 
 @pytest.mark.parametrize("case", GOLDEN["buckets"], ids=lambda c: str(c["namespace"]))

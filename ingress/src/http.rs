@@ -329,7 +329,6 @@ impl App {
             })
             .await
     }
-
 }
 
 /// Reads the whole body, refusing it as soon as it passes `limit` and giving up at the

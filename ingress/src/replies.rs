@@ -145,7 +145,9 @@ mod tests {
         assert_eq!(b.recv().await.unwrap().payload, "two");
         assert_eq!(a.recv().await.unwrap().payload, "one");
         assert_eq!(replies.waiting(), 0, "delivery removes the entry");
-        assert!(replies.deliver(reply_to("ns.reply.ing1.r1", "again")).is_err());
+        assert!(replies
+            .deliver(reply_to("ns.reply.ing1.r1", "again"))
+            .is_err());
     }
 
     #[test]

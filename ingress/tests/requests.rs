@@ -245,7 +245,8 @@ async fn bodies_over_the_limit_are_413_and_over_max_payload_a_claim_check() {
     let work = seen.recv().await.unwrap();
     let name = natserve_protocol::payloads::claim(Some(&work)).expect("a claim check");
     let js = async_nats::jetstream::new(agent.client.clone());
-    let store = js.get_object_store("natserve_payloads").await.unwrap();
+    let bucket = natserve_protocol::Names::new(NS).unwrap().payloads_bucket();
+    let store = js.get_object_store(bucket).await.unwrap();
     let mut object = store.get(name).await.unwrap();
     let mut stored = Vec::new();
     tokio::io::AsyncReadExt::read_to_end(&mut object, &mut stored)

@@ -31,7 +31,8 @@ pub const HEADER_RESERVE: usize = 4 * 1024;
 /// may find its payload gone (answered `server_error`).
 pub const PAYLOADS_MAX_AGE: Duration = Duration::from_secs(15 * 60);
 /// Largest chunk an object is stored in (each chunk is one JetStream message): large
-/// enough that a 20 MB body is 40 round trips, never above what `max_payload` allows.
+/// enough that a 20 MB body is 40 round trips; smaller where `max_payload` is (a chunk
+/// is at most [`inline_limit`]).
 pub const MAX_CHUNK: usize = 512 * 1024;
 
 /// The largest body a message may carry inline under the server's `max_payload`.
@@ -93,7 +94,9 @@ pub enum PayloadError {
         size: usize,
         message: String,
     },
-    #[error("object {name} of store {bucket} is gone (consumed, expired, or lost with its server)")]
+    #[error(
+        "object {name} of store {bucket} is gone (consumed, expired, or lost with its server)"
+    )]
     Gone { bucket: String, name: String },
     #[error("could not fetch object {name} from store {bucket}: {message}")]
     Fetch {
@@ -187,13 +190,19 @@ impl Payloads {
             message,
         };
         let (open, _) = self.opened().await.map_err(failed)?;
-        let first = match put_once(&open.store, name, body).await {
+        let chunk = match self.js.client().server_info().max_payload {
+            0 => MAX_CHUNK,
+            max => MAX_CHUNK.min(inline_limit(max)).max(1),
+        };
+        let first = match put_once(&open.store, name, body, chunk).await {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
         self.forget();
         match self.opened().await {
-            Ok((open, true)) => put_once(&open.store, name, body).await.map_err(failed),
+            Ok((open, true)) => put_once(&open.store, name, body, chunk)
+                .await
+                .map_err(failed),
             Ok((_, false)) | Err(_) => Err(failed(first)),
         }
     }
@@ -265,10 +274,15 @@ impl Payloads {
     }
 }
 
-async fn put_once(store: &ObjectStore, name: &str, mut body: &[u8]) -> Result<(), String> {
+async fn put_once(
+    store: &ObjectStore,
+    name: &str,
+    mut body: &[u8],
+    chunk: usize,
+) -> Result<(), String> {
     let meta = ObjectMetadata {
         name: name.to_owned(),
-        chunk_size: Some(MAX_CHUNK),
+        chunk_size: Some(chunk),
         ..Default::default()
     };
     store
@@ -295,7 +309,10 @@ mod tests {
     fn objects_are_named_by_request_and_hop() {
         let a = object_name("r1", Hop::Stage(1));
         let b = object_name("r1", Hop::Stage(1));
-        assert!(a.starts_with("r1.1.") && a.len() == "r1.1.".len() + 12, "{a}");
+        assert!(
+            a.starts_with("r1.1.") && a.len() == "r1.1.".len() + 12,
+            "{a}"
+        );
         assert_ne!(a, b, "a rerun never overwrites an object in use");
         assert!(object_name("r1", Hop::Reply).starts_with("r1.reply."));
     }
@@ -339,11 +356,16 @@ mod tests {
                 None => Hop::Reply,
             };
             let name = object_name(id, hop);
-            let tag = case["hop"].as_u64().map_or("reply".to_owned(), |i| i.to_string());
+            let tag = case["hop"]
+                .as_u64()
+                .map_or("reply".to_owned(), |i| i.to_string());
             let nonce = name
                 .strip_prefix(&format!("{id}.{tag}."))
                 .unwrap_or_else(|| panic!("{name}"));
-            assert!(nonce.len() == 12 && nonce.bytes().all(|b| b.is_ascii_hexdigit()), "{name}");
+            assert!(
+                nonce.len() == 12 && nonce.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{name}"
+            );
         }
     }
 }

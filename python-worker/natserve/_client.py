@@ -287,7 +287,8 @@ class Client:
         if len(body) > inline_limit(self._nc.max_payload):
             stored = object_name(request_id, 0)
             try:
-                await asyncio.wait_for(payloads.put(stored, body), timeout)
+                put = payloads.put(stored, body, max_payload=self._nc.max_payload)
+                await asyncio.wait_for(put, timeout)
             except Exception as err:
                 raise UnavailableError(
                     f"the request body ({len(body)} bytes) could not be stored in the payloads "

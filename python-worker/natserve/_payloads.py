@@ -71,9 +71,11 @@ class Payloads:
                     self._store = await self._js.object_store(self._bucket)
         return self._store
 
-    async def put(self, name: str, body: bytes) -> None:
+    async def put(self, name: str, body: bytes, *, max_payload: int) -> None:
+        """Stores ``body`` in chunks that each fit a message under ``max_payload``."""
         store = await self._opened()
-        meta = ObjectMeta(name=name, options=ObjectMetaOptions(max_chunk_size=MAX_CHUNK))
+        chunk = max(min(MAX_CHUNK, inline_limit(max_payload)), 1)
+        meta = ObjectMeta(name=name, options=ObjectMetaOptions(max_chunk_size=chunk))
         try:
             await store.put(name, body, meta=meta)
         except Exception:

@@ -110,8 +110,7 @@ impl Outbox {
                     continue;
                 }
             };
-            let Some(mut h) = handoff_headers(msg.headers.as_ref(), self.stage + 1, &sizes)
-            else {
+            let Some(mut h) = handoff_headers(msg.headers.as_ref(), self.stage + 1, &sizes) else {
                 let body = Bytes::from_static(MISSING_REQUEST_ID.as_bytes());
                 self.finish(msg, Outcome::ClientError, body, Some(&sizes))
                     .await;
@@ -196,7 +195,10 @@ impl Outbox {
                 }
                 Err(e) => {
                     warn!(route = %self.route, stage = self.stage, error = %e, "cannot fetch a work payload");
-                    let text = format!("internal error: the input of stage {} of {} could not be read: {e}", self.stage, self.route);
+                    let text = format!(
+                        "internal error: the input of stage {} of {} could not be read: {e}",
+                        self.stage, self.route
+                    );
                     self.finish(&msg, Outcome::ServerError, text.into(), None)
                         .await;
                 }
@@ -457,7 +459,10 @@ mod tests {
         received.insert(headers::PAYLOAD_OBJECT, "r1.1.0123456789ab");
         let h = handoff_headers(Some(&received), 2, "1,1").unwrap();
         assert_eq!(payloads::claim(Some(&h)), None);
-        assert_eq!(headers::get(Some(&h), headers::TRACEPARENT), Some("00-ab-cd-01"));
+        assert_eq!(
+            headers::get(Some(&h), headers::TRACEPARENT),
+            Some("00-ab-cd-01")
+        );
         assert_eq!(headers::get(Some(&h), headers::MSG_ID), Some("r1.2"));
     }
 

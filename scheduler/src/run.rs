@@ -64,7 +64,10 @@ pub(crate) async fn run_batch(
 ) {
     // Bodies over one NATS message came as claim checks: fetch them (keeping the batch
     // alive meanwhile) before the worker sees the batch. A plain message skips this.
-    if msgs.iter().any(|m| payloads::claim(m.headers.as_ref()).is_some()) {
+    if msgs
+        .iter()
+        .any(|m| payloads::claim(m.headers.as_ref()).is_some())
+    {
         let claimed = msgs.clone();
         msgs = holding(ctx.outbox.check_out(msgs), || ctx.outbox.progress(&claimed)).await;
         if msgs.is_empty() {

@@ -55,9 +55,9 @@ impl Replies {
         }
     }
 
-    /// Hands a reply to the request waiting for it; gives it back when nobody waits any
-    /// more (a late reply after the deadline, or a client that disconnected).
-    pub fn deliver(&self, message: Message) -> Result<(), Message> {
+    /// Hands a reply to the request waiting for it; gives it back (`Some`) when nobody
+    /// waits any more (a late reply after the deadline, or a client that disconnected).
+    pub fn deliver(&self, message: Message) -> Option<Message> {
         let Some(tx) = message
             .subject
             .rsplit('.')
@@ -65,9 +65,9 @@ impl Replies {
             .and_then(|id| self.lock().remove(id))
         else {
             debug!(subject = %message.subject, "reply for no waiting request");
-            return Err(message);
+            return Some(message);
         };
-        tx.send(message)
+        tx.send(message).err()
     }
 
     /// Requests waiting for a reply now.
@@ -81,7 +81,7 @@ impl Replies {
 /// else would.
 pub async fn dispatch(mut subscription: Subscriber, replies: Arc<Replies>, store: Payloads) {
     while let Some(message) = subscription.next().await {
-        let Err(unclaimed) = replies.deliver(message) else {
+        let Some(unclaimed) = replies.deliver(message) else {
             continue;
         };
         if let Some(name) = payloads::claim(unclaimed.headers.as_ref()) {
@@ -140,14 +140,18 @@ mod tests {
         let mut b = replies.register("r2");
         assert_eq!(replies.waiting(), 2);
 
-        assert!(replies.deliver(reply_to("ns.reply.ing1.r2", "two")).is_ok());
-        assert!(replies.deliver(reply_to("ns.reply.ing1.r1", "one")).is_ok());
+        assert!(replies
+            .deliver(reply_to("ns.reply.ing1.r2", "two"))
+            .is_none());
+        assert!(replies
+            .deliver(reply_to("ns.reply.ing1.r1", "one"))
+            .is_none());
         assert_eq!(b.recv().await.unwrap().payload, "two");
         assert_eq!(a.recv().await.unwrap().payload, "one");
         assert_eq!(replies.waiting(), 0, "delivery removes the entry");
         assert!(replies
             .deliver(reply_to("ns.reply.ing1.r1", "again"))
-            .is_err());
+            .is_some());
     }
 
     #[test]
@@ -157,6 +161,6 @@ mod tests {
         assert_eq!(replies.waiting(), 1);
         drop(pending);
         assert_eq!(replies.waiting(), 0);
-        assert!(replies.deliver(reply_to("p.gone", "late")).is_err());
+        assert!(replies.deliver(reply_to("p.gone", "late")).is_some());
     }
 }

@@ -21,6 +21,7 @@ use natserve_ingress::replies::Replies;
 use natserve_ingress::routes::RouteTable;
 use natserve_ingress::submit::Submitter;
 use natserve_ingress::Config;
+use natserve_protocol::payloads::Payloads;
 use natserve_protocol::{AgentRecord, Names, RouteRecord, StageLoad};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
@@ -79,7 +80,12 @@ async fn app() -> Arc<App> {
     };
     Arc::new(App {
         drain: Drain::new(metrics.inflight()),
-        submitter: Submitter::new(client, names.clone(), replies),
+        submitter: Submitter::new(
+            client.clone(),
+            names.clone(),
+            replies,
+            Payloads::new(async_nats::jetstream::new(client), &names),
+        ),
         config,
         names,
         routes,

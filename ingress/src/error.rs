@@ -77,4 +77,10 @@ pub enum RequestError {
     AsyncStream(String),
     #[error("stream broken: {0}")]
     StreamBroken(String),
+    /// A body over one NATS message could not go into the payloads store.
+    #[error("the request body could not be stored for the pipeline: {0}")]
+    PayloadStore(String),
+    /// The pipeline answered with a claim check whose object could not be read.
+    #[error("the result could not be delivered: {0}")]
+    ReplyPayload(String),
 }

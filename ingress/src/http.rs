@@ -406,7 +406,9 @@ impl App {
         };
         let deadline_ms = natserve_protocol::unix_ms() + lifetime.as_millis() as u64;
 
-        let (limit, why) = self.body_limit();
+        // A body over one NATS message goes through the payloads store (`crate::submit`),
+        // so only --max-body-size bounds it.
+        let (limit, why) = (self.config.max_body_size, "--max-body-size");
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -480,14 +482,6 @@ impl App {
                 Err(RequestError::JobUnanswered(id.to_owned()))
             }
             _ => Ok(accepted(id, "pending", false)),
-        }
-    }
-
-    /// The body limit in force and which setting imposes it.
-    fn body_limit(&self) -> (usize, &'static str) {
-        match self.submitter.max_nats_body() {
-            Some(nats) if nats < self.config.max_body_size => (nats, "nats max_payload"),
-            _ => (self.config.max_body_size, "--max-body-size"),
         }
     }
 }

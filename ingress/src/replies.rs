@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use async_nats::{Message, Subscriber};
 use futures::StreamExt;
 use natserve_protocol::headers;
+use natserve_protocol::payloads::{self, Payloads};
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
@@ -129,9 +130,18 @@ impl Replies {
 }
 
 /// Routes every message of the reply subscription until it ends (when the client drains).
-pub async fn dispatch(mut subscription: Subscriber, replies: Arc<Replies>) {
+/// A reply nobody waits for that came as a claim check has its object deleted: no one
+/// else would.
+pub async fn dispatch(mut subscription: Subscriber, replies: Arc<Replies>, store: Payloads) {
     while let Some(message) = subscription.next().await {
-        replies.deliver(message);
+        let claim = payloads::claim(message.headers.as_ref()).map(str::to_owned);
+        if replies.deliver(message) {
+            continue;
+        }
+        if let Some(name) = claim {
+            let store = store.clone();
+            tokio::spawn(async move { store.delete(&name).await });
+        }
     }
     debug!("reply subscription ended");
 }

@@ -21,6 +21,7 @@ use crate::routes::RouteTable;
 use crate::submit::{Submitter, REPLY_GRACE};
 use crate::watch::{Followed, Watchers};
 use natserve_protocol::buckets::{agents_bucket_config, open_bucket, routes_bucket_config};
+use natserve_protocol::payloads::Payloads;
 
 /// How long the NATS client gets to flush and close at the end.
 const NATS_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -63,9 +64,14 @@ pub async fn run(
         .subscribe(subject.clone())
         .await
         .map_err(|source| Error::Subscribe { subject, source })?;
-    let dispatcher = tokio::spawn(replies::dispatch(subscription, replies.clone()));
+    let payloads = Payloads::new(async_nats::jetstream::new(client.clone()), &names);
+    let dispatcher = tokio::spawn(replies::dispatch(
+        subscription,
+        replies.clone(),
+        payloads.clone(),
+    ));
 
-    let submitter = Submitter::new(client.clone(), names.clone(), replies);
+    let submitter = Submitter::new(client.clone(), names.clone(), replies, payloads);
     let js = submitter.jetstream().clone();
     let routes = Followed {
         store: open_bucket(&js, routes_bucket_config(&names)).await?,

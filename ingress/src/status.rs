@@ -109,11 +109,14 @@ pub fn answer(result: Result<Reply, RequestError>) -> Answer {
                 | RequestError::NoAgent { .. }
                 | RequestError::NotServed { .. }
                 | RequestError::Nats(_)
-                | RequestError::Results(_) => StatusCode::SERVICE_UNAVAILABLE,
+                | RequestError::Results(_)
+                | RequestError::PayloadStore(_) => StatusCode::SERVICE_UNAVAILABLE,
                 RequestError::DeadlinePassed | RequestError::JobUnanswered(_) => {
                     StatusCode::GATEWAY_TIMEOUT
                 }
-                RequestError::BadReply(_) | RequestError::StreamBroken(_) => {
+                RequestError::BadReply(_)
+                | RequestError::StreamBroken(_)
+                | RequestError::ReplyPayload(_) => {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }
             };
@@ -281,6 +284,8 @@ mod tests {
             (RequestError::ResultMethodNotAllowed("PUT".into()), 405),
             (RequestError::JobUnanswered("x".into()), 504),
             (RequestError::Results("down".into()), 503),
+            (RequestError::PayloadStore("store full".into()), 503),
+            (RequestError::ReplyPayload("object gone".into()), 500),
         ];
         for (error, code) in table {
             let message = error.to_string();

@@ -7,6 +7,9 @@
 //! An asynchronous job ([`Submitter::submit_async`]) waits for nothing but the publish
 //! ack: its pending record goes into the results bucket first, and the agent that finishes
 //! it writes the outcome there, so no ingress needs to be alive for it.
+//!
+//! A body or a reply larger than one NATS message goes through the payloads object store
+//! (a claim check, [`natserve_protocol::payloads`]); one that fits pays nothing for it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +17,7 @@ use std::time::Duration;
 use async_nats::jetstream::context::PublishError;
 use async_nats::{jetstream, Client, HeaderMap, Message};
 use bytes::Bytes;
+use natserve_protocol::payloads::{self, Hop, Payloads};
 use natserve_protocol::results::{clamp_ttl, Created};
 use natserve_protocol::{headers, Names, Outcome, Rejection, ResultRecord, Results};
 use tokio::time::Instant;
@@ -22,13 +26,14 @@ use crate::error::RequestError;
 use crate::replies::{PendingStream, Replies};
 use crate::stream::ReplyStream;
 
-/// Bytes of `max_payload` left for the headers of a work message.
-pub const HEADER_RESERVE: usize = 4 * 1024;
+/// How long fetching a reply that came as a claim check may take, whatever the deadline:
+/// the pipeline answered in time, and its answer is better than our own 504.
+pub const REPLY_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long after the deadline a reply is still awaited: the agent answers work that
 /// expired in its queue with `timeout`, and that answer is better than our own 504.
 pub const REPLY_GRACE: Duration = Duration::from_millis(250);
 
-/// A reply as it came from the pipeline.
+/// A reply as it came from the pipeline (its body fetched, if it came as a claim check).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub outcome: Outcome,
@@ -97,30 +102,23 @@ pub struct Submitter {
     jetstream: jetstream::Context,
     names: Names,
     replies: Arc<Replies>,
+    payloads: Payloads,
 }
 
 impl Submitter {
-    pub fn new(client: Client, names: Names, replies: Arc<Replies>) -> Self {
+    pub fn new(client: Client, names: Names, replies: Arc<Replies>, payloads: Payloads) -> Self {
         let jetstream = jetstream::new(client.clone());
         Self {
             client,
             jetstream,
             names,
             replies,
+            payloads,
         }
     }
 
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.jetstream
-    }
-
-    /// The largest body a work message can carry: the server's `max_payload` less room
-    /// for headers. `None` until the server has told us its `max_payload`.
-    pub fn max_nats_body(&self) -> Option<usize> {
-        match self.client.server_info().max_payload {
-            0 => None,
-            max => Some(max.saturating_sub(HEADER_RESERVE)),
-        }
     }
 
     /// Whether the NATS connection is up right now (it reconnects by itself).
@@ -135,11 +133,17 @@ impl Submitter {
         let mut cancel = self.publish(s).await?;
         let reply = tokio::time::timeout_at(deadline + REPLY_GRACE, pending.recv()).await;
         cancel.armed = false;
-        match reply {
-            Err(_) => Err(RequestError::DeadlinePassed),
-            Ok(None) => Err(RequestError::Nats("reply subscription closed".into())),
-            Ok(Some(message)) => Reply::from_message(message),
+        let message = match reply {
+            Err(_) => return Err(RequestError::DeadlinePassed),
+            Ok(None) => return Err(RequestError::Nats("reply subscription closed".into())),
+            Ok(Some(message)) => message,
+        };
+        let claim = payloads::claim(message.headers.as_ref()).map(str::to_owned);
+        let mut reply = Reply::from_message(message)?;
+        if let Some(name) = claim {
+            reply.body = self.fetch_reply(&name).await?;
         }
+        Ok(reply)
     }
 
     /// Submits a request to a streaming route: once it is queued, its events and then its
@@ -233,24 +237,57 @@ impl Submitter {
     }
 
     /// Publishes a request's work to its route's first stage and waits for JetStream's
-    /// ack, by the submission's deadline.
-    async fn publish_work(&self, s: &Submission<'_>, h: HeaderMap) -> Result<(), RequestError> {
+    /// ack, by the submission's deadline. A body over one NATS message goes into the
+    /// payloads store first, and the work carries its claim check.
+    async fn publish_work(&self, s: &Submission<'_>, mut h: HeaderMap) -> Result<(), RequestError> {
+        let mut body = s.body.clone();
+        let mut claim = None;
+        if !payloads::fits_inline(&self.client, body.len()) {
+            let name = payloads::object_name(s.request_id, Hop::Stage(0));
+            let put = self.payloads.put(&name, &body);
+            match tokio::time::timeout_at(s.deadline, put).await {
+                Err(_) => return Err(RequestError::PayloadStore("store timed out".into())),
+                Ok(Err(e)) => return Err(RequestError::PayloadStore(e.to_string())),
+                Ok(Ok(())) => {}
+            }
+            h.insert(headers::PAYLOAD_OBJECT, name.as_str());
+            body = Bytes::new();
+            claim = Some(name);
+        }
         let subject = self.names.work_subject(s.slug, 0);
         let publish = async {
             self.jetstream
-                .publish_with_headers(subject, h, s.body.clone())
+                .publish_with_headers(subject, h, body)
                 .await?
                 .await
         };
-        match tokio::time::timeout_at(s.deadline, publish).await {
+        let published = tokio::time::timeout_at(s.deadline, publish).await;
+        if !matches!(published, Ok(Ok(_))) {
+            // Nobody will consume the object: remove it now rather than at its max age.
+            if let Some(name) = &claim {
+                self.payloads.delete(name).await;
+            }
+        }
+        match published {
             Err(_) => Err(RequestError::Nats(
                 "no publish ack before the deadline".into(),
             )),
-            Ok(Err(e)) => {
-                let nats_limit = self.max_nats_body().unwrap_or(0);
-                Err(classify_publish_error(&e, s.route, nats_limit))
-            }
+            Ok(Err(e)) => Err(classify_publish_error(&e, s.route)),
             Ok(Ok(_ack)) => Ok(()),
+        }
+    }
+
+    /// The body of a reply that came as a claim check; the object is deleted once read.
+    async fn fetch_reply(&self, name: &str) -> Result<Bytes, RequestError> {
+        let fetched = tokio::time::timeout(REPLY_FETCH_TIMEOUT, self.payloads.fetch(name)).await;
+        self.payloads.delete(name).await;
+        match fetched {
+            Err(_) => Err(RequestError::ReplyPayload(format!(
+                "fetching reply object {name} took over {} s",
+                REPLY_FETCH_TIMEOUT.as_secs()
+            ))),
+            Ok(Err(e)) => Err(RequestError::ReplyPayload(e.to_string())),
+            Ok(Ok(body)) => Ok(body),
         }
     }
 }
@@ -288,25 +325,20 @@ impl Drop for CancelOnDrop {
     }
 }
 
-/// Turns a failed JetStream publish into the request's error.
-/// `nats_limit` is the body limit `max_payload` allows, named in a 413.
-pub fn classify_publish_error(
-    error: &PublishError,
-    route: &str,
-    nats_limit: usize,
-) -> RequestError {
+/// Turns a failed JetStream publish into the request's error. A body too large for one
+/// message went to the payloads store before the publish, so `TooLarge` means only that
+/// the server lowered its `max_payload` meanwhile: NATS cannot take the request now.
+pub fn classify_publish_error(error: &PublishError, route: &str) -> RequestError {
     match Rejection::from_publish_error(error) {
         Rejection::NoStream => RequestError::NotServed {
             route: route.to_owned(),
         },
-        Rejection::TooLarge => RequestError::BodyTooLarge {
-            limit: nats_limit,
-            why: "nats max_payload",
-        },
         Rejection::QueueFull => RequestError::QueueFull {
             route: route.to_owned(),
         },
-        Rejection::Unreachable | Rejection::Other => RequestError::Nats(error.to_string()),
+        Rejection::TooLarge | Rejection::Unreachable | Rejection::Other => {
+            RequestError::Nats(error.to_string())
+        }
     }
 }
 
@@ -367,18 +399,18 @@ mod tests {
         let route = "/r";
         let e = PublishError::new(PublishErrorKind::StreamNotFound);
         assert!(matches!(
-            classify_publish_error(&e, route, 9),
+            classify_publish_error(&e, route),
             RequestError::NotServed { .. }
         ));
         let e = PublishError::new(PublishErrorKind::TimedOut);
         assert!(matches!(
-            classify_publish_error(&e, route, 9),
+            classify_publish_error(&e, route),
             RequestError::Nats(_)
         ));
         let e = PublishError::new(PublishErrorKind::MaxPayloadExceeded);
         assert!(matches!(
-            classify_publish_error(&e, route, 9),
-            RequestError::BodyTooLarge { .. }
+            classify_publish_error(&e, route),
+            RequestError::Nats(_)
         ));
         let full: jetstream::Error = serde_json::from_str(
             r#"{"code": 503, "err_code": 10077, "description": "maximum messages exceeded"}"#,
@@ -386,7 +418,7 @@ mod tests {
         .unwrap();
         let e = PublishError::with_source(PublishErrorKind::Other, full);
         assert!(matches!(
-            classify_publish_error(&e, route, 9),
+            classify_publish_error(&e, route),
             RequestError::QueueFull { .. }
         ));
         let other: jetstream::Error =
@@ -394,7 +426,7 @@ mod tests {
                 .unwrap();
         let e = PublishError::with_source(PublishErrorKind::Other, other);
         assert!(matches!(
-            classify_publish_error(&e, route, 9),
+            classify_publish_error(&e, route),
             RequestError::Nats(_)
         ));
     }

@@ -176,11 +176,13 @@ async fn unknown_routes_are_404_and_other_methods_405() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bodies_over_either_limit_are_413() {
+async fn bodies_over_the_limit_are_413_and_over_max_payload_a_claim_check() {
     let nats = NatsServer::start_with("max_payload: 65536", None);
     let agent = Agent::connect(&nats.url).await;
     let consumer = agent.serve_route("/inference", 1).await;
-    let (_worker, _seen) = spawn_worker(agent.client.clone(), consumer, |_, _| Answer::ok("{}"));
+    let (_worker, mut seen) = spawn_worker(agent.client.clone(), consumer, |_, body| {
+        Answer::ok(format!("{{\"inline\": {}}}", body.len()))
+    });
     let http = http();
 
     let small = Ingress::start(natserve_ingress::Config {
@@ -227,18 +229,32 @@ async fn bodies_over_either_limit_are_413() {
         .unwrap();
     assert_eq!(response.status(), 413);
 
-    // Under --max-body-size but over what NATS takes in one message: a clear 413, not a timeout.
+    // Under --max-body-size but over what NATS takes in one message: the body goes to the
+    // payloads store and the work message carries only its name.
     let big = Ingress::start(config(&nats.url)).await;
     wait_for_route(&http, &big, "/inference").await;
+    while seen.try_recv().is_ok() {}
     let response = http
         .post(big.url("/inference"))
         .body(vec![b'x'; 100_000])
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 413);
-    let text = response.text().await.unwrap();
-    assert!(text.contains("nats max_payload"), "{text}");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), r#"{"inline": 0}"#);
+    let work = seen.recv().await.unwrap();
+    let name = natserve_protocol::payloads::claim(Some(&work)).expect("a claim check");
+    let js = async_nats::jetstream::new(agent.client.clone());
+    let bucket = natserve_protocol::Names::new(NS).unwrap().payloads_bucket();
+    let store = js.get_object_store(bucket).await.unwrap();
+    let mut object = store.get(name).await.unwrap();
+    let mut stored = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut object, &mut stored)
+        .await
+        .unwrap();
+    assert_eq!(stored, vec![b'x'; 100_000]);
+
+    // Under the limit: inline, as before.
     let response = http
         .post(big.url("/inference"))
         .body(vec![b'x'; 60_000])
@@ -246,6 +262,7 @@ async fn bodies_over_either_limit_are_413() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), r#"{"inline": 60000}"#);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

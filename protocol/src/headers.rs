@@ -31,6 +31,9 @@ pub const MSG_ID: &str = "Nats-Msg-Id";
 pub const RESULT_KEY: &str = "X-Result-Key";
 /// Seconds the finished result is kept ([`RESULT_KEY`]); the default when absent.
 pub const RESULT_TTL: &str = "X-Result-Ttl";
+/// The body is in the payloads object store under this object name (the message's own
+/// body is empty): see [`crate::payloads`].
+pub const PAYLOAD_OBJECT: &str = "X-Payload-Object";
 
 /// One header of a message, as text; `None` when the message has no headers or not this one.
 pub fn get<'a>(headers: Option<&'a async_nats::HeaderMap>, name: &str) -> Option<&'a str> {

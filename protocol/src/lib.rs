@@ -2,8 +2,9 @@
 //!
 //! Everything two natserve processes must agree on lives here and nowhere else:
 //! NATS subject and stream names, message headers, the registration and result records
-//! and the KV buckets that hold them, how to connect to NATS, the outcome a reply carries, and the
-//! frame codec spoken over each Python worker's Unix socket. The README's "Wire
+//! and the KV buckets that hold them, how to connect to NATS, the outcome a reply carries,
+//! how a body larger than a NATS message travels (claim checks), and the frame codec spoken
+//! over each Python worker's Unix socket. The README's "Wire
 //! protocol" section documents the same.
 
 #![forbid(unsafe_code)]
@@ -16,6 +17,7 @@ pub mod headers;
 pub mod names;
 pub mod nats;
 pub mod outcome;
+pub mod payloads;
 pub mod records;
 pub mod results;
 pub mod streams;

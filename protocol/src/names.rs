@@ -73,6 +73,11 @@ impl Names {
         format!("{}_results", self.namespace)
     }
 
+    /// Object store of bodies larger than a NATS message ([`crate::payloads`]).
+    pub fn payloads_bucket(&self) -> String {
+        format!("{}_payloads", self.namespace)
+    }
+
     /// Core NATS subject on which an ingress names a queued request whose client went
     /// away (payload: the request id, header `X-Deadline`); agents drop it unrun.
     pub fn cancel_subject(&self) -> String {
@@ -148,6 +153,7 @@ mod tests {
             assert_eq!(n.routes_bucket(), text(&case["routes_bucket"]));
             assert_eq!(n.agents_bucket(), text(&case["agents_bucket"]));
             assert_eq!(n.results_bucket(), text(&case["results_bucket"]));
+            assert_eq!(n.payloads_bucket(), text(&case["payloads_bucket"]));
             assert_eq!(n.cancel_subject(), text(&case["cancel_subject"]));
             let reply = &case["reply_prefix"];
             assert_eq!(

@@ -2,10 +2,12 @@
 
 It follows the README's "Wire protocol": a JetStream publish to ``NS.work.<slug>.0`` with
 the ``X-*`` headers, the reply arriving as one core NATS message on this client's inbox
-subscription ``NS.reply.<client id>.*``, matched to its request by id. An asynchronous job
-(`Client.submit`) gets no reply: its pending record goes into the results bucket
-``NS_results`` first, the agent that finishes it writes the outcome there, and
-`Client.result` (or any ingress's ``GET /results/<id>``) reads it.
+subscription ``NS.reply.<client id>.*``, matched to its request by id. A body or a reply
+larger than one NATS message travels as a claim check through the payloads object store
+(``_payloads``), as the ingress and agents do. An asynchronous job (`Client.submit`) gets
+no reply: its pending record goes into the results bucket ``NS_results`` first, the agent
+that finishes it writes the outcome there, and `Client.result` (or any ingress's
+``GET /results/<id>``) reads it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ._names import (
     work_subject,
 )
 from ._nats_options import NatsSecurity, has_secret, redact
+from ._payloads import PAYLOAD_OBJECT, Payloads, claim, inline_limit, object_name
 from ._results import (
     ResultRecord,
     decode_record,
@@ -202,6 +205,7 @@ class Client:
         self._nc: Optional[NATS] = None
         self._js: Optional[JetStreamContext] = None
         self._sub: Optional[Subscription] = None
+        self._payloads: Optional[Payloads] = None
         self._pending: Dict[str, asyncio.Future[Msg]] = {}
 
     @property
@@ -241,6 +245,7 @@ class Client:
             ) from err
         self._nc = nc
         self._js = nc.jetstream()
+        self._payloads = Payloads(self._js, self._namespace)
         self._sub = await nc.subscribe(self.reply_prefix + ".*", cb=self._on_reply)
         await nc.flush()
 
@@ -249,6 +254,12 @@ class Client:
         future = self._pending.get(request_id)
         if future is not None and not future.done():
             future.set_result(msg)
+            return
+        # Nobody waits for it (a late reply): its object would be no one's to delete.
+        name = claim(msg.headers)
+        if name is not None and self._payloads is not None:
+            with contextlib.suppress(Exception):
+                await self._payloads.delete(name)
 
     async def close(self) -> None:
         """Fails requests still waiting and closes the connection."""
@@ -257,6 +268,7 @@ class Client:
                 future.set_exception(UnavailableError("client closed"))
         self._pending.clear()
         nc, self._nc, self._js, self._sub = self._nc, None, None, None
+        self._payloads = None
         if nc is not None and not nc.is_closed:
             # close, not drain: nothing is left to flush (every publish awaited its ack)
             # and drain would wait out its timeout on a dead connection.
@@ -278,7 +290,7 @@ class Client:
         self, body: bytes, *, route: str = "/inference", timeout: float = 3.0
     ) -> bytes:
         """Runs one request through ``route``'s pipeline; returns the response body."""
-        if self._js is None:
+        if self._js is None or self._nc is None or self._payloads is None:
             raise RuntimeError("Client.request: call connect() first, or use `async with`")
         if not is_route(route):
             raise ValueError(f"Client.request: route must look like /name or /a/b, got {route!r}")
@@ -293,12 +305,29 @@ class Client:
             "Nats-Msg-Id": f"{request_id}.0",
         }
         subject = work_subject(self._namespace, route_slug(route), 0)
+        payloads = self._payloads
+        stored: Optional[str] = None
+        if len(body) > inline_limit(self._nc.max_payload):
+            stored = object_name(request_id, 0)
+            try:
+                put = payloads.put(stored, body, max_payload=self._nc.max_payload)
+                await asyncio.wait_for(put, timeout)
+            except Exception as err:
+                raise UnavailableError(
+                    f"the request body ({len(body)} bytes) could not be stored in the payloads "
+                    f"bucket: {err!r}"
+                ) from err
+            headers[PAYLOAD_OBJECT] = stored
+            body = b""
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
             try:
                 await self._js.publish(subject, body, timeout=timeout, headers=headers)
             except nats.errors.Error as err:
+                if stored is not None:
+                    with contextlib.suppress(Exception):
+                        await payloads.delete(stored)
                 raise error_for_publish(err, route, subject) from err
             try:
                 msg = await asyncio.wait_for(future, max(deadline - time.monotonic(), 0.001))
@@ -307,9 +336,19 @@ class Client:
         finally:
             self._pending.pop(request_id, None)
         status = (msg.headers or {}).get("X-Status")
+        data = msg.data
+        name = claim(msg.headers)
+        if name is not None:
+            try:
+                data = await payloads.fetch(name)
+            except Exception as err:
+                raise ServerError(f"the result could not be delivered: {err!r}") from err
+            finally:
+                with contextlib.suppress(Exception):
+                    await payloads.delete(name)
         if status == "ok":
-            return msg.data
-        raise error_for_reply(status, msg.data)
+            return data
+        raise error_for_reply(status, data)
 
     async def submit(
         self,

@@ -36,6 +36,11 @@ def work_subject(namespace: str, slug: str, stage: int) -> str:
     return f"{namespace}.work.{slug}.{stage}"
 
 
+def payloads_bucket(namespace: str) -> str:
+    """Object store of bodies larger than a NATS message (``_payloads``)."""
+    return f"{namespace}_payloads"
+
+
 def reply_prefix(namespace: str, client_id: str) -> str:
     """Prefix of one requester's reply subjects; it subscribes to ``<prefix>.*``."""
     return f"{namespace}.reply.{client_id}"

@@ -3,6 +3,12 @@
 //! bucket (an asynchronous job's `X-Result-Key`) and the requester's reply subject (core
 //! NATS). Every reply, hand-off and ack of a stage goes through its [`Outbox`], so "acked
 //! only once its result is safe" is kept in one place.
+//!
+//! Claim checks ([`natserve_protocol::payloads`]) meet here too: a result over one NATS
+//! message is stored before it goes out, a result that cannot go out is answered
+//! `server_error` at once (never left to the requester's deadline), and an input that
+//! came as a claim check has its object deleted once the input is settled (acked or
+//! terminated; a `Nak` keeps it for the redelivery).
 
 use std::time::Duration;
 
@@ -12,6 +18,7 @@ use bytes::Bytes;
 use natserve_protocol::buckets::DEFAULT_RESULT_TTL;
 use natserve_protocol::records::is_result_id;
 use natserve_protocol::results::{Finished, ResultsError};
+use natserve_protocol::payloads::{self, Hop, PayloadError, Payloads};
 use natserve_protocol::streams::MAX_DELIVER;
 use natserve_protocol::{
     headers, ItemResult, JobState, Names, Outcome, Rejection, ResultRecord, Results,
@@ -39,6 +46,7 @@ pub struct Outbox {
     /// Where asynchronous jobs' outcomes are written.
     results: Results,
     metrics: StageMetrics,
+    payloads: Payloads,
 }
 
 impl Outbox {
@@ -51,8 +59,10 @@ impl Outbox {
         results: Results,
         metrics: StageMetrics,
     ) -> Self {
+        let js = jetstream::new(client.clone());
         Self {
-            js: jetstream::new(client.clone()),
+            payloads: Payloads::new(js.clone(), &names),
+            js,
             client,
             next_subject,
             route: spec.route.clone(),
@@ -80,7 +90,7 @@ impl Outbox {
             reply_to = header(msg, headers::REPLY_TO).unwrap_or(""),
             "refusing work whose reply subject is not under <namespace>.reply.; terminated unanswered"
         );
-        ack(msg, AckKind::Term).await;
+        self.settle(msg, AckKind::Term).await;
     }
 
     /// Gives a message whose worker died while running it another delivery (`Nak`: at
@@ -116,32 +126,105 @@ impl Outbox {
                     let sent = events.get(i).copied().unwrap_or(0);
                     self.reply(msg, outcome, result.body, Some(&sizes), sent)
                         .await;
-                    ack(msg, AckKind::Ack).await;
+                    self.settle(msg, AckKind::Ack).await;
                     continue;
                 }
             };
-            let Some(h) = handoff_headers(msg.headers.as_ref(), self.stage + 1, &sizes) else {
+            let Some(mut h) = handoff_headers(msg.headers.as_ref(), self.stage + 1, &sizes) else {
                 let body = Bytes::from_static(MISSING_REQUEST_ID.as_bytes());
                 self.finish(msg, Outcome::ClientError, body, Some(&sizes))
                     .await;
                 continue;
             };
+            let mut body = result.body;
+            let mut claim = None;
+            if !payloads::fits_inline(&self.client, body.len()) {
+                match self.check_in(msg, Hop::Stage(self.stage + 1), &body).await {
+                    Ok(name) => {
+                        h.insert(headers::PAYLOAD_OBJECT, name.as_str());
+                        body = Bytes::new();
+                        claim = Some(name);
+                    }
+                    Err(e) => {
+                        let text = format!("internal error: the result of stage {} of {} could not be handed to the next stage: {e}", self.stage, self.route);
+                        self.finish(msg, Outcome::ServerError, text.into(), Some(&sizes))
+                            .await;
+                        continue;
+                    }
+                }
+            }
             self.metrics.count_item(Outcome::Ok);
-            match self
-                .js
-                .publish_with_headers(next.clone(), h, result.body)
-                .await
-            {
-                Ok(ack) => handoffs.push((msg, ack, sizes)),
-                Err(e) => self.fail_handoff(msg, &e, &sizes).await,
+            match self.js.publish_with_headers(next.clone(), h, body).await {
+                Ok(ack) => handoffs.push((msg, ack, sizes, claim)),
+                Err(e) => self.fail_handoff(msg, &e, &sizes, claim).await,
             }
         }
-        for (msg, pub_ack, sizes) in handoffs {
+        for (msg, pub_ack, sizes, claim) in handoffs {
             match pub_ack.await {
-                Ok(_) => ack(msg, AckKind::Ack).await,
-                Err(e) => self.fail_handoff(msg, &e, &sizes).await,
+                Ok(ack) => {
+                    // A rerun's hand-off that JetStream de-duplicated: the object the
+                    // first run handed on is the one the next stage reads.
+                    if let (true, Some(name)) = (ack.duplicate, &claim) {
+                        self.payloads.delete(name).await;
+                    }
+                    self.settle(msg, AckKind::Ack).await
+                }
+                Err(e) => self.fail_handoff(msg, &e, &sizes, claim).await,
             }
         }
+    }
+
+    /// Stores a body over one NATS message for `msg`'s request; the object's name.
+    async fn check_in(
+        &self,
+        msg: &jetstream::Message,
+        hop: Hop,
+        body: &[u8],
+    ) -> Result<String, PayloadError> {
+        let request_id = header(msg, headers::REQUEST_ID).unwrap_or("anonymous");
+        let name = payloads::object_name(request_id, hop);
+        self.payloads.put(&name, body).await?;
+        Ok(name)
+    }
+
+    /// Acks or terminates `msg`; its input object, if it came as a claim check, is
+    /// deleted once the message is settled for good (`Ack`, `Term`), never on a `Nak`.
+    async fn settle(&self, msg: &jetstream::Message, kind: AckKind) {
+        ack(msg, kind).await;
+        if matches!(kind, AckKind::Ack | AckKind::Term) {
+            if let Some(name) = payloads::claim(msg.headers.as_ref()) {
+                self.payloads.delete(name).await;
+            }
+        }
+    }
+
+    /// The bodies of the messages that came as claim checks, fetched from the payloads
+    /// store into each message; a message whose body cannot be fetched is answered
+    /// `server_error` and left out. Messages without a claim are returned as they are.
+    pub async fn check_out(&self, msgs: Vec<jetstream::Message>) -> Vec<jetstream::Message> {
+        let mut ready = Vec::with_capacity(msgs.len());
+        for mut msg in msgs {
+            let Some(name) = payloads::claim(msg.headers.as_ref()).map(str::to_owned) else {
+                ready.push(msg);
+                continue;
+            };
+            match self.payloads.fetch(&name).await {
+                Ok(body) => {
+                    msg.message.payload = body;
+                    ready.push(msg);
+                }
+                Err(e) => {
+                    warn!(route = %self.route, stage = self.stage, error = %e, "cannot fetch a work payload");
+                    let text = format!(
+                        "internal error: the input of stage {} of {} could not be read: {e}",
+                        self.stage, self.route
+                    );
+                    self.finish(&msg, Outcome::ServerError, text.into(), None)
+                        .await;
+                }
+            }
+        }
+        ready
     }
 
     async fn fail_handoff(
@@ -149,7 +232,11 @@ impl Outbox {
         msg: &jetstream::Message,
         err: &jetstream::context::PublishError,
         sizes: &str,
+        claim: Option<String>,
     ) {
+        if let Some(name) = claim {
+            self.payloads.delete(&name).await;
+        }
         let rejection = Rejection::from_publish_error(err);
         let (outcome, text) = handoff_failure(rejection);
         warn!(route = %self.route, stage = self.stage, ?rejection, error = %err, "hand-off failed");
@@ -172,7 +259,7 @@ impl Outbox {
     ) {
         self.metrics.count_item(outcome);
         self.reply(msg, outcome, body, sizes, 0).await;
-        ack(msg, AckKind::Term).await;
+        self.settle(msg, AckKind::Term).await;
     }
 
     /// [`Outbox::finish`] for a request whose stream already carried `events` events.
@@ -224,7 +311,7 @@ impl Outbox {
 
     /// Terminates a request nobody waits for any more, without an answer.
     pub async fn drop_unanswered(&self, msg: &jetstream::Message) {
-        ack(msg, AckKind::Term).await;
+        self.settle(msg, AckKind::Term).await;
     }
 
     /// Hands messages no worker here will run back to the queue: JetStream redelivers
@@ -244,7 +331,10 @@ impl Outbox {
 
     /// Publishes the one reply a request gets: first its durable record, for an
     /// asynchronous job, then its core NATS reply. Messages without either were submitted
-    /// fire-and-forget and get none.
+    /// fire-and-forget and get none. A body over one NATS message goes as a claim check;
+    /// one that cannot go out at all (the store refused it, the publish failed) is
+    /// answered `server_error` with the reason at once, so the requester never waits out
+    /// its deadline for it.
     async fn reply(
         &self,
         msg: &jetstream::Message,
@@ -260,20 +350,51 @@ impl Outbox {
         let Some(to) = self.trusted_reply_subject(msg) else {
             return;
         };
-        let mut h = HeaderMap::new();
-        if events > 0 {
-            h.insert(headers::EVENT_COUNT, events.to_string());
+        let (mut outcome, mut body, mut claim) = (outcome, body, None);
+        if !payloads::fits_inline(&self.client, body.len()) {
+            match self.check_in(msg, Hop::Reply, &body).await {
+                Ok(name) => (body, claim) = (Bytes::new(), Some(name)),
+                Err(e) => {
+                    warn!(route = %self.route, stage = self.stage, error = %e, "cannot store a reply");
+                    outcome = Outcome::ServerError;
+                    body = undeliverable(&e.to_string());
+                }
+            }
         }
-        h.insert(headers::STATUS, outcome.as_str());
-        if let Some(id) = header(msg, headers::REQUEST_ID) {
-            h.insert(headers::REQUEST_ID, id);
+        let reply_headers = |outcome: Outcome, claim: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if events > 0 {
+                h.insert(headers::EVENT_COUNT, events.to_string());
+            }
+            h.insert(headers::STATUS, outcome.as_str());
+            if let Some(id) = header(msg, headers::REQUEST_ID) {
+                h.insert(headers::REQUEST_ID, id);
+            }
+            if let Some(sizes) = batch_sizes {
+                h.insert(headers::BATCH_SIZES, sizes);
+            }
+            if outcome == Outcome::Ok {
+                h.insert(headers::CONTENT_TYPE, self.mime.as_str());
+            }
+            if let Some(name) = claim {
+                h.insert(headers::PAYLOAD_OBJECT, name);
+            }
+            h
+        };
+        let h = reply_headers(outcome, claim.as_deref());
+        let Err(e) = self
+            .client
+            .publish_with_headers(to.to_owned(), h, body)
+            .await
+        else {
+            return;
+        };
+        warn!(subject = to, error = %e, "reply publish failed; answering server_error");
+        if let Some(name) = claim {
+            self.payloads.delete(&name).await;
         }
-        if let Some(sizes) = batch_sizes {
-            h.insert(headers::BATCH_SIZES, sizes);
-        }
-        if outcome == Outcome::Ok {
-            h.insert(headers::CONTENT_TYPE, self.mime.as_str());
-        }
+        let h = reply_headers(Outcome::ServerError, None);
+        let body = undeliverable(&e.to_string());
         if let Err(e) = self
             .client
             .publish_with_headers(to.to_owned(), h, body)
@@ -343,6 +464,13 @@ impl Outbox {
     }
 }
 
+/// The body of the `server_error` that replaces a result that could not be delivered.
+fn undeliverable(why: &str) -> Bytes {
+    Bytes::from(format!(
+        "internal error: the result could not be delivered: {why}"
+    ))
+}
+
 async fn ack(msg: &jetstream::Message, kind: AckKind) {
     if let Err(e) = msg.ack_with(kind).await {
         warn!(error = %e, "ack failed; the message will be redelivered");
@@ -384,10 +512,27 @@ pub fn handoff_headers(
 ) -> Option<HeaderMap> {
     let id = headers::get(received, headers::REQUEST_ID).filter(|id| !id.is_empty())?;
     let msg_id = format!("{id}.{next}");
-    let mut h = received.cloned().unwrap_or_default();
+    let mut h = match received {
+        // The input's claim check is this stage's, not the next one's.
+        Some(r) if payloads::claim(Some(r)).is_some() => without(r, headers::PAYLOAD_OBJECT),
+        _ => received.cloned().unwrap_or_default(),
+    };
     h.insert(headers::MSG_ID, msg_id.as_str());
     h.insert(headers::BATCH_SIZES, batch_sizes);
     Some(h)
+}
+
+/// `headers` less every value of `name`.
+fn without(headers: &HeaderMap, name: &str) -> HeaderMap {
+    let mut kept = HeaderMap::new();
+    for (key, values) in headers.iter() {
+        if AsRef::<str>::as_ref(key) != name {
+            for value in values {
+                kept.append(key.clone(), value.clone());
+            }
+        }
+    }
+    kept
 }
 
 /// The outcome a refused hand-off means for the request, and the body that says why.
@@ -430,6 +575,22 @@ mod tests {
         assert_eq!(headers::get(Some(&h), headers::MSG_ID), Some("r1.2"));
         assert_eq!(headers::get(Some(&h), headers::BATCH_SIZES), Some("4,1"));
         assert_eq!(headers::get(Some(&h), headers::DEADLINE), Some("123"));
+        assert_eq!(payloads::claim(Some(&h)), None);
+    }
+
+    #[test]
+    fn a_handoff_does_not_pass_on_its_input_claim_check() {
+        let mut received = HeaderMap::new();
+        received.insert(headers::REQUEST_ID, "r1");
+        received.insert(headers::TRACEPARENT, "00-ab-cd-01");
+        received.insert(headers::PAYLOAD_OBJECT, "r1.1.0123456789ab");
+        let h = handoff_headers(Some(&received), 2, "1,1").unwrap();
+        assert_eq!(payloads::claim(Some(&h)), None);
+        assert_eq!(
+            headers::get(Some(&h), headers::TRACEPARENT),
+            Some("00-ab-cd-01")
+        );
+        assert_eq!(headers::get(Some(&h), headers::MSG_ID), Some("r1.2"));
     }
 
     #[test]

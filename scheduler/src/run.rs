@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use bytes::Bytes;
+use natserve_protocol::payloads;
 use natserve_protocol::streams::PROGRESS_EVERY;
 use natserve_protocol::{headers, unix_ms, ItemResult, Outcome};
 use tokio::sync::mpsc;
@@ -71,6 +72,19 @@ pub(crate) async fn run_batch(
     mut msgs: Vec<jetstream::Message>,
     cancel: CancellationToken,
 ) {
+    // Bodies over one NATS message came as claim checks: fetch them (keeping the batch
+    // alive meanwhile) before the worker sees the batch. A plain message skips this.
+    if msgs
+        .iter()
+        .any(|m| payloads::claim(m.headers.as_ref()).is_some())
+    {
+        let claimed = msgs.clone();
+        msgs = holding(ctx.outbox.check_out(msgs), || ctx.outbox.progress(&claimed)).await;
+        if msgs.is_empty() {
+            pool.sender().put(worker);
+            return;
+        }
+    }
     ctx.metrics.batch_size.observe(msgs.len() as f64);
     loop {
         let running = pool.stats().batch_running();

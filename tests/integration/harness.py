@@ -158,16 +158,25 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def nats(self, port: Optional[int] = None) -> str:
+    def nats(
+        self,
+        port: Optional[int] = None,
+        *,
+        max_payload: str = "8MB",
+        max_memory_store: Optional[str] = None,
+    ) -> str:
         """A real nats-server with JetStream, on a free loopback port, or on `port` with an
-        empty store (what a restarted server with memory storage holds)."""
+        empty store (what a restarted server with memory storage holds). `max_payload` is
+        its message limit; `max_memory_store` caps what JetStream keeps in memory."""
         port = port or free_port()
         runs = sum(1 for p in self.procs if p.log.name.startswith("nats"))
         name = f"nats-{runs}" if runs else "nats"
         store = self.tmp / f"js-{runs}" if runs else self.tmp / "js"
         conf = self.tmp / f"{name}.conf"
+        memory = f"\n  max_memory_store: {max_memory_store}" if max_memory_store else ""
         conf.write_text(
-            f'listen: "127.0.0.1:{port}"\nmax_payload: 8MB\njetstream {{ store_dir: "{store}" }}\n'
+            f'listen: "127.0.0.1:{port}"\nmax_payload: {max_payload}\n'
+            f'jetstream {{\n  store_dir: "{store}"{memory}\n}}\n'
         )
         self.nats_proc = self.start([find("nats-server"), "-c", str(conf)], name)
         wait_for_port(port)

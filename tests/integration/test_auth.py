@@ -131,6 +131,19 @@ def test_each_role_with_its_own_user_serves_requests_and_no_secret_is_shown(
             return await client.request(b'{"x": 5}', timeout=10)
 
     assert json.loads(asyncio.run(through_nats()))["y"] == 10
+
+    # A body over the server's 1 MB max_payload goes through the payloads object store,
+    # from the ingress and from a client, to the agent, which deletes it.
+    large = json.dumps({"x": 3, "pad": "p" * (2 * 1024 * 1024)}).encode()
+    r = http("POST", secured.base + "/inference", large, timeout=30)
+    assert (r.status, r.json()["y"]) == (200, 6), r  # type: ignore[index]
+
+    async def large_through_nats() -> bytes:
+        url = secured.url("client")
+        async with Client(url, client_id="client", connect_timeout=10) as client:
+            return await client.request(large, timeout=10)
+
+    assert json.loads(asyncio.run(large_through_nats()))["y"] == 6
     # The file grants each role all it needs: the server refused nothing.
     assert "Permissions Violation" not in nats_log(cluster)
     # Passwords are in no log and on no command line (every user can read those).

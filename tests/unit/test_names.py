@@ -13,6 +13,7 @@ from natserve._names import (
     inbox_prefix,
     is_namespace,
     is_route,
+    payloads_bucket,
     reply_prefix,
     results_bucket,
     route_slug,
@@ -33,6 +34,7 @@ def test_names_match_the_golden_file(case: Dict[str, Any]) -> None:
     assert [work_subject(namespace, slug, i) for i in range(len(case["work_subjects"]))] == case[
         "work_subjects"
     ]
+    assert payloads_bucket(namespace) == case["payloads_bucket"]
     assert reply_prefix(namespace, case["reply_prefix"]["id"]) == case["reply_prefix"]["prefix"]
     assert inbox_prefix(namespace, case["inbox_prefix"]["role"]) == case["inbox_prefix"]["prefix"]
     assert results_bucket(namespace) == case["results_bucket"]

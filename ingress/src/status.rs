@@ -116,9 +116,7 @@ pub fn answer(result: Result<Reply, RequestError>) -> Answer {
                 }
                 RequestError::BadReply(_)
                 | RequestError::StreamBroken(_)
-                | RequestError::ReplyPayload(_) => {
-                    StatusCode::INTERNAL_SERVER_ERROR
-                }
+                | RequestError::ReplyPayload(_) => StatusCode::INTERNAL_SERVER_ERROR,
             };
             return Answer::text(status, error.to_string());
         }

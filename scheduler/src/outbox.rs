@@ -16,9 +16,9 @@ use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use natserve_protocol::buckets::DEFAULT_RESULT_TTL;
+use natserve_protocol::payloads::{self, Hop, PayloadError, Payloads};
 use natserve_protocol::records::is_result_id;
 use natserve_protocol::results::{Finished, ResultsError};
-use natserve_protocol::payloads::{self, Hop, PayloadError, Payloads};
 use natserve_protocol::streams::MAX_DELIVER;
 use natserve_protocol::{
     headers, ItemResult, JobState, Names, Outcome, Rejection, ResultRecord, Results,

@@ -86,6 +86,8 @@ async fn app() -> Arc<App> {
             replies,
             Payloads::new(async_nats::jetstream::new(client), &names),
         ),
+        // No server to open the results bucket on: asynchronous jobs answer 503 here.
+        results: None,
         config,
         names,
         routes,

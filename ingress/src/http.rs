@@ -59,7 +59,9 @@ pub struct App {
     pub names: Names,
     pub routes: SharedRoutes,
     pub submitter: Submitter,
-    pub results: Results,
+    /// The results bucket of asynchronous jobs. `None` only where no NATS server exists
+    /// to open it (the HTTP fuzz target): asynchronous submits and reads then answer 503.
+    pub results: Option<Results>,
     pub metrics: Metrics,
     pub drain: Drain,
 }
@@ -446,7 +448,7 @@ impl App {
             None => request_id.to_owned(),
         };
         let job = AsyncJob {
-            results: &self.results,
+            results: self.results()?,
             id: &id,
             idempotent: idempotency.is_some(),
             ttl: self.config.result_ttl,
@@ -454,6 +456,12 @@ impl App {
         let accepted = self.submitter.submit_async(submission, job).await?;
         debug!(result_id = %accepted.id, repeated = accepted.repeated, "job accepted");
         Ok(Routed::Accepted(accepted))
+    }
+
+    fn results(&self) -> Result<&Results, RequestError> {
+        self.results
+            .as_ref()
+            .ok_or_else(|| RequestError::Results("not opened".into()))
     }
 
     /// The answer to `GET /results/<id>`.
@@ -464,7 +472,7 @@ impl App {
         if !is_result_id(id) {
             return Err(RequestError::BadResultId(id.to_owned()));
         }
-        let found = self.results.read(id).await.map_err(|e| match e {
+        let found = self.results()?.read(id).await.map_err(|e| match e {
             natserve_protocol::results::ResultsError::Record(bad) => {
                 RequestError::BadReply(bad.to_string())
             }

@@ -96,7 +96,7 @@ pub async fn run(
         names: names.clone(),
         routes: table,
         submitter,
-        results,
+        results: Some(results),
         metrics,
     });
 

@@ -10,19 +10,14 @@
 //! came as a claim check has its object deleted once the input is settled (acked or
 //! terminated; a `Nak` keeps it for the redelivery).
 
-use std::time::Duration;
+mod results;
 
 use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use natserve_protocol::buckets::DEFAULT_RESULT_TTL;
 use natserve_protocol::payloads::{self, Hop, PayloadError, Payloads};
-use natserve_protocol::records::is_result_id;
-use natserve_protocol::results::{Finished, ResultsError};
 use natserve_protocol::streams::MAX_DELIVER;
-use natserve_protocol::{
-    headers, ItemResult, JobState, Names, Outcome, Rejection, ResultRecord, Results,
-};
+use natserve_protocol::{headers, ItemResult, Names, Outcome, Rejection, Results};
 use tracing::warn;
 
 use crate::StageMetrics;
@@ -401,65 +396,6 @@ impl Outbox {
             .await
         {
             warn!(subject = to, error = %e, "reply publish failed");
-        }
-    }
-}
-
-impl Outbox {
-    /// Writes an asynchronous job's final record, before its input is acked. A result
-    /// too large for one NATS message is recorded as a server error saying so: the job
-    /// is answered at once rather than left pending (the object-store claim check that
-    /// would carry it is not there yet; `ResultsError::TooLarge` is where it goes).
-    async fn store_result(
-        &self,
-        msg: &jetstream::Message,
-        key: &str,
-        outcome: Outcome,
-        body: &[u8],
-        batch_sizes: Option<&str>,
-    ) {
-        if !is_result_id(key) {
-            warn!(
-                key,
-                "not writing a result under a key that is not a result id"
-            );
-            self.metrics.count_result("refused");
-            return;
-        }
-        let ttl = header(msg, headers::RESULT_TTL)
-            .and_then(|t| t.trim().parse().ok())
-            .map_or(DEFAULT_RESULT_TTL, Duration::from_secs);
-        let mut record = ResultRecord {
-            state: JobState::Done,
-            route: self.route.clone(),
-            deadline_ms: headers::deadline_ms(msg.headers.as_ref()).unwrap_or(0),
-            written_ms: natserve_protocol::unix_ms(),
-            status: Some(outcome),
-            content_type: (outcome == Outcome::Ok).then(|| self.mime.clone()),
-            batch_sizes: batch_sizes.map(str::to_owned),
-        };
-        let written = match self.results.finish(key, &record, body, ttl).await {
-            Err(too_large @ ResultsError::TooLarge { .. }) => {
-                warn!(route = %self.route, key, error = %too_large, "result too large for the results bucket");
-                self.metrics.count_result("too_large");
-                record.status = Some(Outcome::ServerError);
-                record.content_type = None;
-                let text = format!(
-                    "internal error: {too_large}; results that large are not supported yet"
-                );
-                self.results
-                    .finish(key, &record, text.as_bytes(), ttl)
-                    .await
-            }
-            other => other,
-        };
-        match written {
-            Ok(Finished::Written) => self.metrics.count_result("written"),
-            Ok(Finished::AlreadyDone) => self.metrics.count_result("duplicate"),
-            Err(e) => {
-                warn!(route = %self.route, key, error = %e, "could not write the result");
-                self.metrics.count_result("failed");
-            }
         }
     }
 }

@@ -1,0 +1,72 @@
+//! An asynchronous job's way out: its final record in the results bucket, written before
+//! its input is acked (`X-Result-Key`, see [`natserve_protocol::results`]).
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use natserve_protocol::buckets::DEFAULT_RESULT_TTL;
+use natserve_protocol::records::is_result_id;
+use natserve_protocol::results::{Finished, ResultsError};
+use natserve_protocol::{headers, JobState, Outcome, ResultRecord};
+use tracing::warn;
+
+use super::{header, Outbox};
+
+impl Outbox {
+    /// Writes an asynchronous job's final record, before its input is acked. A result
+    /// too large for one NATS message is recorded as a server error saying so: the job
+    /// is answered at once rather than left pending (the object-store claim check that
+    /// would carry it is not there yet; `ResultsError::TooLarge` is where it goes).
+    pub(super) async fn store_result(
+        &self,
+        msg: &jetstream::Message,
+        key: &str,
+        outcome: Outcome,
+        body: &[u8],
+        batch_sizes: Option<&str>,
+    ) {
+        if !is_result_id(key) {
+            warn!(
+                key,
+                "not writing a result under a key that is not a result id"
+            );
+            self.metrics.count_result("refused");
+            return;
+        }
+        let ttl = header(msg, headers::RESULT_TTL)
+            .and_then(|t| t.trim().parse().ok())
+            .map_or(DEFAULT_RESULT_TTL, Duration::from_secs);
+        let mut record = ResultRecord {
+            state: JobState::Done,
+            route: self.route.clone(),
+            deadline_ms: headers::deadline_ms(msg.headers.as_ref()).unwrap_or(0),
+            written_ms: natserve_protocol::unix_ms(),
+            status: Some(outcome),
+            content_type: (outcome == Outcome::Ok).then(|| self.mime.clone()),
+            batch_sizes: batch_sizes.map(str::to_owned),
+        };
+        let written = match self.results.finish(key, &record, body, ttl).await {
+            Err(too_large @ ResultsError::TooLarge { .. }) => {
+                warn!(route = %self.route, key, error = %too_large, "result too large for the results bucket");
+                self.metrics.count_result("too_large");
+                record.status = Some(Outcome::ServerError);
+                record.content_type = None;
+                let text = format!(
+                    "internal error: {too_large}; results that large are not supported yet"
+                );
+                self.results
+                    .finish(key, &record, text.as_bytes(), ttl)
+                    .await
+            }
+            other => other,
+        };
+        match written {
+            Ok(Finished::Written) => self.metrics.count_result("written"),
+            Ok(Finished::AlreadyDone) => self.metrics.count_result("duplicate"),
+            Err(e) => {
+                warn!(route = %self.route, key, error = %e, "could not write the result");
+                self.metrics.count_result("failed");
+            }
+        }
+    }
+}

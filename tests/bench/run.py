@@ -41,7 +41,7 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -221,6 +221,25 @@ def parse_run(framework: str, out: str, cpu_busy: float) -> Run:
     )
 
 
+def alternate(
+    rows: List[Row],
+    bases: Dict[str, str],
+    measure: Callable[[str, str, int, float], Run],
+    seconds: float,
+    warm_up: float,
+) -> None:
+    """Warms every framework up at the highest concurrency (not recorded), then measures
+    each row REPS times, the frameworks alternating, so drift hits them alike."""
+    for f, base in bases.items():
+        measure(f, base, max(row.concurrency for row in rows), warm_up)
+    for row in rows:
+        for _ in range(REPS):
+            for f, base in bases.items():
+                run = measure(f, base, row.concurrency, seconds)
+                row.runs.append(run)
+                log_run(row, run)
+
+
 def side_by_side(
     name: str, workload: str, concurrencies: List[int], seconds: float, logs: Path
 ) -> List[Row]:
@@ -229,14 +248,7 @@ def side_by_side(
         bases = {f: start_app(procs, f, workload) for f in ("natserve", "mosec")}
         for base in bases.values():
             wait_serving(base)
-        for f, base in bases.items():  # warm-up, not recorded
-            wrk(f, base, max(concurrencies), min(3.0, seconds))
-        for row in rows:
-            for _ in range(REPS):
-                for f, base in bases.items():
-                    run = wrk(f, base, row.concurrency, seconds)
-                    row.runs.append(run)
-                    log_run(row, run)
+        alternate(rows, bases, wrk, seconds, warm_up=min(3.0, seconds))
     return rows
 
 
@@ -324,14 +336,7 @@ def time_to_first_event(concurrencies: List[int], seconds: float, logs: Path) ->
         bases = {f: start_app(procs, f, "sse") for f in ("natserve", "mosec")}
         for base in bases.values():
             wait_streaming(base)
-        for f, base in bases.items():  # warm-up, not recorded
-            sse_clients(f, base, max(concurrencies), min(2.0, seconds))
-        for row in rows:
-            for _ in range(REPS):
-                for f, base in bases.items():
-                    run = sse_clients(f, base, row.concurrency, seconds)
-                    row.runs.append(run)
-                    log_run(row, run)
+        alternate(rows, bases, sse_clients, seconds, warm_up=min(2.0, seconds))
     return rows
 
 

@@ -19,9 +19,7 @@ use axum::{Extension, Router};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use natserve_protocol::records::{idempotent_result_id, is_result_id, MAX_IDEMPOTENCY_KEY};
-use natserve_protocol::{
-    headers as wire, route_slug, JobState, Names, Outcome, Results, RouteRecord,
-};
+use natserve_protocol::{headers as wire, route_slug, Names, Outcome, Results, RouteRecord};
 use tokio::time::Instant;
 use tower_http::compression::CompressionLayer;
 use tower_http::decompression::RequestDecompressionLayer;
@@ -432,6 +430,10 @@ impl App {
             traceparent,
             deadline,
             deadline_ms,
+            durable: self
+                .results
+                .as_ref()
+                .filter(|_| record.durable_replies && !record.streams && !asynchronous),
         };
         if record.streams {
             return self
@@ -479,17 +481,13 @@ impl App {
             other => RequestError::Results(other.to_string()),
         })?;
         let (record, body) = found.ok_or_else(|| RequestError::UnknownResult(id.to_owned()))?;
-        match (record.state, record.status) {
-            (JobState::Done, Some(outcome)) => Ok(answer(Ok(Reply {
-                outcome,
-                content_type: record.content_type,
-                body,
-                batch_sizes: record.batch_sizes,
-            }))),
-            _ if natserve_protocol::unix_ms() > record.deadline_ms + PENDING_GRACE_MS => {
+        let deadline_ms = record.deadline_ms;
+        match Reply::from_record(record, body) {
+            Some(reply) => Ok(answer(Ok(reply))),
+            None if natserve_protocol::unix_ms() > deadline_ms + PENDING_GRACE_MS => {
                 Err(RequestError::JobUnanswered(id.to_owned()))
             }
-            _ => Ok(accepted(id, "pending", false)),
+            None => Ok(accepted(id, "pending", false)),
         }
     }
 }

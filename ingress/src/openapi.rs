@@ -134,6 +134,7 @@ mod tests {
             names: vec!["W".into()],
             types,
             streams: false,
+            durable_replies: false,
         };
         (route.trim_start_matches('/').into(), record)
     }

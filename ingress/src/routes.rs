@@ -177,6 +177,7 @@ mod tests {
             names: vec![],
             types: None,
             streams: false,
+            durable_replies: false,
         }
     }
 

@@ -10,7 +10,13 @@
 //!
 //! A body or a reply larger than one NATS message goes through the payloads object store
 //! (a claim check, [`natserve_protocol::payloads`]); one that fits pays nothing for it.
+//!
+//! A route whose queues outlive the broker (`RouteRecord::durable_replies`) gets durable
+//! replies: the agent records each reply in the results bucket before publishing it
+//! (`X-Reply-Key`), and a request whose core-NATS reply was lost — this ingress
+//! reconnected meanwhile, or the deadline came — reads it there instead of answering 504.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,12 +24,13 @@ use async_nats::jetstream::context::PublishError;
 use async_nats::{jetstream, Client, HeaderMap, Message};
 use bytes::Bytes;
 use natserve_protocol::payloads::{self, Hop, Payloads};
-use natserve_protocol::results::{clamp_ttl, Created};
-use natserve_protocol::{headers, Names, Outcome, Rejection, ResultRecord, Results};
-use tokio::time::Instant;
+use natserve_protocol::results::{clamp_ttl, reply_key, Created};
+use natserve_protocol::{headers, JobState, Names, Outcome, Rejection, ResultRecord, Results};
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{debug, info};
 
 use crate::error::RequestError;
-use crate::replies::{PendingStream, Replies};
+use crate::replies::{PendingReply, PendingStream, Replies};
 use crate::stream::ReplyStream;
 
 /// How long fetching a reply that came as a claim check may take, whatever the deadline:
@@ -32,6 +39,11 @@ pub const REPLY_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long after the deadline a reply is still awaited: the agent answers work that
 /// expired in its queue with `timeout`, and that answer is better than our own 504.
 pub const REPLY_GRACE: Duration = Duration::from_millis(250);
+/// How often a request with a durable reply looks whether this ingress reconnected to
+/// NATS since it was published: a reconnect may have lost its core-NATS reply.
+pub const RECONNECT_CHECK: Duration = Duration::from_millis(100);
+/// How much longer than its request's remaining deadline a durable reply is kept.
+pub const REPLY_RECORD_MARGIN: Duration = Duration::from_secs(3);
 
 /// A reply as it came from the pipeline (its body fetched, if it came as a claim check).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +72,26 @@ impl Reply {
             batch_sizes: get(headers::BATCH_SIZES),
         })
     }
+
+    /// The reply a results-bucket record holds; `None` while it is not done.
+    pub fn from_record(record: ResultRecord, body: Bytes) -> Option<Self> {
+        match (record.state, record.status) {
+            (JobState::Done, Some(outcome)) => Some(Self {
+                outcome,
+                content_type: record.content_type,
+                body,
+                batch_sizes: record.batch_sizes,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// How a request's reply came.
+enum Got {
+    Message(Message),
+    /// Read from the results bucket: its core-NATS message was lost.
+    Recorded(Reply),
 }
 
 /// One request ready to go out.
@@ -74,6 +106,9 @@ pub struct Submission<'a> {
     pub deadline: Instant,
     /// The same deadline in unix milliseconds, for the agents.
     pub deadline_ms: u64,
+    /// Where the reply is recorded as well, for a route with durable replies (plain
+    /// requests only: not streamed, not asynchronous).
+    pub durable: Option<&'a Results>,
 }
 
 /// What makes a submission an asynchronous job.
@@ -129,14 +164,25 @@ impl Submitter {
     pub async fn submit(&self, s: Submission<'_>) -> Result<Reply, RequestError> {
         // Register first: the reply may arrive before the publish ack does.
         let mut pending = self.replies.register(s.request_id);
-        let deadline = s.deadline;
+        let end = s.deadline + REPLY_GRACE;
+        let durable = s.durable.map(|results| (results, reply_key(s.request_id)));
+        let connects = self.connects();
         let mut cancel = self.publish(s).await?;
-        let reply = tokio::time::timeout_at(deadline + REPLY_GRACE, pending.recv()).await;
+        let got = match &durable {
+            None => tokio::time::timeout_at(end, pending.recv())
+                .await
+                .map(|message| message.map(Got::Message))
+                .map_err(|_| RequestError::DeadlinePassed),
+            Some((results, key)) => {
+                self.await_durable(&mut pending, results, key, connects, end)
+                    .await
+            }
+        };
         cancel.armed = false;
-        let message = match reply {
-            Err(_) => return Err(RequestError::DeadlinePassed),
-            Ok(None) => return Err(RequestError::Nats("reply subscription closed".into())),
-            Ok(Some(message)) => message,
+        let message = match got? {
+            None => return Err(RequestError::Nats("reply subscription closed".into())),
+            Some(Got::Recorded(reply)) => return Ok(reply),
+            Some(Got::Message(message)) => message,
         };
         let claim = payloads::claim(message.headers.as_ref()).map(str::to_owned);
         let mut reply = Reply::from_message(message)?;
@@ -144,6 +190,61 @@ impl Submitter {
             reply.body = self.fetch_reply(&name).await?;
         }
         Ok(reply)
+    }
+
+    /// How many times this ingress has connected to NATS so far.
+    fn connects(&self) -> u64 {
+        self.client.statistics().connects.load(Ordering::Relaxed)
+    }
+
+    /// Waits for a durable reply: its core-NATS message, or its record in the results
+    /// bucket once this ingress has reconnected since `connects` (the message may have
+    /// been lost with the connection) or the deadline came.
+    async fn await_durable(
+        &self,
+        pending: &mut PendingReply,
+        results: &Results,
+        key: &str,
+        mut connects: u64,
+        end: Instant,
+    ) -> Result<Option<Got>, RequestError> {
+        let recorded = || async {
+            match results.read(key).await {
+                Ok(Some((record, body))) => Reply::from_record(record, body),
+                Ok(None) => None,
+                Err(e) => {
+                    debug!(key, error = %e, "cannot read a recorded reply");
+                    None
+                }
+            }
+        };
+        let mut check = tokio::time::interval_at(Instant::now() + RECONNECT_CHECK, RECONNECT_CHECK);
+        check.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                message = pending.recv() => return Ok(message.map(Got::Message)),
+                _ = tokio::time::sleep_until(end) => {
+                    return match recorded().await {
+                        Some(reply) => {
+                            info!(key, "reply lost on the way; answered from the results bucket");
+                            Ok(Some(Got::Recorded(reply)))
+                        }
+                        None => Err(RequestError::DeadlinePassed),
+                    };
+                }
+                _ = check.tick() => {
+                    let now = self.connects();
+                    if now == connects || !self.is_connected() {
+                        continue;
+                    }
+                    connects = now;
+                    if let Some(reply) = recorded().await {
+                        info!(key, "reconnected to nats; reply answered from the results bucket");
+                        return Ok(Some(Got::Recorded(reply)));
+                    }
+                }
+            }
+        }
     }
 
     /// Submits a request to a streaming route: once it is queued, its events and then its
@@ -169,6 +270,11 @@ impl Submitter {
         h.insert(headers::MSG_ID, format!("{}.0", s.request_id));
         if let Some(tp) = s.traceparent {
             h.insert(headers::TRACEPARENT, tp);
+        }
+        if s.durable.is_some() {
+            let keep = s.deadline.saturating_duration_since(Instant::now()) + REPLY_RECORD_MARGIN;
+            h.insert(headers::REPLY_KEY, reply_key(s.request_id));
+            h.insert(headers::RESULT_TTL, clamp_ttl(keep).as_secs().to_string());
         }
         self.publish_work(&s, h).await?;
         // From here on, a client that goes away (axum drops the request's future or its

@@ -25,6 +25,11 @@ pub struct RouteRecord {
     /// Server-Sent Events. Absent (an older agent) means false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub streams: bool,
+    /// The agents keep this route's queues where they outlive a broker (file storage, or
+    /// replicated): so the ingress asks for its replies to be durable too
+    /// ([`crate::headers::REPLY_KEY`]). Absent (an older agent, memory storage) means false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub durable_replies: bool,
 }
 
 /// A route's request and response bodies as its workers declare them (the first stage's

@@ -6,6 +6,12 @@
 //! (its first agent died after writing) keeps its first answer. Anyone reads it. Each
 //! record carries its own TTL (`Nats-TTL`). A bucket lost with a NATS server that kept its
 //! store in memory is made again by the next read or write that fails.
+//!
+//! A synchronous request's reply goes there too when its route's queues outlive the
+//! broker ([`crate::headers::REPLY_KEY`]): the agent writes it under [`reply_key`] before
+//! publishing it, and an ingress whose core-NATS reply was lost (it reconnected, or the
+//! deadline came) reads it instead. Those keys hold a `.`, which no result id does, so
+//! no `GET /results/<id>` can name one.
 
 use std::time::Duration;
 
@@ -60,6 +66,17 @@ pub struct Results {
     js: jetstream::Context,
     store: kv::Store,
     config: kv::Config,
+}
+
+/// The results-bucket key of synchronous request `request_id`'s reply.
+pub fn reply_key(request_id: &str) -> String {
+    format!("reply.{request_id}")
+}
+
+/// Whether `key` is a [`reply_key`] of a request id that is a valid result id.
+pub fn is_reply_key(key: &str) -> bool {
+    key.strip_prefix("reply.")
+        .is_some_and(crate::records::is_result_id)
 }
 
 /// A TTL the server takes: whole seconds, at least one, at most [`MAX_RESULT_TTL`].
@@ -194,6 +211,34 @@ impl Results {
         }
     }
 
+    /// Writes a synchronous request's reply under `key` ([`reply_key`]), unless a run of
+    /// the same request wrote one first: one create, one round trip, nothing read first.
+    pub async fn record_reply(
+        &self,
+        key: &str,
+        record: &ResultRecord,
+        body: &[u8],
+        ttl: Duration,
+    ) -> Result<Finished, ResultsError> {
+        let value = record.encode(body);
+        self.check_size(value.len())?;
+        let ttl = clamp_ttl(ttl);
+        let mut healed = false;
+        loop {
+            match self.store.create_with_ttl(key, value.clone(), ttl).await {
+                Ok(_) => return Ok(Finished::Written),
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+                    return Ok(Finished::AlreadyDone)
+                }
+                Err(e) if !healed => {
+                    self.heal(&e.to_string()).await;
+                    healed = true;
+                }
+                Err(e) => return Err(ResultsError::Nats(e.to_string())),
+            }
+        }
+    }
+
     /// Deletes job `id`'s record (its work could not be queued), best effort.
     pub async fn forget(&self, id: &str) {
         if let Err(e) = self.store.delete(id).await {
@@ -240,5 +285,16 @@ mod tests {
             Duration::from_secs(2)
         );
         assert_eq!(clamp_ttl(Duration::from_secs(u64::MAX)), MAX_RESULT_TTL);
+    }
+
+    #[test]
+    fn reply_keys_are_never_result_ids() {
+        let key = reply_key("caller-1a2b3c4d");
+        assert_eq!(key, "reply.caller-1a2b3c4d");
+        assert!(is_reply_key(&key));
+        assert!(!crate::records::is_result_id(&key));
+        for bad in ["reply.", "reply.a.b", "reply.a*", "result.abc", "abc"] {
+            assert!(!is_reply_key(bad), "{bad}");
+        }
     }
 }

@@ -325,7 +325,8 @@ impl Outbox {
     }
 
     /// Publishes the one reply a request gets: first its durable record, for an
-    /// asynchronous job, then its core NATS reply. Messages without either were submitted
+    /// asynchronous job or a request whose reply must outlive the broker, then its core
+    /// NATS reply. Messages without either were submitted
     /// fire-and-forget and get none. A body over one NATS message goes as a claim check;
     /// one that cannot go out at all (the store refused it, the publish failed) is
     /// answered `server_error` with the reason at once, so the requester never waits out
@@ -340,6 +341,9 @@ impl Outbox {
     ) {
         if let Some(key) = header(msg, headers::RESULT_KEY) {
             self.store_result(msg, key, outcome, &body, batch_sizes)
+                .await;
+        } else if let Some(key) = header(msg, headers::REPLY_KEY) {
+            self.record_reply(msg, key, outcome, &body, batch_sizes)
                 .await;
         }
         let Some(to) = self.trusted_reply_subject(msg) else {

@@ -164,14 +164,16 @@ class Cluster:
         *,
         max_payload: str = "8MB",
         max_memory_store: Optional[str] = None,
+        store: Optional[Path] = None,
     ) -> str:
         """A real nats-server with JetStream, on a free loopback port, or on `port` with an
-        empty store (what a restarted server with memory storage holds). `max_payload` is
-        its message limit; `max_memory_store` caps what JetStream keeps in memory."""
+        empty store (what a restarted server with memory storage holds) unless `store`
+        names the one an earlier server kept. `max_payload` is its message limit;
+        `max_memory_store` caps what JetStream keeps in memory."""
         port = port or free_port()
         runs = sum(1 for p in self.procs if p.log.name.startswith("nats"))
         name = f"nats-{runs}" if runs else "nats"
-        store = self.tmp / f"js-{runs}" if runs else self.tmp / "js"
+        store = store or (self.tmp / f"js-{runs}" if runs else self.tmp / "js")
         conf = self.tmp / f"{name}.conf"
         memory = f"\n  max_memory_store: {max_memory_store}" if max_memory_store else ""
         conf.write_text(

@@ -237,6 +237,75 @@ def test_the_broker_restarting_empty_heals_without_restarting_anything(
     assert healed < 5, healed
 
 
+def test_the_broker_restarting_with_file_storage_loses_no_accepted_request(
+    cluster: Cluster,
+) -> None:
+    """`kill -9` of nats-server under load, restarted on its store: every request the
+    ingress accepted is answered with its own result (a reply lost with the broker is read
+    from the results bucket); one it could not queue is a quick 503."""
+    port = free_port()
+    nats = cluster.nats(port)
+    http_port = free_port()
+    app = cluster.app(
+        BEHAVE,
+        "--nats", nats, "--storage", "file", "--timeout", "15000",
+        "--port", str(http_port), "--address", "127.0.0.1",
+        name="app", env={"BEHAVE_WORKERS": "2"},
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{http_port}"
+    wait_ready(base, app)
+    results: List[Tuple[int, float, float, Response]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    counter = iter(range(1_000_000))
+
+    def client() -> None:
+        while not stop.is_set():
+            with lock:
+                i = next(counter)
+            body = json.dumps({"action": "sleep", "seconds": 0.05, "tag": i}).encode()
+            started = time.monotonic()
+            r = http("POST", base + "/inference", body, timeout=30)
+            with lock:
+                results.append((i, started, time.monotonic(), r))
+            if r.status == 503:
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=client) for _ in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    assert cluster.nats_proc is not None
+    cluster.nats_proc.stop(signal.SIGKILL)
+    killed_at = time.monotonic()
+    time.sleep(0.5)
+    cluster.nats(port, store=cluster.tmp / "js")
+    time.sleep(4)
+    stop.set()
+    for t in threads:
+        t.join(40)
+
+    statuses: Dict[int, int] = {}
+    for _, _, _, r in results:
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+    bad = [(i, r) for i, _, _, r in results if r.status not in (200, 503)]
+    assert not bad, f"{statuses}: {bad[:5]}"
+    for i, _, _, r in results:
+        if r.status == 200:
+            assert r.json()["echo"]["tag"] == i, (i, r)  # type: ignore[index]
+    # Accepted before the kill, answered after it: their replies had to outlive the broker.
+    held = [e - killed_at for _, s, e, r in results if s < killed_at < e and r.status == 200]
+    assert held, "the kill caught no request in flight"
+    refused = [e - s for _, s, e, r in results if r.status == 503]
+    after = [r.status for _, s, _, r in results if s > killed_at + 3]
+    print(
+        f"\nnats-server kill -9 and restart on its store (file storage): {statuses}; "
+        f"{len(held)} requests in flight at the kill all 200, the last "
+        f"{max(held):.2f} s after it; 503s took at most {max(refused, default=0):.2f} s"
+    )
+    assert after and all(s == 200 for s in after), after[:20]
+
+
 def test_saturated_agents_keep_their_work_so_requests_run_once(cluster: Cluster) -> None:
     """What the short ack wait costs a live agent: on a saturated host, does any request
     lose its agent's hold (no Progress ack for 750 ms) and run twice?"""

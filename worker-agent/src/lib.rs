@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use async_nats::jetstream::stream::StorageType;
 use natserve_protocol::{AgentConfig, Names, Results};
 use natserve_scheduler::stage::StageContext;
 use natserve_scheduler::{ensure_stage, run_stage, AgentMetrics, Cancellations, WorkerPool};
@@ -138,8 +139,19 @@ pub async fn run(
         .zip(&pools)
         .map(|(spec, pool)| (spec.clone(), pool.stats().clone()))
         .collect();
-    let registration =
-        Arc::new(Registration::open(&js, &names, settings.heartbeat, &config.routes, loads).await?);
+    // Queues that outlive the broker ask for replies that do too (the results bucket).
+    let durable_replies = settings.queue.storage == StorageType::File;
+    let registration = Arc::new(
+        Registration::open(
+            &js,
+            &names,
+            settings.heartbeat,
+            &config.routes,
+            loads,
+            durable_replies,
+        )
+        .await?,
+    );
     registration.check_routes().await?;
 
     let results = Results::open(&js, &names).await?;

@@ -69,6 +69,7 @@ impl Registration {
         heartbeat: Duration,
         routes: &[RouteSpec],
         stages: Vec<(StageSpec, Arc<WorkerStats>)>,
+        durable_replies: bool,
     ) -> Result<Self, RegistrationError> {
         let agents = open_bucket(js, agents_bucket_config(names)).await?;
         let routes_kv = open_bucket(js, routes_bucket_config(names)).await?;
@@ -90,6 +91,7 @@ impl Registration {
                     names: r.names.clone(),
                     types: r.types.clone(),
                     streams: r.streams,
+                    durable_replies,
                 };
                 (slug, record)
             })

@@ -129,6 +129,7 @@ async fn a_stale_route_record_nobody_serves_is_replaced() {
         names: vec!["Old".into()],
         types: None,
         streams: false,
+        durable_replies: false,
     };
     routes
         .put("x_y", serde_json::to_vec(&stale).unwrap().into())

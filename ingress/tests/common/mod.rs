@@ -67,35 +67,54 @@ impl NatsServer {
             "listen: 127.0.0.1:{listen}\njetstream {{ store_dir: {:?} }}\n{extra}\n",
             dir.join("js")
         );
-        let conf_path = dir.join("nats.conf");
-        std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new(nats_server_binary())
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("--ports_file_dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server starts");
-        let ports_file = dir.join(format!("nats-server_{}.ports", child.id()));
+        std::fs::write(dir.join("nats.conf"), conf).unwrap();
+        let child = Self::spawn(&dir);
         let mut server = Self {
             child,
             dir,
             url: String::new(),
             port: 0,
         };
+        server.wait_listening();
+        server
+    }
+
+    /// `kill -9`s the server and starts it again on the same port and store: what JetStream
+    /// kept on file comes back, and clients reconnect by themselves.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.dir);
+        self.wait_listening();
+    }
+
+    fn spawn(dir: &Path) -> Child {
+        Command::new(nats_server_binary())
+            .arg("-c")
+            .arg(dir.join("nats.conf"))
+            .arg("--ports_file_dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts")
+    }
+
+    fn wait_listening(&mut self) {
+        let ports_file = self
+            .dir
+            .join(format!("nats-server_{}.ports", self.child.id()));
         let started = std::time::Instant::now();
         loop {
             if let Ok(text) = std::fs::read_to_string(&ports_file) {
                 if let Ok(ports) = serde_json::from_str::<serde_json::Value>(&text) {
                     let url = ports["nats"][0].as_str().unwrap().to_owned();
-                    server.port = url.rsplit(':').next().unwrap().parse().unwrap();
-                    server.url = url;
-                    return server;
+                    self.port = url.rsplit(':').next().unwrap().parse().unwrap();
+                    self.url = url;
+                    return;
                 }
             }
-            if let Ok(Some(status)) = server.child.try_wait() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("nats-server exited early: {status}");
             }
             assert!(
@@ -221,13 +240,19 @@ impl Agent {
     }
 
     pub async fn put_route(&self, route: &str, stages: u32) {
-        let record = RouteRecord {
+        self.put_route_record(RouteRecord {
             route: route.to_owned(),
             stages,
             names: (0..stages).map(|i| format!("Stage{i}")).collect(),
             types: None,
             streams: false,
-        };
+            durable_replies: false,
+        })
+        .await
+    }
+
+    pub async fn put_route_record(&self, record: RouteRecord) {
+        let route = record.route.as_str();
         let slug = natserve_protocol::route_slug(route).unwrap();
         let value = serde_json::to_vec(&record).unwrap();
         self.routes.put(slug, value.into()).await.unwrap();

@@ -94,7 +94,7 @@ def agent_argv(binary: str, settings: Settings, config: Path) -> List[str]:
         "--log-level", rust_log_level(settings.log_level),
         "--max-queue", str(settings.max_queue),
         "--storage", settings.storage,
-        "--prefetch", "true" if settings.prefetch else "false",
+        "--prefetch", settings.prefetch,
         "--heartbeat-ms", str(settings.heartbeat_ms),
         "--agent-grace-ms", str(settings.agent_grace_ms),
     ]  # fmt: skip

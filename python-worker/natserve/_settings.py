@@ -37,7 +37,7 @@ EXIT_USAGE = 64
 # The Rust binaries keep counts and milliseconds in 64-bit integers.
 _MAX_I64 = 2**63 - 1
 
-# What clap's BoolishValueParser (the agent's --prefetch) accepts.
+# What the agent's --prefetch accepts beside "auto": clap's boolish words.
 _TRUE = ("true", "yes", "y", "on", "1")
 _FALSE = ("false", "no", "n", "off", "0")
 
@@ -62,7 +62,8 @@ class Settings:
     namespace: str = "natserve"
     max_queue: int = 10_000
     storage: str = "memory"
-    prefetch: bool = False
+    #: "auto" (where it pays, measured), "on" or "off".
+    prefetch: str = "auto"
     metrics_address: Optional[str] = None
     heartbeat_ms: int = 2000
     agent_grace_ms: int = 30_000
@@ -176,13 +177,15 @@ def _stage_list(raw: str) -> Tuple[str, ...]:
     return items
 
 
-def _boolean(raw: str) -> bool:
+def _prefetch(raw: str) -> str:
     value = raw.strip().lower()
+    if value == "auto":
+        return value
     if value in _TRUE:
-        return True
+        return "on"
     if value in _FALSE:
-        return False
-    raise ValueError(f"invalid value {raw!r} (choose from true, false)")
+        return "off"
+    raise ValueError(f"invalid value {raw!r} (choose from auto, on, off)")
 
 
 def _socket_address(raw: str) -> str:
@@ -271,9 +274,10 @@ _OPTIONS: List[_Option] = [
     _Option("--storage", _choice(STORAGES), "agent: stage queues in memory or file", "KIND"),
     _Option(
         "--prefetch",
-        _boolean,
-        "agent: pull each worker's next batch while it runs the current one (true or false)",
-        "BOOL",
+        _prefetch,
+        "agent: pull each worker's next batch while it runs the current one: auto (where "
+        "the measured batch time is short next to a pull), on or off",
+        "MODE",
     ),
     _Option(
         "--metrics-address",

@@ -11,6 +11,7 @@
 pub mod batcher;
 pub mod cancel;
 pub mod inbox;
+pub mod lookahead;
 pub mod metrics;
 pub mod outbox;
 pub mod pool;
@@ -19,6 +20,7 @@ pub mod run;
 pub mod stage;
 
 pub use cancel::Cancellations;
+pub use lookahead::{Lookahead, Prefetch};
 pub use metrics::{AgentMetrics, StageMetrics};
 pub use pool::{
     BatchChannels, FailureKind, PoolSender, StreamEvent, WorkerConn, WorkerError, WorkerPool,

@@ -3,17 +3,20 @@
 //! on its own task.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream;
 use bytes::Bytes;
 use natserve_protocol::streams::{MAX_DELIVER, PROGRESS_EVERY};
 use natserve_protocol::{headers, unix_ms, Outcome};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use crate::batcher::{collect_batch, split_expired, Limits};
+use crate::batcher::{collect_batch, split_expired, Limits, Source};
 use crate::inbox::{PullError, PullInbox};
+use crate::lookahead::Lookahead;
 use crate::outbox::{delivered, header, is_last_delivery, MISSING_REQUEST_ID};
 use crate::pool::WorkerPool;
 use crate::run::{run_batch, take_holding};
@@ -52,7 +55,7 @@ pub(crate) async fn pull_loop(
     let returns = pool.sender();
     let mut held: Vec<jetstream::Message> = Vec::new();
     loop {
-        if held.is_empty() && ctx.prefetch {
+        if held.is_empty() && ctx.lookahead.ahead() {
             let Some(batch) = pull(&ctx, &mut source, limits, &cancel).await else {
                 break;
             };
@@ -188,7 +191,11 @@ async fn pull(
         if cancel.is_cancelled() {
             return None;
         }
-        match collect_batch(source, limits).await {
+        let mut timed = Timed {
+            inner: &mut *source,
+            lookahead: &ctx.lookahead,
+        };
+        match collect_batch(&mut timed, limits).await {
             Ok(Some(batch)) => return Some(batch),
             Ok(None) => continue,
             Err(e) => {
@@ -205,6 +212,39 @@ async fn pull(
                 }
             }
         }
+    }
+}
+
+/// The pull inbox, timing each pull that did not wait for work to arrive: a `no_wait`
+/// pull, or one that came back full with more still queued behind it. Those take one
+/// round trip; the rest include the wait for a request (see [`crate::lookahead`]).
+struct Timed<'a> {
+    inner: &'a mut PullInbox,
+    lookahead: &'a Lookahead,
+}
+
+impl Source for Timed<'_> {
+    type Item = jetstream::Message;
+    type Error = PullError;
+
+    async fn pull(&mut self, max: usize, wait: Duration) -> Result<Vec<Self::Item>, Self::Error> {
+        let started = Instant::now();
+        let got = self.inner.pull(max, wait).await?;
+        let queued_behind = || {
+            got.len() == max
+                && got
+                    .last()
+                    .and_then(|m| m.info().ok())
+                    .is_some_and(|i| i.pending > 0)
+        };
+        if wait.is_zero() || queued_behind() {
+            self.lookahead.observe_pull(started.elapsed());
+        }
+        Ok(got)
+    }
+
+    async fn keep_alive(&mut self, held: &[Self::Item]) {
+        self.inner.keep_alive(held).await
     }
 }
 

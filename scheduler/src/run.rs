@@ -88,10 +88,12 @@ pub(crate) async fn run_batch(
     ctx.metrics.batch_size.observe(msgs.len() as f64);
     loop {
         let running = pool.stats().batch_running();
+        let started = Instant::now();
         let (end, events) = attempt(&ctx, &mut worker, &msgs).await;
         drop(running);
         match end {
             BatchEnd::Done(results) => {
+                ctx.lookahead.observe_batch(started.elapsed());
                 // The worker is idle as soon as its results are in: it may pull its next
                 // batch while this one's hand-offs and acks complete (each input is still
                 // acked only after its result is safe).

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::lookahead::{Lookahead, Prefetch};
 use crate::outbox::Outbox;
 use crate::pool::WorkerPool;
 use crate::pull::pull_loop;
@@ -73,8 +74,9 @@ pub struct StageContext {
     pub js: jetstream::Context,
     pub metrics: StageMetrics,
     pub outbox: Outbox,
-    /// Pull a worker's next batch while it runs the current one (see [`run_stage`]).
-    pub prefetch: bool,
+    /// Whether to pull a worker's next batch while it runs the current one (see
+    /// [`run_stage`]), and what that is decided from.
+    pub lookahead: Lookahead,
     /// Queued requests whose client went away: dropped unrun.
     pub cancelled: Arc<Cancellations>,
     names: Names,
@@ -108,7 +110,7 @@ impl StageContext {
             client,
             metrics,
             outbox,
-            prefetch: false,
+            lookahead: Lookahead::new(Prefetch::Auto),
             cancelled: Arc::default(),
             names: names.clone(),
             queue,
@@ -136,8 +138,8 @@ impl StageContext {
         self
     }
 
-    pub fn with_prefetch(mut self, prefetch: bool) -> Self {
-        self.prefetch = prefetch;
+    pub fn with_prefetch(mut self, prefetch: Prefetch) -> Self {
+        self.lookahead = Lookahead::new(prefetch);
         self
     }
 }
@@ -149,11 +151,12 @@ impl StageContext {
 /// holds an idle worker while its pull is in flight, so with several workers their pull
 /// round trips overlap instead of queueing behind one another.
 ///
-/// With `prefetch`, a loop pulls its next batch first and then waits for an idle worker,
+/// With prefetch, a loop pulls its next batch first and then waits for an idle worker,
 /// so the broker round trip overlaps the batch still running: an agent then holds at most
 /// one batch per worker beyond what its workers are running. That buys throughput when a
 /// round trip is a large share of a batch's time, at the cost of a slow agent keeping one
-/// batch per worker that a faster one could have taken.
+/// batch per worker that a faster one could have taken; by default ([`Prefetch::Auto`])
+/// a stage does it only where its measurements say it pays ([`crate::lookahead`]).
 pub async fn run_stage(
     ctx: Arc<StageContext>,
     consumer: jetstream::consumer::PullConsumer,

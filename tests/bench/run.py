@@ -433,9 +433,10 @@ def scale_out(agent_counts: List[int], concurrency: int, seconds: float, logs: P
 
 def uneven(concurrency: int, seconds: float, logs: Path) -> List[Row]:
     """A slow agent (20 ms per batch of 8) beside a fast one (2 ms), with the agents'
-    prefetch off (pull only for idle workers) and on (one batch ahead per worker)."""
+    prefetch off (pull only for idle workers), on (one batch ahead per worker) and auto
+    (the default: ahead only where batches are short next to a pull)."""
     rows: List[Row] = []
-    for prefetch in ("0", "1"):
+    for prefetch in ("off", "on", "auto"):
         with tempfile.TemporaryDirectory() as tmp, processes(logs) as procs:
             url = nats_server(procs, Path(tmp))
             env = {**app_env("natserve", "scaleout"), **NATSERVE_ENV}
@@ -459,8 +460,7 @@ def uneven(concurrency: int, seconds: float, logs: Path) -> List[Row]:
             while stage_workers(base) < 2 and time.monotonic() < deadline:
                 time.sleep(0.2)
             wrk("natserve", base, concurrency, min(3.0, seconds))  # warm-up
-            label = "on" if prefetch == "1" else "off"
-            row = Row(f"W5 uneven agents (20 + 2 ms/batch), prefetch {label}", concurrency)
+            row = Row(f"W5 uneven agents (20 + 2 ms/batch), prefetch {prefetch}", concurrency)
             run = wrk("natserve", base, concurrency, seconds)
             row.runs.append(run)
             log_run(row, run)
@@ -618,7 +618,7 @@ def main() -> int:
         print("W4 scale-out (20 ms/batch of 8; 1, 2, 4 agents)", flush=True)
         rows += scale_out([1, 2, 4], 128, d, logs)
     if "W5" in only:
-        print("W5 uneven agents (20 ms and 2 ms per batch of 8; prefetch off, on)", flush=True)
+        print("W5 uneven agents (20 and 2 ms per batch of 8; prefetch off, on, auto)", flush=True)
         rows += uneven(32, d, logs)
     if "W6" in only:
         print("W6 SSE time to first event (8 events, 1 ms apart)", flush=True)

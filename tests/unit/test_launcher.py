@@ -131,7 +131,7 @@ def test_starts_agent_and_ingress_then_stops_them_in_order(tmp_path: Path) -> No
     config_path = agent["argv"][agent["argv"].index("--config") + 1]  # type: ignore[union-attr,index]
     assert agent["argv"] == [
         "--namespace", "t1", "--config", config_path, "--log-level", "debug",
-        "--max-queue", "10000", "--storage", "memory", "--prefetch", "false",
+        "--max-queue", "10000", "--storage", "memory", "--prefetch", "auto",
         "--heartbeat-ms", "2000", "--agent-grace-ms", "30000",
     ]  # fmt: skip
     assert ingress["argv"] == [
@@ -284,7 +284,7 @@ def test_every_agent_and_ingress_setting_reaches_its_binary_as_the_same_flag() -
     settings = Settings(
         max_queue=5,
         storage="file",
-        prefetch=True,
+        prefetch="on",
         metrics_address="127.0.0.1:9100",
         heartbeat_ms=250,
         agent_grace_ms=1234,
@@ -297,7 +297,7 @@ def test_every_agent_and_ingress_setting_reaches_its_binary_as_the_same_flag() -
     )
     agent = agent_argv("a", settings, Path("c"))
     assert agent[agent.index("--max-queue") :] == [
-        "--max-queue", "5", "--storage", "file", "--prefetch", "true",
+        "--max-queue", "5", "--storage", "file", "--prefetch", "on",
         "--heartbeat-ms", "250", "--agent-grace-ms", "1234",
         "--metrics-address", "127.0.0.1:9100", "--socket-dir", "/tmp/sockets",
     ]  # fmt: skip

@@ -125,7 +125,7 @@ def test_prefixes_of_natserve_flags_are_not_taken_as_flags() -> None:
         (
             [],
             {"NATSERVE_PREFETCH": "maybe"},
-            "natserve: error: --prefetch: invalid value 'maybe' (choose from true, false) "
+            "natserve: error: --prefetch: invalid value 'maybe' (choose from auto, on, off) "
             "(from NATSERVE_PREFETCH)",
         ),
         (
@@ -211,7 +211,7 @@ def test_help_lists_every_flag_with_its_default(capsys: pytest.CaptureFixture[st
         ("--storage", "memory"),
         ("--result-ttl-s", "3600"),
         ("--async-timeout-ms", "600000"),
-        ("--prefetch", "false"),
+        ("--prefetch", "auto"),
         ("--metrics-address", "none"),
         ("--heartbeat-ms", "2000"),
         ("--agent-grace-ms", "30000"),
@@ -232,12 +232,14 @@ def test_agent_and_ingress_settings_from_flags_and_env() -> None:
     env = {"NATSERVE_INGRESS_GRACE_MS": "2500", "NATSERVE_MAX_QUEUE": "7"}
     settings, rest = parse_settings(argv, env=env)
     assert rest == []
-    assert (settings.max_queue, settings.storage, settings.prefetch) == (50, "file", True)
+    assert (settings.max_queue, settings.storage, settings.prefetch) == (50, "file", "on")
     assert (settings.metrics_address, settings.heartbeat_ms) == ("[::]:9100", 100)
     assert (settings.agent_grace_ms, settings.ingress_grace_ms) == (0, 2500)
     assert settings.socket_dir == "/tmp/natserve-sockets"
-    assert parse_settings([], env={"NATSERVE_PREFETCH": "0"})[0].prefetch is False
-    assert parse_settings([], env={"NATSERVE_PREFETCH": "1"})[0].prefetch is True
+    assert parse_settings([], env={"NATSERVE_PREFETCH": "0"})[0].prefetch == "off"
+    assert parse_settings([], env={"NATSERVE_PREFETCH": "1"})[0].prefetch == "on"
+    assert parse_settings([], env={"NATSERVE_PREFETCH": "Auto"})[0].prefetch == "auto"
+    assert parse_settings([])[0].prefetch == "auto"
 
 
 def test_async_job_settings_reach_the_ingress_together() -> None:

@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream::stream::StorageType;
 use clap::{Parser, ValueEnum};
 use natserve_protocol::QueueConfig;
+use natserve_scheduler::Prefetch;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -55,9 +56,11 @@ pub struct Args {
     pub max_queue: i64,
     /// Pull each worker's next batch while it runs the current one: more throughput when
     /// the broker round trip is a large part of a batch, at the cost of holding one batch
-    /// per worker that another agent could have taken. Off: pull only for idle workers.
-    #[arg(long, env = "NATSERVE_PREFETCH", default_value_t = false, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
-    pub prefetch: bool,
+    /// per worker that another agent could have taken. `auto`: only while a stage's
+    /// batches take at most ten pull round trips (measured); `on` (or true): always;
+    /// `off` (or false): pull only for idle workers.
+    #[arg(long, env = "NATSERVE_PREFETCH", default_value = "auto", value_name = "auto|on|off", value_parser = parse_prefetch)]
+    pub prefetch: Prefetch,
     /// Where stage queues are stored.
     #[arg(long, env = "NATSERVE_STORAGE", value_enum, default_value_t = Storage::Memory)]
     pub storage: Storage,
@@ -87,7 +90,7 @@ pub struct AgentSettings {
     /// On shutdown, how long running batches may take to finish.
     pub grace: Duration,
     pub queue: QueueConfig,
-    pub prefetch: bool,
+    pub prefetch: Prefetch,
 }
 
 impl AgentSettings {
@@ -105,7 +108,7 @@ impl AgentSettings {
                 max_messages: 10_000,
                 storage: StorageType::Memory,
             },
-            prefetch: false,
+            prefetch: Prefetch::Auto,
         }
     }
 }
@@ -129,6 +132,19 @@ impl From<&Args> for AgentSettings {
             },
             prefetch: args.prefetch,
         }
+    }
+}
+
+/// `--prefetch`: `auto`, or what clap's boolish parser takes (`on`/`off`, `true`/`false`,
+/// `yes`/`no`, `1`/`0`), as `NATSERVE_PREFETCH=1` always meant on.
+fn parse_prefetch(value: &str) -> Result<Prefetch, String> {
+    if value.eq_ignore_ascii_case("auto") {
+        return Ok(Prefetch::Auto);
+    }
+    match value.to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "y" | "1" => Ok(Prefetch::On),
+        "off" | "false" | "no" | "n" | "0" => Ok(Prefetch::Off),
+        _ => Err("expected auto, on or off".to_owned()),
     }
 }
 
@@ -156,6 +172,33 @@ mod tests {
         assert_eq!(s.queue.storage, StorageType::File);
         let defaults = AgentSettings::new(&args.nats, &args.namespace);
         assert_eq!(s.heartbeat, defaults.heartbeat);
-        assert!(!s.prefetch);
+        assert_eq!(s.prefetch, Prefetch::Auto);
+    }
+
+    #[test]
+    fn prefetch_takes_auto_and_booleans() {
+        for (given, mode) in [
+            ("auto", Prefetch::Auto),
+            ("on", Prefetch::On),
+            ("true", Prefetch::On),
+            ("1", Prefetch::On),
+            ("off", Prefetch::Off),
+            ("false", Prefetch::Off),
+            ("0", Prefetch::Off),
+        ] {
+            let args = Args::try_parse_from([
+                "natserve-agent",
+                "--config",
+                "/x.json",
+                "--prefetch",
+                given,
+            ])
+            .unwrap();
+            assert_eq!(args.prefetch, mode, "{given}");
+        }
+        assert!(
+            Args::try_parse_from(["natserve-agent", "--config", "/x", "--prefetch", "maybe"])
+                .is_err()
+        );
     }
 }

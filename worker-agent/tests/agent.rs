@@ -147,7 +147,7 @@ async fn a_stale_route_record_nobody_serves_is_replaced() {
 #[tokio::test]
 async fn prefetching_loops_answer_every_request() {
     let nats = NatsServer::start();
-    let agent = Agent::start_with(&nats, pipeline("/two", 2, 2, None), true);
+    let agent = Agent::start_with(&nats, pipeline("/two", 2, 2, None), Prefetch::On);
     let client = async_nats::connect(&nats.url).await.unwrap();
     wait_ready(&client, 2).await;
     let mut sub = client.subscribe("t.reply.pre").await.unwrap();

@@ -99,7 +99,7 @@ async fn work_held_longer_than_the_ack_wait_is_kept_not_redelivered() {
     // Each batch runs 1.5 s, past the 1 s ack wait, while the next is prefetched and held.
     let mut config = pipeline("/echo", 1, 1, None);
     config.stages[0].max_batch_size = NonZeroU32::new(1).unwrap();
-    let (got, batches) = run_logged(config, true, 1500, &["a", "b", "c"]).await;
+    let (got, batches) = run_logged(config, Prefetch::On, 1500, &["a", "b", "c"]).await;
     let ok = |b: &str| ("ok".to_owned(), b.to_owned());
     assert_eq!(got, vec![ok("a"), ok("b"), ok("c")]);
     assert_eq!(batches, vec!["a", "b", "c"], "each ran once");
@@ -109,7 +109,7 @@ async fn work_held_longer_than_the_ack_wait_is_kept_not_redelivered() {
 async fn a_batch_topping_up_longer_than_the_ack_wait_is_kept_not_redelivered() {
     let mut config = pipeline("/echo", 1, 1, None);
     config.stages[0].max_wait_ms = 1800;
-    let (got, batches) = run_logged(config, false, 0, &["a"]).await;
+    let (got, batches) = run_logged(config, Prefetch::Off, 0, &["a"]).await;
     assert_eq!(got, vec![("ok".to_owned(), "a".to_owned())]);
     assert_eq!(batches, vec!["a"], "it ran once");
 }

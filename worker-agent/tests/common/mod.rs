@@ -14,6 +14,7 @@ pub use async_nats::HeaderMap;
 pub use bytes::Bytes;
 pub use futures::StreamExt;
 pub use natserve_agent::{run, AgentError, AgentSettings};
+pub use natserve_scheduler::Prefetch;
 pub use natserve_protocol::buckets::{agents_bucket_config, open_bucket, routes_bucket_config};
 pub use natserve_protocol::{
     headers, AgentConfig, AgentRecord, Names, RouteRecord, RouteSpec, StageSpec,
@@ -177,10 +178,10 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(nats: &NatsServer, config: AgentConfig) -> Self {
-        Self::start_with(nats, config, false)
+        Self::start_with(nats, config, Prefetch::Auto)
     }
 
-    pub fn start_with(nats: &NatsServer, config: AgentConfig, prefetch: bool) -> Self {
+    pub fn start_with(nats: &NatsServer, config: AgentConfig, prefetch: Prefetch) -> Self {
         let mut settings = AgentSettings::new(&nats.url, NS);
         settings.prefetch = prefetch;
         Self::start_settings(settings, config)
@@ -305,7 +306,7 @@ pub fn work_headers(id: &str, reply_to: &str) -> HeaderMap {
 /// and returns the replies and the batches the worker ran.
 pub async fn run_logged(
     mut config: AgentConfig,
-    prefetch: bool,
+    prefetch: Prefetch,
     sleep_ms: u64,
     bodies: &[&str],
 ) -> (Vec<(String, String)>, Vec<String>) {

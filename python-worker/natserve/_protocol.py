@@ -250,26 +250,60 @@ def encode(frame: Frame) -> bytes:
 
 
 class Connection:
-    """Frames over a connected stream socket; owns no buffering beyond one frame.
+    """Frames over a connected stream socket.
 
     ``read_frame`` returns ``None`` on a clean end of stream between frames and raises
-    :class:`CutFrameError` on one in the middle of a frame.
+    :class:`CutFrameError` on one in the middle of a frame. ``poll_frames`` takes what
+    has arrived without waiting (a worker looks for a CANCEL while its ``forward`` runs);
+    the bytes of a frame it could not finish stay for the next read.
     """
 
     def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self._sock = sock
         self._max_frame = max_frame
+        #: Read by `poll_frames`, not yet part of a returned frame.
+        self._ahead = bytearray()
+        #: `poll_frames` saw the peer close.
+        self._closed = False
 
     def _read_into(self, buf: bytearray) -> int:
         """Fills ``buf`` unless the peer closes first; returns how many bytes arrived."""
         view = memoryview(buf)
-        got = 0
-        while got < len(buf):
+        got = min(len(self._ahead), len(buf))
+        if got:
+            view[:got] = self._ahead[:got]
+            del self._ahead[:got]
+        while got < len(buf) and not self._closed:
             n = self._sock.recv_into(view[got:], len(buf) - got)
             if n == 0:
                 break
             got += n
         return got
+
+    def poll_frames(self) -> List[Frame]:
+        """The whole frames that have arrived, without waiting for more."""
+        # A socket with a timeout would wait for readiness first, whatever the flags say.
+        timeout = self._sock.gettimeout()
+        if timeout is not None:
+            self._sock.settimeout(0)
+        try:
+            while not self._closed:
+                try:
+                    chunk = self._sock.recv(65536, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                if not chunk:
+                    self._closed = True
+                    break
+                self._ahead += chunk
+        finally:
+            if timeout is not None:
+                self._sock.settimeout(timeout)
+        frames: List[Frame] = []
+        while (size := check(self._ahead, self._max_frame)) is not None:
+            frames.append(_parse_body(memoryview(bytes(self._ahead[4:size]))))
+            del self._ahead[:size]
+        return frames
 
     def read_frame(self) -> Optional[Frame]:
         prefix = bytearray(4)

@@ -1,8 +1,11 @@
 """What a running batch exchanges with its agent besides BATCH and RESULTS: stream events
 out (``SSEWorker.send_stream_event``), cancellations in (``Worker.is_cancelled``).
 
-``forward`` runs on the worker process's main thread; a reader thread (`natserve._worker`)
-takes every frame the agent sends, so a CANCEL reaches `Running` while ``forward`` runs.
+``forward`` runs on the worker process's main thread, which reads the agent's frames
+itself between batches (`natserve._worker`). While a batch runs, nobody waits on the
+socket: ``is_cancelled`` and ``send_stream_event`` first take whatever the agent sent
+meanwhile, without waiting, so a CANCEL reaches the ``forward`` that asks. A batch
+nobody asks about costs no thread and no system call for it.
 STREAM frames are written from whatever thread calls ``send_stream_event``, under the
 same lock as the batch's RESULTS, which the main thread writes only after ``forward``
 returned: so every event of a batch reaches the agent before the results that end it.
@@ -11,9 +14,10 @@ returned: so every event of a batch reaches the agent before the results that en
 from __future__ import annotations
 
 import threading
-from typing import Dict, List, Optional, Sequence, Set
+from collections import deque
+from typing import Deque, Dict, List, Optional, Sequence, Set
 
-from ._protocol import Connection, Frame, Stream
+from ._protocol import Cancel, Connection, Frame, FrameError, Stream
 
 #: Batches whose cancels are remembered at once; the agent cancels only what runs, so
 #: more means a confused peer, and the oldest are forgotten.
@@ -31,6 +35,40 @@ class Running:
         self._finished = 0  # id of the last batch answered (ids only grow)
         self._cancelled: Dict[int, Set[int]] = {}
         self._streamed: Set[int] = set()
+        #: One reader of the socket at a time: the main loop between batches, or a poll.
+        self._read = threading.Lock()
+        #: Frames a poll took that are not CANCELs, for the main loop, in order.
+        self._early: Deque[Frame] = deque()
+        #: Why a poll could not read the socket; the main loop raises it.
+        self._broken: Optional[Exception] = None
+
+    def next_frame(self) -> Optional[Frame]:
+        """The agent's next frame for the main loop, which runs no batch now: one a poll
+        took already, else the socket's next (``None`` when the agent closed it)."""
+        if self._early:
+            return self._early.popleft()
+        if self._broken is not None:
+            raise self._broken
+        with self._read:
+            return self._conn.read_frame()
+
+    def _poll(self) -> None:
+        """Takes what the agent sent while the batch runs, without waiting: a CANCEL
+        applies at once, anything else waits for the main loop."""
+        if not self._read.acquire(blocking=False):
+            return
+        try:
+            frames = self._conn.poll_frames()
+        except (OSError, FrameError) as err:
+            self._broken = self._broken or err
+            frames = []
+        finally:
+            self._read.release()
+        for frame in frames:
+            if isinstance(frame, Cancel):
+                self.cancel(frame.id, frame.index)
+            else:
+                self._early.append(frame)
 
     def write(self, frame: Frame) -> None:
         with self._write:
@@ -59,6 +97,8 @@ class Running:
                 del self._cancelled[min(self._cancelled)]
 
     def is_cancelled(self, item: int) -> bool:
+        if self._batch is not None:
+            self._poll()
         with self._lock:
             return self._batch is not None and item in self._cancelled.get(self._batch, ())
 
@@ -69,6 +109,7 @@ class Running:
 
     def send_event(self, item: int, body: bytes) -> None:
         """Sends one event of item ``item``'s stream, unless its requester went away."""
+        self._poll()
         with self._lock:
             batch = self._batch
             if batch is None or item in self._cancelled.get(batch, ()):

@@ -10,8 +10,9 @@ from the spec, never from re-running ``append_worker``. It then connects to the 
 builds the worker (``worker_id``, ``stage`` and ``max_batch_size`` set before
 ``__init__``), warms it up, sends READY with its pid and answers every BATCH with one
 RESULTS frame of the same id (see `natserve._batch` for how items fail independently),
-preceded by any STREAM frames its ``forward`` sent. A reader thread takes the agent's
-frames, so a CANCEL reaches the running ``forward`` (`natserve._running`).
+preceded by any STREAM frames its ``forward`` sent. The main thread reads the agent's
+frames between batches; while one runs, ``is_cancelled`` looks for a CANCEL itself
+(`natserve._running`).
 It exits 0 when the agent closes the socket, and 1 when the worker cannot start or the
 agent breaks the protocol; the agent restarts it.
 """
@@ -24,12 +25,10 @@ import importlib.util
 import json
 import logging
 import os
-import queue
 import socket
 import sys
-import threading
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional, Sequence, Type, Union
+from typing import Any, List, Mapping, Optional, Sequence, Type
 
 from ._batch import BatchRunner
 from ._logging import configure
@@ -284,40 +283,6 @@ def serve(
         conn.close()
 
 
-@dataclass(frozen=True)
-class _Stop:
-    """The reader thread's last word: why the main loop must stop, and its exit code."""
-
-    code: int
-
-
-def _read_frames(
-    conn: Connection, running: Running, batches: queue.SimpleQueue[Union[Batch, _Stop]]
-) -> None:
-    """The reader thread: hands BATCH frames to the main loop, CANCEL frames to `running`
-    at once (the main thread may be inside ``forward``), and ends with a `_Stop`."""
-    try:
-        while True:
-            frame = conn.read_frame()
-            if frame is None:
-                logger.debug("agent closed the socket; exiting")
-                batches.put(_Stop(0))
-                return
-            if isinstance(frame, Cancel):
-                running.cancel(frame.id, frame.index)
-            elif isinstance(frame, Batch):
-                batches.put(frame)
-            else:
-                logger.error("agent sent an unexpected %s frame; exiting", type(frame).__name__)
-                batches.put(_Stop(1))
-                return
-    except FrameError as err:
-        logger.error("bad frame from the agent: %s; exiting", err)
-    except OSError as err:
-        logger.error("socket to the agent failed: %s; exiting", err)
-    batches.put(_Stop(1))
-
-
 def _serve(conn: Connection, cls: Type[Worker], spec: WorkerSpec) -> int:
     try:
         worker = build_worker(
@@ -333,24 +298,29 @@ def _serve(conn: Connection, cls: Type[Worker], spec: WorkerSpec) -> int:
         return 1
     running = Running(conn)
     runner = BatchRunner(worker, first=spec.first, last=spec.last, running=running)
-    batches: queue.SimpleQueue[Union[Batch, _Stop]] = queue.SimpleQueue()
     try:
         running.write(Ready(pid=os.getpid()))
         logger.info("worker %s ready (pid %d, %d warm-up examples)", spec.name, os.getpid(), warmed)
-        reader = threading.Thread(
-            target=_read_frames, args=(conn, running, batches), name="natserve-agent", daemon=True
-        )
-        reader.start()
         while True:
-            batch = batches.get()
-            if isinstance(batch, _Stop):
-                return batch.code
-            running.start(batch.id)
+            frame = running.next_frame()
+            if frame is None:
+                logger.debug("agent closed the socket; exiting")
+                return 0
+            if isinstance(frame, Cancel):
+                running.cancel(frame.id, frame.index)
+                continue
+            if not isinstance(frame, Batch):
+                logger.error("agent sent an unexpected %s frame; exiting", type(frame).__name__)
+                return 1
+            running.start(frame.id)
             try:
-                results = runner.run(batch.items)
+                results = runner.run(frame.items)
             finally:
                 running.finish()
-            running.write(Results(id=batch.id, items=results))
+            running.write(Results(id=frame.id, items=results))
+    except FrameError as err:
+        logger.error("bad frame from the agent: %s; exiting", err)
+        return 1
     except OSError as err:
         logger.error("socket to the agent failed: %s; exiting", err)
         return 1

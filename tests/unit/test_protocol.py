@@ -129,6 +129,41 @@ def test_connection_round_trip_and_clean_eof() -> None:
         assert reader.read_frame() is None
 
 
+def test_polling_takes_whole_frames_and_keeps_the_rest_for_the_next_read() -> None:
+    a, b = socket.socketpair()
+    first, second = encode(Cancel(id=7, index=1)), encode(Batch(id=8, items=[b"x" * 1000]))
+    with a, b:
+        b.settimeout(5)
+        reader = Connection(b)
+        assert reader.poll_frames() == []  # nothing yet, and no wait for it
+        a.sendall(first + second[:9])
+        assert reader.poll_frames() == [Cancel(id=7, index=1)]
+        assert reader.poll_frames() == []
+        a.sendall(second[9:])
+        a.shutdown(socket.SHUT_WR)
+        assert reader.read_frame() == Batch(id=8, items=[b"x" * 1000])
+        assert reader.poll_frames() == []
+        assert reader.read_frame() is None
+
+
+def test_a_close_seen_by_a_poll_ends_the_next_read() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(encode(Ready(pid=3)))
+        a.shutdown(socket.SHUT_WR)
+        reader = Connection(b)
+        assert reader.poll_frames() == [Ready(pid=3)]
+        assert reader.read_frame() is None
+
+
+def test_polling_rejects_a_huge_length_from_the_prefix() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(struct.pack(">I", DEFAULT_MAX_FRAME + 1))
+        with pytest.raises(FrameError):
+            Connection(b).poll_frames()
+
+
 @pytest.mark.parametrize("cut", [2, 4, 7])
 def test_connection_reports_a_cut_frame(cut: int) -> None:
     data = encode(Ready(pid=9))

@@ -229,12 +229,15 @@ def alternate(
     warm_up: float,
 ) -> None:
     """Warms every framework up at the highest concurrency (not recorded), then measures
-    each row REPS times, the frameworks alternating, so drift hits them alike."""
+    each row REPS times, the frameworks alternating, so drift hits them alike; the order
+    flips every round (A B, B A), because going first is not neutral: the same build
+    measured first read 0.77-0.86x of itself measured second on a loaded machine."""
     for f, base in bases.items():
         measure(f, base, max(row.concurrency for row in rows), warm_up)
     for row in rows:
-        for _ in range(REPS):
-            for f, base in bases.items():
+        for rep in range(REPS):
+            order = list(bases.items())
+            for f, base in order if rep % 2 == 0 else reversed(order):
                 run = measure(f, base, row.concurrency, seconds)
                 row.runs.append(run)
                 log_run(row, run)

@@ -73,6 +73,7 @@ mod tests {
         let frame = Frame::Batch {
             id: 1,
             items: vec![Bytes::from_static(b"{\"x\": 2}"), Bytes::new()],
+            ids: Vec::new(),
         };
         let sent = frame.clone();
         let writer = tokio::spawn(async move {

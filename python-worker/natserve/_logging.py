@@ -1,13 +1,97 @@
-"""Logging setup: one stderr handler for natserve's own messages, and `get_logger()`."""
+"""Logging setup: one stderr handler for natserve's own messages, and `get_logger()`.
+
+Two formats, chosen by ``--log-format`` (``NATSERVE_LOG_FORMAT``, which the agent passes on
+to every worker process): text lines, or one JSON object per line with the Rust binaries'
+field names (``timestamp``, ``level``, ``target``, ``message``). Either way a record
+logged while a worker runs a request carries that request's ``request_id`` and
+``trace_id`` (comma-separated, in input order, for a batched ``forward``); see
+`request_ids` and `trace_ids`.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import datetime
+import json
 import logging
 import sys
-from typing import Any
+from typing import Any, Dict, Sequence, Tuple
 
 _LOGGER_NAME = "natserve"
-_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMATS = ("text", "json")
+
+#: The ids of the requests the running code works on: (request ids, trace ids), one
+#: entry per item, "" where an item has none.
+_IDS: contextvars.ContextVar[Tuple[Sequence[str], Sequence[str]]] = contextvars.ContextVar(
+    "natserve_ids", default=((), ())
+)
+
+
+def request_ids() -> list[str]:
+    """The request ids of the items the running ``forward`` got, in input order (one
+    without batching); empty outside a request (warm-up). Also ``Worker.request_ids``."""
+    return list(_IDS.get()[0])
+
+
+def trace_ids() -> list[str]:
+    """The trace ids (the trace-id field of each request's ``traceparent``) of the items
+    the running ``forward`` got, ``""`` for one that came without; empty outside a
+    request. Also ``Worker.trace_ids``."""
+    return list(_IDS.get()[1])
+
+
+def set_ids(request: Sequence[str], trace: Sequence[str]) -> contextvars.Token[Any]:
+    """Makes every record logged until `reset_ids` carry these ids."""
+    return _IDS.set((request, trace))
+
+
+def reset_ids(token: contextvars.Token[Any]) -> None:
+    _IDS.reset(token)
+
+
+def _ids_of(record: logging.LogRecord) -> Tuple[str, str]:
+    request, trace = _IDS.get()
+    return ",".join(request), ",".join(t for t in trace if t)
+
+
+class _TextFormatter(logging.Formatter):
+    """The text line, with ``request_id=... trace_id=...`` at the end when a request runs."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request, trace = _ids_of(record)
+        if request:
+            line += f" request_id={request}"
+        if trace:
+            line += f" trace_id={trace}"
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (a traceback goes in ``exception``)."""
+
+    def __init__(self, prefix: str = "") -> None:
+        super().__init__()
+        self._prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.datetime.fromtimestamp(record.created, tz=datetime.timezone.utc)
+        out: Dict[str, Any] = {
+            "timestamp": stamp.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "target": record.name,
+            "message": record.getMessage(),
+        }
+        if self._prefix:
+            out["worker"] = self._prefix
+        request, trace = _ids_of(record)
+        if request:
+            out["request_id"] = request
+        if trace:
+            out["trace_id"] = trace
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -34,20 +118,37 @@ def get_logger() -> logging.Logger:
     return logging.getLogger(_LOGGER_NAME)
 
 
-def configure(level: str, *, prefix: str = "") -> None:
-    """Sends natserve's records to stderr at ``level`` (debug, info, warning, error).
+def _formatter(prefix: str, log_format: str) -> logging.Formatter:
+    if log_format == "json":
+        return JsonFormatter(prefix)
+    fmt = f"%(asctime)s %(levelname)s {prefix + ' ' if prefix else ''}%(name)s: %(message)s"
+    return _TextFormatter(fmt)
 
-    Idempotent: a second call only changes the level and prefix. ``prefix`` tells the
-    processes apart in a shared terminal, e.g. ``[/inference:0 #1]``.
+
+def configure(level: str, *, prefix: str = "", log_format: str = "text") -> None:
+    """Sends natserve's records to stderr at ``level`` (debug, info, warning, error), as
+    ``log_format`` (text or json) says.
+
+    Idempotent: a second call only changes the level, prefix and format. ``prefix``
+    tells the processes apart in a shared terminal, e.g. ``[/inference:0 #1]``. With json,
+    the root logger (a user's own ``logging.getLogger(__name__)``) writes JSON too, unless
+    the program gave it a handler of its own.
     """
     logger = get_logger()
     logger.setLevel(level.upper())
     logger.propagate = False
-    fmt = f"%(asctime)s %(levelname)s {prefix + ' ' if prefix else ''}%(name)s: %(message)s"
+    formatter = _formatter(prefix, log_format)
+    _install(logger, formatter)
+    root = logging.getLogger()
+    if log_format == "json" and all(isinstance(h, _StderrHandler) for h in root.handlers):
+        _install(root, formatter)
+
+
+def _install(logger: logging.Logger, formatter: logging.Formatter) -> None:
     for existing in logger.handlers:
         if isinstance(existing, _StderrHandler):
-            existing.setFormatter(logging.Formatter(fmt))
+            existing.setFormatter(formatter)
             return
     handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(formatter)
     logger.addHandler(handler)

@@ -347,7 +347,7 @@ def _serve(conn: Connection, cls: Type[Worker], spec: WorkerSpec) -> int:
                 return batch.code
             running.start(batch.id)
             try:
-                results = runner.run(batch.items)
+                results = runner.run(batch.items, batch.ids)
             finally:
                 running.finish()
             running.write(Results(id=batch.id, items=results))
@@ -376,13 +376,13 @@ def main(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
         return 1
     script, args = argv[0], list(argv[1:])
     settings, _ = parse_settings(args, env)
-    configure(settings.log_level)
+    configure(settings.log_level, log_format=settings.log_format)
     try:
         spec = spec_from_env(env)
     except WorkerSpecError as err:
         logger.error("cannot start a worker: %s", err)
         return 1
-    configure(settings.log_level, prefix=spec.label)
+    configure(settings.log_level, prefix=spec.label, log_format=settings.log_format)
     try:
         import_script(script, args)
     except Exception:

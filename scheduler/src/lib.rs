@@ -10,6 +10,7 @@
 
 pub mod batcher;
 pub mod cancel;
+pub mod ids;
 pub mod inbox;
 pub mod metrics;
 pub mod outbox;

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use natserve_protocol::{Connection, ConnectionError, Frame, ItemResult};
+use natserve_protocol::{Connection, ConnectionError, Frame, ItemIds, ItemResult};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -155,7 +155,7 @@ impl WorkerConn {
         let (events, mut dropped) = mpsc::channel(16);
         let (_cancel, cancels) = mpsc::unbounded_channel();
         let mut channels = BatchChannels { events, cancels };
-        let run = self.run_with(items, &mut channels);
+        let run = self.run_with(items, Vec::new(), &mut channels);
         tokio::pin!(run);
         loop {
             tokio::select! {
@@ -165,12 +165,14 @@ impl WorkerConn {
         }
     }
 
-    /// [`WorkerConn::run`], handing each `STREAM` frame to `channels.events` as it comes
-    /// (all of them before this returns) and telling the worker of every index that
-    /// arrives on `channels.cancels` with a `CANCEL` frame.
+    /// [`WorkerConn::run`], telling the worker each item's ids (`ids`: one per item, or
+    /// none), handing each `STREAM` frame to `channels.events` as it comes (all of them
+    /// before this returns) and telling the worker of every index that arrives on
+    /// `channels.cancels` with a `CANCEL` frame.
     pub async fn run_with(
         &mut self,
         items: Vec<Bytes>,
+        ids: Vec<ItemIds>,
         channels: &mut BatchChannels,
     ) -> Result<Vec<ItemResult>, WorkerError> {
         // A worker can die while idle, e.g. while its pull loop waits for work.
@@ -182,7 +184,7 @@ impl WorkerConn {
         let count = items.len();
         // A write to a socket whose peer is gone fails (EPIPE): the batch stayed here.
         self.conn
-            .write_frame(&Frame::Batch { id, items })
+            .write_frame(&Frame::Batch { id, items, ids })
             .await
             .map_err(WorkerError::Send)?;
         let mut cancels_open = true;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::StorageType;
 use clap::{Parser, ValueEnum};
+use natserve_protocol::logs::LogFormat;
 use natserve_protocol::QueueConfig;
 
 #[derive(Debug, Clone, Parser)]
@@ -64,6 +65,10 @@ pub struct Args {
     /// Log filter: error, warn, info, debug, trace.
     #[arg(long, env = "NATSERVE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Log lines as text, or as one JSON object per line; the worker processes are told
+    /// the same (`NATSERVE_LOG_FORMAT`).
+    #[arg(long, env = natserve_protocol::logs::LOG_FORMAT_ENV, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -88,6 +93,8 @@ pub struct AgentSettings {
     pub grace: Duration,
     pub queue: QueueConfig,
     pub prefetch: bool,
+    /// The log format the worker processes are told to use.
+    pub log_format: LogFormat,
 }
 
 impl AgentSettings {
@@ -106,6 +113,7 @@ impl AgentSettings {
                 storage: StorageType::Memory,
             },
             prefetch: false,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -128,6 +136,7 @@ impl From<&Args> for AgentSettings {
                 },
             },
             prefetch: args.prefetch,
+            log_format: args.log_format,
         }
     }
 }

@@ -18,7 +18,8 @@
 //!
 //! Kind 6 is a batch that carries each item's request id and trace id (empty when it has
 //! none), so the worker can log them; kind 2, the same without ids, is what a batch with
-//! no ids encodes to and is still read. An id longer than 65535 bytes travels empty.
+//! no ids encodes to and is still read. Ids are UTF-8; one longer than 65535 bytes travels
+//! empty. A kind 6 batch has at least one item (without items it is kind 2).
 //!
 //! Item status: 0 ok, 1 validation error, 2 client error, 3 server error. The declared
 //! length is checked against a maximum before anything is allocated, and every inner
@@ -207,6 +208,10 @@ impl Frame {
             KIND_BATCH_IDS => {
                 let id = take_u64(&mut body)?;
                 let count = take_count(&mut body, 8)?;
+                if count == 0 {
+                    // Without items it is kind 2: one frame, one encoding.
+                    return Err(FrameError::Malformed("batch with ids of no item"));
+                }
                 let mut items = Vec::with_capacity(count);
                 let mut ids = Vec::with_capacity(count);
                 for _ in 0..count {
@@ -374,7 +379,11 @@ fn take_short(buf: &mut Bytes) -> Result<Bytes, FrameError> {
     if len > buf.remaining() {
         return Err(FrameError::Malformed("id length exceeds frame"));
     }
-    Ok(buf.split_to(len))
+    let id = buf.split_to(len);
+    if std::str::from_utf8(&id).is_err() {
+        return Err(FrameError::Malformed("id is not UTF-8"));
+    }
+    Ok(id)
 }
 
 fn take_bytes(buf: &mut Bytes) -> Result<Bytes, FrameError> {

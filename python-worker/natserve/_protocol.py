@@ -11,8 +11,8 @@ This mirrors ``protocol/src/frame.rs`` and ``connection.rs`` byte for byte::
     STREAM  kind 4  id:u64be index:u32be len:u32be bytes     worker -> agent
     CANCEL  kind 5  id:u64be index:u32be                     agent -> worker
 
-Kind 6 is a batch carrying each item's request id and trace id (empty when none); a
-batch without ids is kind 2, which is still read.
+Kind 6 is a batch carrying each item's request id and trace id (UTF-8, empty when
+none), with at least one item; a batch without ids is kind 2, which is still read.
 
 The declared length is checked against a maximum before anything is read or allocated,
 and every inner length against what is left of the frame. ``tests/golden/frames.json``
@@ -178,14 +178,17 @@ class _Reader:
         return value
 
     def short_text(self) -> str:
-        """An id with a u16 length, as text (a byte that is not UTF-8 shows as U+FFFD)."""
+        """An id with a u16 length, as text (UTF-8, or the frame is malformed)."""
         if self.remaining() < 2:
             raise FrameError("malformed frame: truncated u16")
         (n,) = _U16.unpack_from(self._data, self._pos)
         self._pos += 2
         if n > self.remaining():
             raise FrameError("malformed frame: id length exceeds frame")
-        value = bytes(self._data[self._pos : self._pos + n]).decode("utf-8", "replace")
+        try:
+            value = bytes(self._data[self._pos : self._pos + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise FrameError("malformed frame: id is not UTF-8") from None
         self._pos += n
         return value
 
@@ -222,9 +225,13 @@ def _parse_body(body: memoryview) -> Frame:
         return Batch(id=batch_id, items=items)
     if kind == KIND_BATCH_IDS:
         batch_id = reader.u64()
+        count = reader.count(8)
+        if count == 0:
+            # Without items it is kind 2: one frame, one encoding.
+            raise FrameError("malformed frame: batch with ids of no item")
         items = []
         ids: List[Tuple[str, str]] = []
-        for _ in range(reader.count(8)):
+        for _ in range(count):
             items.append(reader.bytes_())
             ids.append((reader.short_text(), reader.short_text()))
         reader.finish()

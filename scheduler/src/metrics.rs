@@ -2,7 +2,7 @@
 
 use prometheus::{
     exponential_buckets, histogram_opts, opts, Histogram, HistogramVec, IntCounter, IntCounterVec,
-    Registry,
+    IntGaugeVec, Registry,
 };
 
 #[derive(Clone)]
@@ -89,6 +89,17 @@ impl AgentMetrics {
             ),
             &["route", "stage"],
         )?;
+        let build_info = IntGaugeVec::new(
+            opts!(
+                "natserve_build_info",
+                "always 1; the labels say which natserve build answers"
+            ),
+            &["version", "component"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), "agent"])
+            .set(1);
+        registry.register(Box::new(build_info))?;
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(batch_seconds.clone()))?;
         registry.register(Box::new(queue_wait_seconds.clone()))?;

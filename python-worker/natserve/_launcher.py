@@ -46,8 +46,11 @@ Daemon = Union["subprocess.Popen[bytes]", multiprocessing.process.BaseProcess]
 logger = logging.getLogger("natserve.launcher")
 
 POLL_INTERVAL_S = 0.1
-#: How often the launcher asks its ingress whether it is ready yet, until it is.
-READY_PROBE_EVERY_S = 0.25
+#: How often the launcher asks its ingress whether it is ready yet, until it is: a
+#: refused connect (the port opens when ready) costs nothing, so often.
+READY_PROBE_EVERY_S = 0.05
+#: How long one such probe may take.
+READY_PROBE_TIMEOUT_S = 1.0
 #: The agent's supervisor gives each worker process this long from SIGTERM to SIGKILL
 #: (worker-agent/src/supervisor.rs, TERM_GRACE), all workers at once, after the drain.
 WORKER_STOP_S = 5.0
@@ -175,7 +178,7 @@ class _ReadyLine:
         self._next = now + READY_PROBE_EVERY_S
         try:
             # Always http:// to our own ingress, built above.
-            with urllib.request.urlopen(self._probe, timeout=READY_PROBE_EVERY_S) as resp:  # noqa: S310
+            with urllib.request.urlopen(self._probe, timeout=READY_PROBE_TIMEOUT_S) as resp:  # noqa: S310
                 ready = resp.status == 200
         except (OSError, ValueError):
             ready = False

@@ -91,7 +91,7 @@ class JsonFormatter(logging.Formatter):
             out["trace_id"] = trace
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False, default=str)
+        return json.dumps(out, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! frame   = length:u32be kind:u8 body          length counts kind + body
-//! READY   kind 1  pid:u32be                    worker -> agent, after __init__ and warm-up
+//! READY   kind 1  pid:u32be [ids:u8 = 1]      worker -> agent, after __init__ and warm-up
 //! BATCH   kind 2  id:u64be count:u32be (len:u32be bytes){count}            agent -> worker
 //! BATCH   kind 6  id:u64be count:u32be (len:u32be bytes rlen:u16be request_id
 //!                 tlen:u16be trace_id){count}                               agent -> worker
@@ -17,8 +17,10 @@
 //! get it after it already answered the batch, and then ignores it.
 //!
 //! Kind 6 is a batch that carries each item's request id and trace id (empty when it has
-//! none), so the worker can log them; kind 2, the same without ids, is what a batch with
-//! no ids encodes to and is still read. Ids are UTF-8; one longer than 65535 bytes travels
+//! none), so the worker can log them. A worker that reads it says so with the optional
+//! last byte of its READY (1); the agent sends kind 6 only to such a worker, and kind 2,
+//! the same without ids, to any other (one written against the frames before ids), and
+//! for a batch without ids. Ids are UTF-8; one longer than 65535 bytes travels
 //! empty. A kind 6 batch has at least one item (without items it is kind 2).
 //!
 //! Item status: 0 ok, 1 validation error, 2 client error, 3 server error. The declared
@@ -109,8 +111,10 @@ pub struct ItemIds {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
+    /// `reads_ids`: the worker reads BATCH kind 6 (its READY's optional last byte).
     Ready {
         pid: u32,
+        reads_ids: bool,
     },
     /// `ids` is empty (kind 2) or has one entry per item (kind 6).
     Batch {
@@ -187,7 +191,15 @@ impl Frame {
         match kind {
             KIND_READY => {
                 let pid = take_u32(&mut body)?;
-                finish(&body, Frame::Ready { pid })
+                let reads_ids = match body.first() {
+                    None => false,
+                    Some(1) => {
+                        body.advance(1);
+                        true
+                    }
+                    Some(_) => return Err(FrameError::Malformed("unknown READY feature")),
+                };
+                finish(&body, Frame::Ready { pid, reads_ids })
             }
             KIND_BATCH => {
                 let id = take_u64(&mut body)?;
@@ -268,9 +280,12 @@ impl Frame {
         let start = out.len();
         out.put_u32(0); // patched below, once the body's size is known
         match self {
-            Frame::Ready { pid } => {
+            Frame::Ready { pid, reads_ids } => {
                 out.put_u8(KIND_READY);
                 out.put_u32(*pid);
+                if *reads_ids {
+                    out.put_u8(1);
+                }
             }
             Frame::Batch { id, items, ids } if ids.is_empty() => {
                 out.put_u8(KIND_BATCH);
@@ -416,6 +431,7 @@ mod tests {
         match v["kind"].as_str().unwrap() {
             "ready" => Frame::Ready {
                 pid: v["pid"].as_u64().unwrap() as u32,
+                reads_ids: v["reads_ids"].as_bool().unwrap_or(false),
             },
             "batch" => Frame::Batch {
                 id: v["id"].as_u64().unwrap(),
@@ -510,7 +526,11 @@ mod tests {
 
     #[test]
     fn parse_rejects_what_check_would_not_have_sized() {
-        let ready = Frame::Ready { pid: 9 }.to_bytes();
+        let ready = Frame::Ready {
+            pid: 9,
+            reads_ids: false,
+        }
+        .to_bytes();
         for cut in 0..ready.len() {
             assert!(Frame::parse(&ready[..cut]).is_err(), "cut at {cut}");
         }

@@ -3,7 +3,7 @@
 This mirrors ``protocol/src/frame.rs`` and ``connection.rs`` byte for byte::
 
     frame   = length:u32be kind:u8 body          length counts kind + body
-    READY   kind 1  pid:u32be
+    READY   kind 1  pid:u32be [ids:u8 = 1]
     BATCH   kind 2  id:u64be count:u32be (len:u32be bytes){count}
     BATCH   kind 6  id:u64be count:u32be (len:u32be bytes rlen:u16be request_id
                     tlen:u16be trace_id){count}
@@ -12,7 +12,9 @@ This mirrors ``protocol/src/frame.rs`` and ``connection.rs`` byte for byte::
     CANCEL  kind 5  id:u64be index:u32be                     agent -> worker
 
 Kind 6 is a batch carrying each item's request id and trace id (UTF-8, empty when
-none), with at least one item; a batch without ids is kind 2, which is still read.
+none), with at least one item. This worker says in its READY (the optional last byte, 1)
+that it reads kind 6, and the agent sends kind 6 only to a worker that said so; kind 2 is
+a batch without ids.
 
 The declared length is checked against a maximum before anything is read or allocated,
 and every inner length against what is left of the frame. ``tests/golden/frames.json``
@@ -67,9 +69,11 @@ class CutFrameError(FrameError):
 
 @dataclass(frozen=True)
 class Ready:
-    """Worker -> agent, sent once after ``__init__`` and warm-up succeeded."""
+    """Worker -> agent, sent once after ``__init__`` and warm-up succeeded;
+    ``reads_ids``: this worker reads batches with ids (BATCH kind 6)."""
 
     pid: int
+    reads_ids: bool = False
 
 
 @dataclass(frozen=True)
@@ -215,9 +219,14 @@ def _parse_body(body: memoryview) -> Frame:
     reader = _Reader(body)
     kind = reader.u8("kind")
     if kind == KIND_READY:
-        ready = Ready(pid=reader.u32())
+        pid = reader.u32()
+        reads_ids = False
+        if reader.remaining():
+            if reader.u8("READY feature") != 1:
+                raise FrameError("malformed frame: unknown READY feature")
+            reads_ids = True
         reader.finish()
-        return ready
+        return Ready(pid=pid, reads_ids=reads_ids)
     if kind == KIND_BATCH:
         batch_id = reader.u64()
         items = [reader.bytes_() for _ in range(reader.count(4))]
@@ -264,6 +273,8 @@ def encode(frame: Frame) -> bytes:
     parts: List[bytes] = []
     if isinstance(frame, Ready):
         parts.append(_U32.pack(frame.pid))
+        if frame.reads_ids:
+            parts.append(b"\x01")
         kind = KIND_READY
     elif isinstance(frame, Batch) and not frame.ids:
         parts += [_U64.pack(frame.id), _U32.pack(len(frame.items))]

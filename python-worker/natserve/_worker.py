@@ -335,7 +335,7 @@ def _serve(conn: Connection, cls: Type[Worker], spec: WorkerSpec) -> int:
     runner = BatchRunner(worker, first=spec.first, last=spec.last, running=running)
     batches: queue.SimpleQueue[Union[Batch, _Stop]] = queue.SimpleQueue()
     try:
-        running.write(Ready(pid=os.getpid()))
+        running.write(Ready(pid=os.getpid(), reads_ids=True))
         logger.info("worker %s ready (pid %d, %d warm-up examples)", spec.name, os.getpid(), warmed)
         reader = threading.Thread(
             target=_read_frames, args=(conn, running, batches), name="natserve-agent", daemon=True

@@ -27,7 +27,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[Hea
 MAX = 1 << 16
 
 frames = st.one_of(
-    st.builds(Ready, pid=st.integers(0, 2**32 - 1)),
+    st.builds(Ready, pid=st.integers(0, 2**32 - 1), reads_ids=st.booleans()),
     st.builds(
         Batch, id=st.integers(0, 2**64 - 1), items=st.lists(st.binary(max_size=64), max_size=8)
     ),

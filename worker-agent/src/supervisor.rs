@@ -140,9 +140,9 @@ async fn run_once(
         }
     };
     let pid = child.id().unwrap_or(0);
-    let conn = tokio::select! {
+    let (conn, reads_ids) = tokio::select! {
         ready = accept_ready(&listener) => match ready {
-            Ok(conn) => conn,
+            Ok(ready) => ready,
             Err(reason) => {
                 terminate(&mut child).await;
                 return Ended::Lost(reason);
@@ -165,12 +165,9 @@ async fn run_once(
     info!(worker = %label, pid, "worker ready");
     let alive = Arc::new(AtomicBool::new(true));
     let retire = CancellationToken::new();
-    slot.pool.put(WorkerConn::new(
-        label.to_owned(),
-        conn,
-        alive.clone(),
-        retire.clone(),
-    ));
+    slot.pool.put(
+        WorkerConn::new(label.to_owned(), conn, alive.clone(), retire.clone()).with_ids(reads_ids),
+    );
     let ended = tokio::select! {
         status = child.wait() => Ended::Lost(format!("exited ({})", describe(status))),
         _ = retire.cancelled() => {
@@ -195,16 +192,17 @@ async fn run_once(
 }
 
 /// Waits for the worker to connect and finish loading (its READY frame).
+/// The connection, and whether the worker reads batches with ids (BATCH kind 6).
 async fn accept_ready(
     listener: &UnixListener,
-) -> Result<Connection<tokio::net::UnixStream>, String> {
+) -> Result<(Connection<tokio::net::UnixStream>, bool), String> {
     let (stream, _) = listener
         .accept()
         .await
         .map_err(|e| format!("accept failed: {e}"))?;
     let mut conn = Connection::new(stream, DEFAULT_MAX_FRAME);
     match conn.read_frame().await {
-        Ok(Some(Frame::Ready { .. })) => Ok(conn),
+        Ok(Some(Frame::Ready { reads_ids, .. })) => Ok((conn, reads_ids)),
         Ok(Some(other)) => Err(format!("sent {other:?} instead of READY")),
         Ok(None) => Err("closed its socket before READY".into()),
         Err(e) => Err(format!("broke protocol before READY: {e}")),

@@ -22,11 +22,10 @@ error goes to the log, never to the client.
 
 from __future__ import annotations
 
-import contextvars
 import logging
 from typing import Any, List, Optional, Sequence, Tuple
 
-from ._logging import reset_ids, set_ids
+from ._logging import RUNNING
 from ._protocol import ItemResult, Status
 from ._running import ForwardCall, Running
 from ._worker_base import Worker
@@ -96,14 +95,6 @@ class BatchRunner:
         self._last = last
         self._batched = worker.max_batch_size > 1
         self._running = running
-        self._batch_ids: Sequence[Tuple[str, str]] = ()
-
-    def _ids(self, items: Sequence[int]) -> contextvars.Token[Any]:
-        """Makes what is logged from now on carry the ids of the batch's items ``items``."""
-        ids = self._batch_ids
-        if not ids:
-            return set_ids((), ())
-        return set_ids([ids[i][0] for i in items], [ids[i][1] for i in items])
 
     def _forward(self, items: Sequence[int], data: Any) -> Any:
         """`forward` on ``data``, which is the batch's items ``items``."""
@@ -123,33 +114,34 @@ class BatchRunner:
     ) -> List[ItemResult]:
         """``ids``: each item's (request id, trace id), or none; what is logged while an
         item is decoded, run or encoded carries its ids."""
-        self._batch_ids = ids if len(ids) == len(payloads) else ()
+        RUNNING.ids = ids if len(ids) == len(payloads) else ()
+        try:
+            return self._run(payloads)
+        finally:
+            RUNNING.ids, RUNNING.items = (), ()
+
+    def _run(self, payloads: Sequence[bytes]) -> List[ItemResult]:
         results: List[Optional[ItemResult]] = [None] * len(payloads)
         inputs: List[Tuple[int, Any]] = []
         decode = self._worker.deserialize if self._first else self._worker.deserialize_ipc
         during = "deserialize" if self._first else "deserialize_ipc"
         for i, raw in enumerate(payloads):
-            token = self._ids([i])
+            RUNNING.items = (i,)
             try:
                 inputs.append((i, decode(raw)))
             except Exception as err:
                 results[i] = error_result(err, during)
-            finally:
-                reset_ids(token)
         if self._batched:
             self._forward_batch(inputs, results)
         else:
             for i, data in inputs:
-                token = self._ids([i])
+                RUNNING.items = (i,)
                 try:
                     output = self._forward([i], data)
                 except Exception as err:
                     results[i] = error_result(err, "forward")
                     continue
-                else:
-                    results[i] = self._encode(output)
-                finally:
-                    reset_ids(token)
+                results[i] = self._encode(output)
         done: List[ItemResult] = []
         for result in results:
             if result is None:  # unreachable: every path above sets each item
@@ -162,11 +154,12 @@ class BatchRunner:
     ) -> None:
         if not inputs:
             return
-        token = self._ids([i for i, _ in inputs])
+        outer = RUNNING.items
+        RUNNING.items = [i for i, _ in inputs]
         try:
             self._forward_inputs(inputs, results)
         finally:
-            reset_ids(token)
+            RUNNING.items = outer
 
     def _forward_inputs(
         self, inputs: Sequence[Tuple[int, Any]], results: List[Optional[ItemResult]]

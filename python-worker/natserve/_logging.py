@@ -10,48 +10,56 @@ logged while a worker runs a request carries that request's ``request_id`` and
 
 from __future__ import annotations
 
-import contextvars
 import datetime
 import json
 import logging
 import sys
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 _LOGGER_NAME = "natserve"
 LOG_FORMATS = ("text", "json")
 
-#: The ids of the requests the running code works on: (request ids, trace ids), one
-#: entry per item, "" where an item has none.
-_IDS: contextvars.ContextVar[Tuple[Sequence[str], Sequence[str]]] = contextvars.ContextVar(
-    "natserve_ids", default=((), ())
-)
+
+class _Running:
+    """The ids of what this worker process runs now: the running batch's (request id,
+    trace id) per item, and which of its items the code at work is on. One batch runs at
+    a time, on the main thread, so a plain holder is enough; setting ``items`` is an
+    attribute store, cheap enough for every item of every batch."""
+
+    __slots__ = ("ids", "items")
+
+    def __init__(self) -> None:
+        self.ids: Sequence[Tuple[str, str]] = ()
+        self.items: Sequence[int] = ()
+
+    def request_ids(self) -> List[str]:
+        ids = self.ids
+        return [ids[i][0] for i in self.items] if ids else []
+
+    def trace_ids(self) -> List[str]:
+        ids = self.ids
+        return [ids[i][1] for i in self.items] if ids else []
 
 
-def request_ids() -> list[str]:
+#: What `BatchRunner` runs now.
+RUNNING = _Running()
+
+
+def request_ids() -> List[str]:
     """The request ids of the items the running ``forward`` got, in input order (one
     without batching); empty outside a request (warm-up). Also ``Worker.request_ids``."""
-    return list(_IDS.get()[0])
+    return RUNNING.request_ids()
 
 
-def trace_ids() -> list[str]:
+def trace_ids() -> List[str]:
     """The trace ids (the trace-id field of each request's ``traceparent``) of the items
     the running ``forward`` got, ``""`` for one that came without; empty outside a
     request. Also ``Worker.trace_ids``."""
-    return list(_IDS.get()[1])
-
-
-def set_ids(request: Sequence[str], trace: Sequence[str]) -> contextvars.Token[Any]:
-    """Makes every record logged until `reset_ids` carry these ids."""
-    return _IDS.set((request, trace))
-
-
-def reset_ids(token: contextvars.Token[Any]) -> None:
-    _IDS.reset(token)
+    return RUNNING.trace_ids()
 
 
 def _ids_of(record: logging.LogRecord) -> Tuple[str, str]:
-    request, trace = _IDS.get()
-    return ",".join(request), ",".join(t for t in trace if t)
+    return ",".join(RUNNING.request_ids()), ",".join(t for t in RUNNING.trace_ids() if t)
 
 
 class _TextFormatter(logging.Formatter):

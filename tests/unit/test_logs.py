@@ -103,3 +103,16 @@ def test_a_batch_without_ids_and_warm_up_see_none(start_worker: Any) -> None:
     (result,) = agent.batch([b'"a"'])
     assert json.loads(result.body) == {"request_ids": [], "trace_ids": []}
     assert Single().request_ids == [] and Single().trace_ids == []
+
+
+def test_a_text_line_ends_with_the_ids_of_the_request_that_runs(
+    start_worker: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure("info")
+    server = Server()
+    server.append_worker(Echo, max_batch_size=4, max_wait_time=1)
+    agent: FakeAgent = start_worker(server)
+    agent.ready()
+    agent.batch([b"1"], ids=[("r-1", TRACE)])
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "forward of 1" in x]
+    assert line.endswith(f"natserve: forward of 1 request_id=r-1 trace_id={TRACE}")

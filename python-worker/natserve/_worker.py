@@ -2,13 +2,15 @@
 
 The agent runs ``worker_cmd`` (``python -m natserve._worker_main SCRIPT ARGS...``) with
 ``NATSERVE_WORKER_SPEC`` (the stage's entry of the agent config, JSON),
-``NATSERVE_WORKER_STAGES``, ``NATSERVE_WORKER_ID`` and ``NATSERVE_SOCKET`` set. This
+``NATSERVE_WORKER_STAGES``, ``NATSERVE_WORKER_ID``, ``NATSERVE_SOCKET`` and
+``NATSERVE_LOG_FORMAT`` set. This
 process imports the user's script the way multiprocessing's spawn does (as
 ``__mp_main__``, so its ``if __name__ == "__main__":`` block does not run), finds the
 stage's `Worker` class from the spec's ``module:qualname``, and takes every parameter
 from the spec, never from re-running ``append_worker``. It then connects to the socket,
 builds the worker (``worker_id``, ``stage`` and ``max_batch_size`` set before
-``__init__``), warms it up, sends READY with its pid and answers every BATCH with one
+``__init__``), warms it up, sends READY with its pid (saying it reads batches with
+request and trace ids, which its log records then carry) and answers every BATCH with one
 RESULTS frame of the same id (see `natserve._batch` for how items fail independently),
 preceded by any STREAM frames its ``forward`` sent. A reader thread takes the agent's
 frames, so a CANCEL reaches the running ``forward`` (`natserve._running`).

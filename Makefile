@@ -26,13 +26,17 @@ wheel: $(VENV)/bin/python
 
 # Installs that wheel (what a user installs), plus the test tools: Mosec's mixin libraries
 # (the `mosec` extra), prometheus-client (a ported Mosec example) and, where apt works,
-# redis-server (the Redis mixin's integration tests).
+# redis-server (the Redis mixin's integration tests) and Debian's prometheus package for
+# promtool (the metrics test runs `promtool check metrics` on live scrapes).
 install: wheel
 	$(PIP) install --quiet --force-reinstall --no-deps $(WHEEL)
 	$(PIP) install --quiet "$$(ls $(WHEEL))[mosec]" pytest ruff mypy hypothesis prometheus-client cryptography schemathesis pyyaml
 	@command -v redis-server >/dev/null || apt-get install -y -q redis-server >/dev/null 2>&1 \
 		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q redis-server >/dev/null 2>&1) \
 		|| echo "note: redis-server not installed; the Redis mixin's integration tests skip"
+	@command -v promtool >/dev/null || apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1) \
+		|| echo "note: promtool not installed (Debian's prometheus package); the promtool metrics test skips"
 
 run: install
 	$(PY) examples/exp.py --address 127.0.0.1 --port 8000

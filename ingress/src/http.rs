@@ -23,7 +23,7 @@ use natserve_protocol::{headers as wire, route_slug, Names, Outcome, Results, Ro
 use tokio::time::Instant;
 use tower_http::compression::CompressionLayer;
 use tower_http::decompression::RequestDecompressionLayer;
-use tracing::{debug, error, info_span, warn, Instrument};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::config::Config;
 use crate::drain::Drain;
@@ -106,24 +106,40 @@ fn sane_caller_id(value: &HeaderValue) -> Option<&str> {
 /// `X-Request-Id` is kept and echoed; on the wire it gets a random suffix, because a
 /// client retrying with the same id must not be de-duplicated by JetStream or share a
 /// reply subject with its first try. Every log line then still carries the caller's id.
-fn request_ids(caller: Option<&HeaderValue>) -> (String, String) {
+/// The third is a caller's id that was not usable, for the log.
+fn request_ids(caller: Option<&HeaderValue>) -> (String, String, Option<&HeaderValue>) {
     let fresh = uuid::Uuid::new_v4().simple().to_string();
     match caller.map(|v| (v, sane_caller_id(v))) {
-        Some((_, Some(id))) => (format!("{id}-{}", &fresh[..8]), id.to_owned()),
-        Some((given, None)) => {
-            debug!(given = ?given, "caller's x-request-id is not a usable token; using a fresh one");
-            (fresh.clone(), fresh)
-        }
-        None => (fresh.clone(), fresh),
+        Some((_, Some(id))) => (format!("{id}-{}", &fresh[..8]), id.to_owned(), None),
+        Some((given, None)) => (fresh.clone(), fresh, Some(given)),
+        None => (fresh.clone(), fresh, None),
     }
 }
 
-/// Assigns the request id, runs the request inside its span, and stamps the id on the
-/// response, whichever handler (or axum itself) produced it.
+/// Assigns the request id, runs the request inside its span (`request_id`, and the
+/// `trace_id` of a `traceparent` that came in), and stamps the id on the response,
+/// whichever handler (or axum itself) produced it.
 async fn with_request_id(mut request: Request, next: Next) -> Response {
-    let (id, echoed) = request_ids(request.headers().get(REQUEST_ID_HEADER));
-    let span =
-        info_span!("request", id = %id, method = %request.method(), path = %request.uri().path());
+    let (id, echoed, refused) = request_ids(request.headers().get(REQUEST_ID_HEADER));
+    let refused = refused.cloned();
+    let trace_id = request
+        .headers()
+        .get(wire::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(wire::trace_id);
+    let span = info_span!(
+        "request",
+        request_id = %id,
+        trace_id = tracing::field::Empty,
+        method = %request.method(),
+        path = %request.uri().path(),
+    );
+    if let Some(trace_id) = trace_id {
+        span.record("trace_id", trace_id);
+    }
+    if let Some(given) = refused {
+        span.in_scope(|| info!(given = ?given, "caller's x-request-id is not a usable token; using a fresh one"));
+    }
     request.extensions_mut().insert(RequestId(id));
     let mut response = next.run(request).instrument(span).await;
     if let Ok(value) = HeaderValue::from_str(&echoed) {
@@ -133,27 +149,7 @@ async fn with_request_id(mut request: Request, next: Next) -> Response {
 }
 
 async fn readiness(State(app): State<Arc<App>>) -> Response {
-    let result = if app.drain.is_draining() {
-        Err(RequestError::Draining)
-    } else if !app.submitter.is_connected() {
-        Err(RequestError::NotReady("nats disconnected".to_owned()))
-    } else {
-        let first_streams = {
-            let table = app.routes.read().unwrap_or_else(|p| p.into_inner());
-            let now = std::time::Instant::now();
-            table.readiness(now).map(|()| {
-                table
-                    .routes(now)
-                    .into_iter()
-                    .map(|(slug, r)| (r.route, app.names.stream(&slug, 0)))
-                    .collect::<Vec<_>>()
-            })
-        };
-        match first_streams {
-            Err(reason) => Err(RequestError::NotReady(reason)),
-            Ok(streams) => app.queues_exist(streams).await,
-        }
-    };
+    let result = app.ready().await;
     match result {
         Ok(()) => (
             StatusCode::OK,
@@ -327,6 +323,32 @@ impl App {
     /// Every route's first stage has its stream: a NATS server that kept its store in
     /// memory comes back without them, and until an agent makes them again a request could
     /// only be refused.
+    /// Whether `GET /` answers 200: not draining, connected, every stage of every route
+    /// has a ready worker on a live agent, and every route's first queue exists.
+    pub async fn ready(&self) -> Result<(), RequestError> {
+        if self.drain.is_draining() {
+            return Err(RequestError::Draining);
+        }
+        if !self.submitter.is_connected() {
+            return Err(RequestError::NotReady("nats disconnected".to_owned()));
+        }
+        let first_streams = {
+            let table = self.routes.read().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            table.readiness(now).map(|()| {
+                table
+                    .routes(now)
+                    .into_iter()
+                    .map(|(slug, r)| (r.route, self.names.stream(&slug, 0)))
+                    .collect::<Vec<_>>()
+            })
+        };
+        match first_streams {
+            Err(reason) => Err(RequestError::NotReady(reason)),
+            Ok(streams) => self.queues_exist(streams).await,
+        }
+    }
+
     async fn queues_exist(&self, first_streams: Vec<(String, String)>) -> Result<(), RequestError> {
         // One STREAM.INFO per route (what the least-privilege ingress user may ask), not a
         // listing of every stream on the server.

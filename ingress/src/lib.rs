@@ -24,4 +24,4 @@ pub mod watch;
 
 pub use config::Config;
 pub use error::{Error, RequestError};
-pub use server::run;
+pub use server::{run, Listener};

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use natserve_ingress::{run, Config};
+use natserve_ingress::{run, Config, Listener};
+use natserve_protocol::logs::LogFormat;
 use natserve_protocol::nats::NatsSecurity;
 use tracing_subscriber::EnvFilter;
 
@@ -65,6 +66,15 @@ struct Cli {
     /// Log filter: a level (error, warn, info, debug, trace) or tracing directives.
     #[arg(long, env = "NATSERVE_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
     log_level: String,
+    /// Log lines as text, or as one JSON object per line.
+    #[arg(long, env = natserve_protocol::logs::LOG_FORMAT_ENV, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Take the port at start-up but accept connections only once `GET /` would answer
+    /// 200 (every stage has a ready worker); until then a connect is refused. Off: the
+    /// port answers at once, `GET /` with 503 until ready (what a load balancer's
+    /// readiness probe expects).
+    #[arg(long, env = "NATSERVE_LISTEN_WHEN_READY", default_value_t = false, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    listen_when_ready: bool,
 }
 
 fn parse_nats(s: &str) -> Result<String, String> {
@@ -150,13 +160,10 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(EXIT_USAGE);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::new(natserve_protocol::log_directives(
-            &cli.log_level,
-        )))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    natserve_protocol::logs::init(
+        EnvFilter::new(natserve_protocol::log_directives(&cli.log_level)),
+        cli.log_format,
+    );
     match serve(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -169,9 +176,24 @@ fn main() -> ExitCode {
 #[tokio::main]
 async fn serve(cli: Cli) -> anyhow::Result<()> {
     let address = SocketAddr::new(cli.address, cli.port);
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
-        .with_context(|| format!("could not listen on {address}"))?;
+    let listener = if cli.listen_when_ready {
+        // Bound now, so a taken port fails at start-up, not once the workers are ready.
+        let socket = if address.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }?;
+        socket.set_reuseaddr(true)?;
+        socket
+            .bind(address)
+            .with_context(|| format!("could not bind {address}"))?;
+        Listener::WhenReady(socket)
+    } else {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("could not listen on {address}"))?;
+        Listener::Now(listener)
+    };
     run(listener, cli.config(), shutdown_signal()).await?;
     Ok(())
 }

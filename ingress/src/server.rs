@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use natserve_protocol::Names;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -28,6 +28,27 @@ const NATS_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long start-up waits for the existing routes and agents before serving anyway.
 const INITIAL_LOAD_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How often a ready-first ingress asks itself whether it is ready, until it is.
+const READY_POLL: Duration = Duration::from_millis(25);
+/// The accept backlog of a socket the ingress starts listening on itself.
+const BACKLOG: u32 = 1024;
+
+/// Where the ingress serves HTTP: a listener already accepting, or a socket bound (its
+/// port is taken, so a clash fails at start-up) that starts listening only once `GET /`
+/// would answer 200. Until then a client's connect is refused, as with a service that
+/// has not started yet.
+#[derive(Debug)]
+pub enum Listener {
+    Now(TcpListener),
+    WhenReady(TcpSocket),
+}
+
+impl From<TcpListener> for Listener {
+    fn from(listener: TcpListener) -> Self {
+        Listener::Now(listener)
+    }
+}
+
 /// A short random id naming this ingress in its reply subjects.
 pub fn ingress_id() -> String {
     let mut id = uuid::Uuid::new_v4().simple().to_string();
@@ -40,10 +61,11 @@ pub fn ingress_id() -> String {
 /// Fails only when it cannot start (bad namespace, NATS unreachable for
 /// `config.connect_timeout`, buckets that cannot be opened) or when the HTTP server fails.
 pub async fn run(
-    listener: TcpListener,
+    listener: impl Into<Listener>,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
+    let listener = listener.into();
     let names = Names::new(&config.namespace)?;
     let id = ingress_id();
     let identity = natserve_protocol::nats::Identity {
@@ -100,6 +122,29 @@ pub async fn run(
         metrics,
     });
 
+    tokio::pin!(shutdown);
+    let listener = match listener {
+        Listener::Now(listener) => listener,
+        Listener::WhenReady(socket) => {
+            let address = socket.local_addr()?;
+            info!(%address, "waiting for every stage to have a ready worker before listening");
+            let ready = async {
+                while app.ready().await.is_err() {
+                    tokio::time::sleep(READY_POLL).await;
+                }
+            };
+            tokio::select! {
+                () = ready => socket.listen(BACKLOG)?,
+                () = &mut shutdown => {
+                    watching.cancel();
+                    watchers.join().await;
+                    let _ = client.drain().await;
+                    info!("ingress stopped before it was ready");
+                    return Ok(());
+                }
+            }
+        }
+    };
     let address = listener.local_addr()?;
     let stop_http = CancellationToken::new();
     let limits = listen::Limits {
@@ -115,7 +160,7 @@ pub async fn run(
     info!(ingress = %id, %address, namespace = names.namespace(), "ingress listening");
 
     let early_exit = tokio::select! {
-        () = shutdown => None,
+        () = &mut shutdown => None,
         exited = &mut server => Some(exited),
     };
     if let Some(exited) = early_exit {

@@ -310,3 +310,55 @@ async fn routes_registered_before_start_are_served_from_the_first_request() {
     assert_eq!(response.status(), 200);
     ingress.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_first_ingress_refuses_connections_until_every_stage_has_a_ready_worker() {
+    let nats = NatsServer::start();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let address = socket.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(natserve_ingress::run(
+        natserve_ingress::Listener::WhenReady(socket),
+        config(&nats.url),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let agent = Agent::connect(&nats.url).await;
+    agent.put_route("/x", 1).await;
+    agent.create_stage("/x", 0, 1000).await;
+    // A route with no ready worker: the port is taken but nobody listens on it.
+    agent.heartbeat("a", 60_000, &[("/x", 0, 0)]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = tokio::net::TcpStream::connect(address).await;
+    assert!(refused.is_err(), "connected before ready");
+
+    agent.heartbeat("a", 60_000, &[("/x", 0, 1)]).await;
+    let http = http();
+    let url = format!("http://{address}/");
+    eventually("the ingress to listen once ready", || async {
+        http.get(&url).send().await.is_ok()
+    })
+    .await;
+    let response = http.get(&url).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_first_ingress_stopped_before_it_was_ready_exits_cleanly() {
+    let nats = NatsServer::start();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let started = Instant::now();
+    natserve_ingress::run(
+        natserve_ingress::Listener::WhenReady(socket),
+        config(&nats.url),
+        tokio::time::sleep(Duration::from_millis(300)),
+    )
+    .await
+    .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

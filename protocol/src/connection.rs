@@ -73,6 +73,7 @@ mod tests {
         let frame = Frame::Batch {
             id: 1,
             items: vec![Bytes::from_static(b"{\"x\": 2}"), Bytes::new()],
+            ids: Vec::new(),
         };
         let sent = frame.clone();
         let writer = tokio::spawn(async move {
@@ -88,7 +89,11 @@ mod tests {
     async fn a_cut_frame_is_an_error() {
         let (mut a, b) = tokio::io::duplex(64);
         let mut right = Connection::new(b, 1024);
-        let bytes = Frame::Ready { pid: 9 }.to_bytes();
+        let bytes = Frame::Ready {
+            pid: 9,
+            reads_ids: true,
+        }
+        .to_bytes();
         a.write_all(&bytes[..bytes.len() - 1]).await.unwrap();
         drop(a);
         assert!(matches!(

@@ -2,8 +2,10 @@
 //!
 //! ```text
 //! frame   = length:u32be kind:u8 body          length counts kind + body
-//! READY   kind 1  pid:u32be                    worker -> agent, after __init__ and warm-up
+//! READY   kind 1  pid:u32be [ids:u8 = 1]      worker -> agent, after __init__ and warm-up
 //! BATCH   kind 2  id:u64be count:u32be (len:u32be bytes){count}            agent -> worker
+//! BATCH   kind 6  id:u64be count:u32be (len:u32be bytes rlen:u16be request_id
+//!                 tlen:u16be trace_id){count}                               agent -> worker
 //! RESULTS kind 3  id:u64be count:u32be (status:u8 len:u32be bytes){count}   worker -> agent
 //! STREAM  kind 4  id:u64be index:u32be len:u32be bytes      worker -> agent, before RESULTS
 //! CANCEL  kind 5  id:u64be index:u32be                      agent -> worker, while it runs
@@ -13,6 +15,13 @@
 //! while it runs it, then the batch's one `RESULTS` frame, which ends every item's stream.
 //! The agent sends `CANCEL` when the requester of item `index` went away; the worker may
 //! get it after it already answered the batch, and then ignores it.
+//!
+//! Kind 6 is a batch that carries each item's request id and trace id (empty when it has
+//! none), so the worker can log them. A worker that reads it says so with the optional
+//! last byte of its READY (1); the agent sends kind 6 only to such a worker, and kind 2,
+//! the same without ids, to any other (one written against the frames before ids), and
+//! for a batch without ids. Ids are UTF-8; one longer than 65535 bytes travels
+//! empty. A kind 6 batch has at least one item (without items it is kind 2).
 //!
 //! Item status: 0 ok, 1 validation error, 2 client error, 3 server error. The declared
 //! length is checked against a maximum before anything is allocated, and every inner
@@ -28,6 +37,7 @@ pub const KIND_BATCH: u8 = 2;
 pub const KIND_RESULTS: u8 = 3;
 pub const KIND_STREAM: u8 = 4;
 pub const KIND_CANCEL: u8 = 5;
+pub const KIND_BATCH_IDS: u8 = 6;
 
 /// Largest frame accepted by default: big enough for a batch of large NATS payloads.
 pub const DEFAULT_MAX_FRAME: usize = 256 * 1024 * 1024;
@@ -91,14 +101,26 @@ pub struct ItemResult {
     pub body: Bytes,
 }
 
+/// The ids one batch item's log lines carry: its request id and its trace id (the
+/// trace-id field of the `traceparent` it came with), each empty when it has none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ItemIds {
+    pub request_id: Bytes,
+    pub trace_id: Bytes,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
+    /// `reads_ids`: the worker reads BATCH kind 6 (its READY's optional last byte).
     Ready {
         pid: u32,
+        reads_ids: bool,
     },
+    /// `ids` is empty (kind 2) or has one entry per item (kind 6).
     Batch {
         id: u64,
         items: Vec<Bytes>,
+        ids: Vec<ItemIds>,
     },
     Results {
         id: u64,
@@ -169,7 +191,15 @@ impl Frame {
         match kind {
             KIND_READY => {
                 let pid = take_u32(&mut body)?;
-                finish(&body, Frame::Ready { pid })
+                let reads_ids = match body.first() {
+                    None => false,
+                    Some(1) => {
+                        body.advance(1);
+                        true
+                    }
+                    Some(_) => return Err(FrameError::Malformed("unknown READY feature")),
+                };
+                finish(&body, Frame::Ready { pid, reads_ids })
             }
             KIND_BATCH => {
                 let id = take_u64(&mut body)?;
@@ -178,7 +208,32 @@ impl Frame {
                 for _ in 0..count {
                     items.push(take_bytes(&mut body)?);
                 }
-                finish(&body, Frame::Batch { id, items })
+                finish(
+                    &body,
+                    Frame::Batch {
+                        id,
+                        items,
+                        ids: Vec::new(),
+                    },
+                )
+            }
+            KIND_BATCH_IDS => {
+                let id = take_u64(&mut body)?;
+                let count = take_count(&mut body, 8)?;
+                if count == 0 {
+                    // Without items it is kind 2: one frame, one encoding.
+                    return Err(FrameError::Malformed("batch with ids of no item"));
+                }
+                let mut items = Vec::with_capacity(count);
+                let mut ids = Vec::with_capacity(count);
+                for _ in 0..count {
+                    items.push(take_bytes(&mut body)?);
+                    ids.push(ItemIds {
+                        request_id: take_short(&mut body)?,
+                        trace_id: take_short(&mut body)?,
+                    });
+                }
+                finish(&body, Frame::Batch { id, items, ids })
             }
             KIND_RESULTS => {
                 let id = take_u64(&mut body)?;
@@ -225,17 +280,33 @@ impl Frame {
         let start = out.len();
         out.put_u32(0); // patched below, once the body's size is known
         match self {
-            Frame::Ready { pid } => {
+            Frame::Ready { pid, reads_ids } => {
                 out.put_u8(KIND_READY);
                 out.put_u32(*pid);
+                if *reads_ids {
+                    out.put_u8(1);
+                }
             }
-            Frame::Batch { id, items } => {
+            Frame::Batch { id, items, ids } if ids.is_empty() => {
                 out.put_u8(KIND_BATCH);
                 out.put_u64(*id);
                 out.put_u32(items.len() as u32);
                 for item in items {
                     out.put_u32(item.len() as u32);
                     out.put_slice(item);
+                }
+            }
+            Frame::Batch { id, items, ids } => {
+                out.put_u8(KIND_BATCH_IDS);
+                out.put_u64(*id);
+                out.put_u32(items.len() as u32);
+                let none = ItemIds::default();
+                for (i, item) in items.iter().enumerate() {
+                    out.put_u32(item.len() as u32);
+                    out.put_slice(item);
+                    let ids = ids.get(i).unwrap_or(&none);
+                    put_short(out, &ids.request_id);
+                    put_short(out, &ids.trace_id);
                 }
             }
             Frame::Results { id, items } => {
@@ -304,6 +375,32 @@ fn take_count(buf: &mut Bytes, min_item_size: usize) -> Result<usize, FrameError
     Ok(count)
 }
 
+/// An id with a u16 length; one that does not fit travels empty.
+fn put_short(out: &mut BytesMut, id: &[u8]) {
+    match u16::try_from(id.len()) {
+        Ok(len) => {
+            out.put_u16(len);
+            out.put_slice(id);
+        }
+        Err(_) => out.put_u16(0),
+    }
+}
+
+fn take_short(buf: &mut Bytes) -> Result<Bytes, FrameError> {
+    if buf.remaining() < 2 {
+        return Err(FrameError::Malformed("truncated u16"));
+    }
+    let len = buf.get_u16() as usize;
+    if len > buf.remaining() {
+        return Err(FrameError::Malformed("id length exceeds frame"));
+    }
+    let id = buf.split_to(len);
+    if std::str::from_utf8(&id).is_err() {
+        return Err(FrameError::Malformed("id is not UTF-8"));
+    }
+    Ok(id)
+}
+
 fn take_bytes(buf: &mut Bytes) -> Result<Bytes, FrameError> {
     let len = take_u32(buf)? as usize;
     if len > buf.remaining() {
@@ -334,10 +431,24 @@ mod tests {
         match v["kind"].as_str().unwrap() {
             "ready" => Frame::Ready {
                 pid: v["pid"].as_u64().unwrap() as u32,
+                reads_ids: v["reads_ids"].as_bool().unwrap_or(false),
             },
             "batch" => Frame::Batch {
                 id: v["id"].as_u64().unwrap(),
                 items: v["items"].as_array().unwrap().iter().map(text).collect(),
+                ids: v
+                    .get("ids")
+                    .map(|ids| {
+                        ids.as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|pair| ItemIds {
+                                request_id: text(&pair[0]),
+                                trace_id: text(&pair[1]),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             },
             "results" => Frame::Results {
                 id: v["id"].as_u64().unwrap(),
@@ -405,6 +516,7 @@ mod tests {
         let bytes = Frame::Batch {
             id: 7,
             items: vec![Bytes::from_static(b"abc")],
+            ids: vec![ItemIds::default()],
         }
         .to_bytes();
         for cut in 0..bytes.len() {
@@ -414,7 +526,11 @@ mod tests {
 
     #[test]
     fn parse_rejects_what_check_would_not_have_sized() {
-        let ready = Frame::Ready { pid: 9 }.to_bytes();
+        let ready = Frame::Ready {
+            pid: 9,
+            reads_ids: false,
+        }
+        .to_bytes();
         for cut in 0..ready.len() {
             assert!(Frame::parse(&ready[..cut]).is_err(), "cut at {cut}");
         }

@@ -52,9 +52,53 @@ pub fn deadline_ms(headers: Option<&async_nats::HeaderMap>) -> Option<u64> {
     get(headers, DEADLINE)?.trim().parse().ok()
 }
 
+/// The trace id of a W3C `traceparent` (`<version>-<trace id>-<parent id>-<flags>`): its
+/// 32 lowercase hex digits, `None` when the value is not one (or the all-zero invalid id).
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut fields = traceparent.trim().split('-');
+    let version = fields.next()?;
+    let id = fields.next()?;
+    let hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let valid = version.len() == 2
+        && hex(version)
+        && version != "ff"
+        && id.len() == 32
+        && hex(id)
+        && id.bytes().any(|b| b != b'0');
+    valid.then_some(id)
+}
+
+/// The message's trace id, from its [`TRACEPARENT`]; `""` when it came without one.
+pub fn trace_id_of(headers: Option<&async_nats::HeaderMap>) -> &str {
+    get(headers, TRACEPARENT).and_then(trace_id).unwrap_or("")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_trace_id_is_the_second_field_of_a_valid_traceparent() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(trace_id(&format!("00-{id}-00f067aa0ba902b7-01")), Some(id));
+        for bad in [
+            "",
+            "00",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(trace_id(bad), None, "{bad}");
+        }
+        let mut h = async_nats::HeaderMap::new();
+        assert_eq!(trace_id_of(Some(&h)), "");
+        h.insert(TRACEPARENT, format!("00-{id}-00f067aa0ba902b7-01").as_str());
+        assert_eq!(trace_id_of(Some(&h)), id);
+    }
 
     #[test]
     fn reads_a_deadline_in_unix_ms() {

@@ -14,6 +14,7 @@ pub mod buckets;
 pub mod connection;
 pub mod frame;
 pub mod headers;
+pub mod logs;
 pub mod names;
 pub mod nats;
 pub mod outcome;
@@ -24,7 +25,7 @@ pub mod streams;
 
 pub use agent_config::{AgentConfig, ConfigError, RouteSpec, StageSpec};
 pub use connection::{Connection, ConnectionError};
-pub use frame::{Frame, FrameError, ItemResult, ItemStatus};
+pub use frame::{Frame, FrameError, ItemIds, ItemResult, ItemStatus};
 pub use names::{route_slug, NameError, Names, CONSUMER};
 pub use outcome::Outcome;
 pub use records::{

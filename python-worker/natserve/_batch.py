@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from typing import Any, List, Optional, Sequence, Tuple
 
+from ._logging import RUNNING
 from ._protocol import ItemResult, Status
 from ._running import ForwardCall, Running
 from ._worker_base import Worker
@@ -108,12 +109,24 @@ class BatchRunner:
     def _streamed(self, item: int) -> bool:
         return self._running is not None and self._running.streamed(item)
 
-    def run(self, payloads: Sequence[bytes]) -> List[ItemResult]:
+    def run(
+        self, payloads: Sequence[bytes], ids: Sequence[Tuple[str, str]] = ()
+    ) -> List[ItemResult]:
+        """``ids``: each item's (request id, trace id), or none; what is logged while an
+        item is decoded, run or encoded carries its ids."""
+        RUNNING.ids = ids if len(ids) == len(payloads) else ()
+        try:
+            return self._run(payloads)
+        finally:
+            RUNNING.ids, RUNNING.items = (), ()
+
+    def _run(self, payloads: Sequence[bytes]) -> List[ItemResult]:
         results: List[Optional[ItemResult]] = [None] * len(payloads)
         inputs: List[Tuple[int, Any]] = []
         decode = self._worker.deserialize if self._first else self._worker.deserialize_ipc
         during = "deserialize" if self._first else "deserialize_ipc"
         for i, raw in enumerate(payloads):
+            RUNNING.items = (i,)
             try:
                 inputs.append((i, decode(raw)))
             except Exception as err:
@@ -122,6 +135,7 @@ class BatchRunner:
             self._forward_batch(inputs, results)
         else:
             for i, data in inputs:
+                RUNNING.items = (i,)
                 try:
                     output = self._forward([i], data)
                 except Exception as err:
@@ -140,6 +154,16 @@ class BatchRunner:
     ) -> None:
         if not inputs:
             return
+        outer = RUNNING.items
+        RUNNING.items = [i for i, _ in inputs]
+        try:
+            self._forward_inputs(inputs, results)
+        finally:
+            RUNNING.items = outer
+
+    def _forward_inputs(
+        self, inputs: Sequence[Tuple[int, Any]], results: List[Optional[ItemResult]]
+    ) -> None:
         try:
             outputs = self._forward([i for i, _ in inputs], [data for _, data in inputs])
         except Exception as err:

@@ -46,8 +46,11 @@ Daemon = Union["subprocess.Popen[bytes]", multiprocessing.process.BaseProcess]
 logger = logging.getLogger("natserve.launcher")
 
 POLL_INTERVAL_S = 0.1
-#: How often the launcher asks its ingress whether it is ready yet, until it is.
-READY_PROBE_EVERY_S = 0.25
+#: How often the launcher asks its ingress whether it is ready yet, until it is: a
+#: refused connect (the port opens when ready) costs nothing, so often.
+READY_PROBE_EVERY_S = 0.05
+#: How long one such probe may take.
+READY_PROBE_TIMEOUT_S = 1.0
 #: The agent's supervisor gives each worker process this long from SIGTERM to SIGKILL
 #: (worker-agent/src/supervisor.rs, TERM_GRACE), all workers at once, after the drain.
 WORKER_STOP_S = 5.0
@@ -97,6 +100,7 @@ def agent_argv(binary: str, settings: Settings, config: Path) -> List[str]:
         "--prefetch", settings.prefetch,
         "--heartbeat-ms", str(settings.heartbeat_ms),
         "--agent-grace-ms", str(settings.agent_grace_ms),
+        "--log-format", settings.log_format,
     ]  # fmt: skip
     # Unset means the agent's own behaviour: no metrics server, a fresh temp directory.
     if settings.metrics_address is not None:
@@ -107,7 +111,7 @@ def agent_argv(binary: str, settings: Settings, config: Path) -> List[str]:
 
 
 def ingress_argv(binary: str, settings: Settings) -> List[str]:
-    return [
+    argv = [
         binary,
         "--namespace", settings.namespace,
         "--address", settings.address,
@@ -120,7 +124,14 @@ def ingress_argv(binary: str, settings: Settings) -> List[str]:
         "--header-read-timeout-ms", str(settings.header_read_timeout_ms),
         "--result-ttl-s", str(settings.result_ttl_s),
         "--async-timeout-ms", str(settings.async_timeout_ms),
+        "--log-format", settings.log_format,
     ]  # fmt: skip
+    # Started with its agent, the ingress opens its port only once every stage has a
+    # ready worker (Mosec's behaviour); alone, it answers 503 until then, which a load
+    # balancer's readiness probe expects.
+    if settings.role == "all":
+        argv += ["--listen-when-ready", "true"]
+    return argv
 
 
 class _Stop:
@@ -167,7 +178,7 @@ class _ReadyLine:
         self._next = now + READY_PROBE_EVERY_S
         try:
             # Always http:// to our own ingress, built above.
-            with urllib.request.urlopen(self._probe, timeout=READY_PROBE_EVERY_S) as resp:  # noqa: S310
+            with urllib.request.urlopen(self._probe, timeout=READY_PROBE_TIMEOUT_S) as resp:  # noqa: S310
                 ready = resp.status == 200
         except (OSError, ValueError):
             ready = False
@@ -210,7 +221,7 @@ def main(
     """Runs the launcher until a signal or a child's exit; returns the exit code."""
     settings, rest = parse_settings(argv)
     check_script_flags(rest)
-    configure(settings.log_level)
+    configure(settings.log_level, log_format=settings.log_format)
     for notice in mosec_flag_notices(settings):
         logger.warning("%s", notice)
     if settings.dry_run:
@@ -282,7 +293,14 @@ def main(
                     env=nats_env(settings, nats_url),
                 )
                 children.insert(0, ingress)
-                logger.info("serving http://%s:%d", settings.address, settings.port)
+                if settings.role == "all":
+                    logger.info(
+                        "http://%s:%d opens once every stage has a ready worker",
+                        settings.address,
+                        settings.port,
+                    )
+                else:
+                    logger.info("serving http://%s:%d", settings.address, settings.port)
             watched = children + ([nats.child] if nats and nats.child else [])
             ready = _ReadyLine(settings, list(routes)) if settings.runs_ingress else None
             code = _supervise(watched, stop, daemons, ready)

@@ -3,11 +3,18 @@
 This mirrors ``protocol/src/frame.rs`` and ``connection.rs`` byte for byte::
 
     frame   = length:u32be kind:u8 body          length counts kind + body
-    READY   kind 1  pid:u32be
+    READY   kind 1  pid:u32be [ids:u8 = 1]
     BATCH   kind 2  id:u64be count:u32be (len:u32be bytes){count}
+    BATCH   kind 6  id:u64be count:u32be (len:u32be bytes rlen:u16be request_id
+                    tlen:u16be trace_id){count}
     RESULTS kind 3  id:u64be count:u32be (status:u8 len:u32be bytes){count}
     STREAM  kind 4  id:u64be index:u32be len:u32be bytes     worker -> agent
     CANCEL  kind 5  id:u64be index:u32be                     agent -> worker
+
+Kind 6 is a batch carrying each item's request id and trace id (UTF-8, empty when
+none), with at least one item. This worker says in its READY (the optional last byte, 1)
+that it reads kind 6, and the agent sends kind 6 only to a worker that said so; kind 2 is
+a batch without ids.
 
 The declared length is checked against a maximum before anything is read or allocated,
 and every inner length against what is left of the frame. ``tests/golden/frames.json``
@@ -20,19 +27,21 @@ import enum
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 KIND_READY = 1
 KIND_BATCH = 2
 KIND_RESULTS = 3
 KIND_STREAM = 4
 KIND_CANCEL = 5
+KIND_BATCH_IDS = 6
 
 #: Largest frame accepted by default: big enough for a batch of large NATS payloads.
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+_U16 = struct.Struct(">H")
 _HEADER = struct.Struct(">IB")
 
 
@@ -60,17 +69,21 @@ class CutFrameError(FrameError):
 
 @dataclass(frozen=True)
 class Ready:
-    """Worker -> agent, sent once after ``__init__`` and warm-up succeeded."""
+    """Worker -> agent, sent once after ``__init__`` and warm-up succeeded;
+    ``reads_ids``: this worker reads batches with ids (BATCH kind 6)."""
 
     pid: int
+    reads_ids: bool = False
 
 
 @dataclass(frozen=True)
 class Batch:
-    """Agent -> worker: one raw payload per request."""
+    """Agent -> worker: one raw payload per request, and (kind 6) each one's request id
+    and trace id, ``""`` where it has none; ``ids`` is empty in a batch without them."""
 
     id: int
     items: List[bytes] = field(default_factory=list)
+    ids: List[Tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -168,6 +181,21 @@ class _Reader:
         self._pos += n
         return value
 
+    def short_text(self) -> str:
+        """An id with a u16 length, as text (UTF-8, or the frame is malformed)."""
+        if self.remaining() < 2:
+            raise FrameError("malformed frame: truncated u16")
+        (n,) = _U16.unpack_from(self._data, self._pos)
+        self._pos += 2
+        if n > self.remaining():
+            raise FrameError("malformed frame: id length exceeds frame")
+        try:
+            value = bytes(self._data[self._pos : self._pos + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise FrameError("malformed frame: id is not UTF-8") from None
+        self._pos += n
+        return value
+
     def finish(self) -> None:
         if self.remaining():
             raise FrameError("malformed frame: trailing bytes")
@@ -191,14 +219,32 @@ def _parse_body(body: memoryview) -> Frame:
     reader = _Reader(body)
     kind = reader.u8("kind")
     if kind == KIND_READY:
-        ready = Ready(pid=reader.u32())
+        pid = reader.u32()
+        reads_ids = False
+        if reader.remaining():
+            if reader.u8("READY feature") != 1:
+                raise FrameError("malformed frame: unknown READY feature")
+            reads_ids = True
         reader.finish()
-        return ready
+        return Ready(pid=pid, reads_ids=reads_ids)
     if kind == KIND_BATCH:
         batch_id = reader.u64()
         items = [reader.bytes_() for _ in range(reader.count(4))]
         reader.finish()
         return Batch(id=batch_id, items=items)
+    if kind == KIND_BATCH_IDS:
+        batch_id = reader.u64()
+        count = reader.count(8)
+        if count == 0:
+            # Without items it is kind 2: one frame, one encoding.
+            raise FrameError("malformed frame: batch with ids of no item")
+        items = []
+        ids: List[Tuple[str, str]] = []
+        for _ in range(count):
+            items.append(reader.bytes_())
+            ids.append((reader.short_text(), reader.short_text()))
+        reader.finish()
+        return Batch(id=batch_id, items=items, ids=ids)
     if kind == KIND_RESULTS:
         results_id = reader.u64()
         results: List[ItemResult] = []
@@ -227,12 +273,20 @@ def encode(frame: Frame) -> bytes:
     parts: List[bytes] = []
     if isinstance(frame, Ready):
         parts.append(_U32.pack(frame.pid))
+        if frame.reads_ids:
+            parts.append(b"\x01")
         kind = KIND_READY
-    elif isinstance(frame, Batch):
+    elif isinstance(frame, Batch) and not frame.ids:
         parts += [_U64.pack(frame.id), _U32.pack(len(frame.items))]
         for item in frame.items:
             parts += [_U32.pack(len(item)), bytes(item)]
         kind = KIND_BATCH
+    elif isinstance(frame, Batch):
+        parts += [_U64.pack(frame.id), _U32.pack(len(frame.items))]
+        for i, item in enumerate(frame.items):
+            request_id, trace_id = frame.ids[i] if i < len(frame.ids) else ("", "")
+            parts += [_U32.pack(len(item)), bytes(item), _short(request_id), _short(trace_id)]
+        kind = KIND_BATCH_IDS
     elif isinstance(frame, Stream):
         body = bytes(frame.body)
         parts += [_U64.pack(frame.id), _U32.pack(frame.index), _U32.pack(len(body)), body]
@@ -247,6 +301,12 @@ def encode(frame: Frame) -> bytes:
         kind = KIND_RESULTS
     payload = b"".join(parts)
     return _HEADER.pack(len(payload) + 1, kind) + payload
+
+
+def _short(text: str) -> bytes:
+    """An id with its u16 length; one that does not fit travels empty."""
+    data = text.encode("utf-8")
+    return _U16.pack(len(data)) + data if len(data) <= 0xFFFF else _U16.pack(0)
 
 
 class Connection:

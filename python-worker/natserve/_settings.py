@@ -74,6 +74,8 @@ class Settings:
     async_timeout_ms: int = 600_000
     socket_dir: Optional[str] = None
     dry_run: bool = False
+    #: Every process's log lines: "text", or "json" (one JSON object per line).
+    log_format: str = "text"
     #: Mosec flags given that natserve ignores, for `mosec_flag_notices`.
     mosec_flags: Tuple[str, ...] = ()
 
@@ -334,6 +336,12 @@ _OPTIONS: List[_Option] = [
         _directory,
         "agent: directory of the workers' Unix sockets; a fresh temporary one when unset",
         "DIR",
+    ),
+    _Option(
+        "--log-format",
+        _choice(("text", "json")),
+        "every process's log lines: text, or json (one JSON object per line)",
+        "FORMAT",
     ),
 ]
 

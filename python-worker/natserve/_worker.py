@@ -2,13 +2,15 @@
 
 The agent runs ``worker_cmd`` (``python -m natserve._worker_main SCRIPT ARGS...``) with
 ``NATSERVE_WORKER_SPEC`` (the stage's entry of the agent config, JSON),
-``NATSERVE_WORKER_STAGES``, ``NATSERVE_WORKER_ID`` and ``NATSERVE_SOCKET`` set. This
+``NATSERVE_WORKER_STAGES``, ``NATSERVE_WORKER_ID``, ``NATSERVE_SOCKET`` and
+``NATSERVE_LOG_FORMAT`` set. This
 process imports the user's script the way multiprocessing's spawn does (as
 ``__mp_main__``, so its ``if __name__ == "__main__":`` block does not run), finds the
 stage's `Worker` class from the spec's ``module:qualname``, and takes every parameter
 from the spec, never from re-running ``append_worker``. It then connects to the socket,
 builds the worker (``worker_id``, ``stage`` and ``max_batch_size`` set before
-``__init__``), warms it up, sends READY with its pid and answers every BATCH with one
+``__init__``), warms it up, sends READY with its pid (saying it reads batches with
+request and trace ids, which its log records then carry) and answers every BATCH with one
 RESULTS frame of the same id (see `natserve._batch` for how items fail independently),
 preceded by any STREAM frames its ``forward`` sent. The main thread reads the agent's
 frames between batches; while one runs, ``is_cancelled`` looks for a CANCEL itself
@@ -299,7 +301,7 @@ def _serve(conn: Connection, cls: Type[Worker], spec: WorkerSpec) -> int:
     running = Running(conn)
     runner = BatchRunner(worker, first=spec.first, last=spec.last, running=running)
     try:
-        running.write(Ready(pid=os.getpid()))
+        running.write(Ready(pid=os.getpid(), reads_ids=True))
         logger.info("worker %s ready (pid %d, %d warm-up examples)", spec.name, os.getpid(), warmed)
         while True:
             frame = running.next_frame()
@@ -314,7 +316,7 @@ def _serve(conn: Connection, cls: Type[Worker], spec: WorkerSpec) -> int:
                 return 1
             running.start(frame.id)
             try:
-                results = runner.run(frame.items)
+                results = runner.run(frame.items, frame.ids)
             finally:
                 running.finish()
             running.write(Results(id=frame.id, items=results))
@@ -346,13 +348,13 @@ def main(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
         return 1
     script, args = argv[0], list(argv[1:])
     settings, _ = parse_settings(args, env)
-    configure(settings.log_level)
+    configure(settings.log_level, log_format=settings.log_format)
     try:
         spec = spec_from_env(env)
     except WorkerSpecError as err:
         logger.error("cannot start a worker: %s", err)
         return 1
-    configure(settings.log_level, prefix=spec.label)
+    configure(settings.log_level, prefix=spec.label, log_format=settings.log_format)
     try:
         import_script(script, args)
     except Exception:

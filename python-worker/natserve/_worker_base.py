@@ -23,7 +23,7 @@ import json
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import _ipc
+from . import _ipc, _logging
 from ._running import ForwardCall
 from .errors import DecodingError, EncodingError
 from .utils import ParseTarget
@@ -142,6 +142,21 @@ class Worker(abc.ABC):
     def deserialize_ipc(self, data: bytes) -> Any:
         """Between stages: the previous stage's bytes to one `forward` input. msgpack."""
         return _ipc.unpack(data)
+
+    @property
+    def request_ids(self) -> List[str]:
+        """The request ids (what the ingress echoes as ``X-Request-Id``, with a suffix
+        when the caller chose it) of the items the running ``forward`` got, in input
+        order; empty outside a request (warm-up). natserve's log lines of the request
+        carry them already; these are for the worker's own. natserve's own."""
+        return _logging.request_ids()
+
+    @property
+    def trace_ids(self) -> List[str]:
+        """The trace ids (the trace-id field of the W3C ``traceparent`` a request came
+        with; ``""`` for one without) of the items the running ``forward`` got, in input
+        order; empty outside a request. natserve's own."""
+        return _logging.trace_ids()
 
     def is_cancelled(self, index: int = 0) -> bool:
         """Whether the requester of item ``index`` of the running ``forward`` call went

@@ -2,13 +2,14 @@
 
 use prometheus::{
     exponential_buckets, histogram_opts, opts, Histogram, HistogramVec, IntCounter, IntCounterVec,
-    Registry,
+    IntGaugeVec, Registry,
 };
 
 #[derive(Clone)]
 pub struct StageMetrics {
     pub batch_size: Histogram,
     pub batch_seconds: Histogram,
+    pub queue_wait_seconds: Histogram,
     pub worker_failures: IntCounter,
     items: IntCounterVec,
     results: IntCounterVec,
@@ -37,6 +38,7 @@ impl StageMetrics {
 pub struct AgentMetrics {
     batch_size: HistogramVec,
     batch_seconds: HistogramVec,
+    queue_wait_seconds: HistogramVec,
     items: IntCounterVec,
     results: IntCounterVec,
     worker_failures: IntCounterVec,
@@ -60,6 +62,15 @@ impl AgentMetrics {
             ),
             &["route", "stage"],
         )?;
+        let queue_wait_seconds = HistogramVec::new(
+            histogram_opts!(
+                "natserve_agent_queue_wait_seconds",
+                "Time a request waited in the stage's queue: from its publish to the stage's \
+                 stream (the NATS server's clock) to the start of the batch that runs it",
+                exponential_buckets(0.0005, 2.0, 18)?
+            ),
+            &["route", "stage"],
+        )?;
         let items = IntCounterVec::new(
             opts!("natserve_agent_items_total", "Items run, by outcome"),
             &["route", "stage", "outcome"],
@@ -78,14 +89,27 @@ impl AgentMetrics {
             ),
             &["route", "stage"],
         )?;
+        let build_info = IntGaugeVec::new(
+            opts!(
+                "natserve_build_info",
+                "always 1; the labels say which natserve build answers"
+            ),
+            &["version", "component"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), "agent"])
+            .set(1);
+        registry.register(Box::new(build_info))?;
         registry.register(Box::new(batch_size.clone()))?;
         registry.register(Box::new(batch_seconds.clone()))?;
+        registry.register(Box::new(queue_wait_seconds.clone()))?;
         registry.register(Box::new(items.clone()))?;
         registry.register(Box::new(results.clone()))?;
         registry.register(Box::new(worker_failures.clone()))?;
         Ok(Self {
             batch_size,
             batch_seconds,
+            queue_wait_seconds,
             items,
             results,
             worker_failures,
@@ -98,6 +122,7 @@ impl AgentMetrics {
         StageMetrics {
             batch_size: self.batch_size.with_label_values(&labels),
             batch_seconds: self.batch_seconds.with_label_values(&labels),
+            queue_wait_seconds: self.queue_wait_seconds.with_label_values(&labels),
             worker_failures: self.worker_failures.with_label_values(&labels),
             items: self.items.clone(),
             results: self.results.clone(),

@@ -82,6 +82,7 @@ impl Outbox {
             route = %self.route,
             stage = self.stage,
             request_id = header(msg, headers::REQUEST_ID).unwrap_or(""),
+            trace_id = headers::trace_id_of(msg.headers.as_ref()),
             reply_to = header(msg, headers::REPLY_TO).unwrap_or(""),
             "refusing work whose reply subject is not under <namespace>.reply.; terminated unanswered"
         );
@@ -209,7 +210,7 @@ impl Outbox {
                     ready.push(msg);
                 }
                 Err(e) => {
-                    warn!(route = %self.route, stage = self.stage, error = %e, "cannot fetch a work payload");
+                    warn!(route = %self.route, stage = self.stage, request_id = header(&msg, headers::REQUEST_ID).unwrap_or(""), trace_id = headers::trace_id_of(msg.headers.as_ref()), error = %e, "cannot fetch a work payload");
                     let text = format!(
                         "internal error: the input of stage {} of {} could not be read: {e}",
                         self.stage, self.route
@@ -234,7 +235,7 @@ impl Outbox {
         }
         let rejection = Rejection::from_publish_error(err);
         let (outcome, text) = handoff_failure(rejection);
-        warn!(route = %self.route, stage = self.stage, ?rejection, error = %err, "hand-off failed");
+        warn!(route = %self.route, stage = self.stage, request_id = header(msg, headers::REQUEST_ID).unwrap_or(""), trace_id = headers::trace_id_of(msg.headers.as_ref()), ?rejection, error = %err, "hand-off failed");
         self.finish(
             msg,
             outcome,
@@ -286,7 +287,7 @@ impl Outbox {
             .publish_with_headers(to.to_owned(), h, body)
             .await
         {
-            warn!(subject = to, error = %e, "stream event publish failed");
+            warn!(subject = to, request_id = header(msg, headers::REQUEST_ID).unwrap_or(""), trace_id = headers::trace_id_of(msg.headers.as_ref()), error = %e, "stream event publish failed");
         }
     }
 

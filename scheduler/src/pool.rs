@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use natserve_protocol::{Connection, ConnectionError, Frame, ItemResult};
+use natserve_protocol::{Connection, ConnectionError, Frame, ItemIds, ItemResult};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -120,6 +120,8 @@ pub struct WorkerConn {
     alive: Arc<AtomicBool>,
     retire: CancellationToken,
     next_batch: u64,
+    /// The worker said (in its READY) that it reads batches with ids.
+    reads_ids: bool,
 }
 
 impl WorkerConn {
@@ -137,7 +139,14 @@ impl WorkerConn {
             alive,
             retire,
             next_batch: 0,
+            reads_ids: false,
         }
+    }
+
+    /// Whether the worker reads batches with ids (BATCH kind 6): only then are they sent.
+    pub fn with_ids(mut self, reads_ids: bool) -> Self {
+        self.reads_ids = reads_ids;
+        self
     }
 
     pub fn label(&self) -> &str {
@@ -155,7 +164,7 @@ impl WorkerConn {
         let (events, mut dropped) = mpsc::channel(16);
         let (_cancel, cancels) = mpsc::unbounded_channel();
         let mut channels = BatchChannels { events, cancels };
-        let run = self.run_with(items, &mut channels);
+        let run = self.run_with(items, Vec::new(), &mut channels);
         tokio::pin!(run);
         loop {
             tokio::select! {
@@ -165,12 +174,14 @@ impl WorkerConn {
         }
     }
 
-    /// [`WorkerConn::run`], handing each `STREAM` frame to `channels.events` as it comes
-    /// (all of them before this returns) and telling the worker of every index that
-    /// arrives on `channels.cancels` with a `CANCEL` frame.
+    /// [`WorkerConn::run`], telling the worker each item's ids (`ids`: one per item, or
+    /// none), handing each `STREAM` frame to `channels.events` as it comes (all of them
+    /// before this returns) and telling the worker of every index that arrives on
+    /// `channels.cancels` with a `CANCEL` frame.
     pub async fn run_with(
         &mut self,
         items: Vec<Bytes>,
+        ids: Vec<ItemIds>,
         channels: &mut BatchChannels,
     ) -> Result<Vec<ItemResult>, WorkerError> {
         // A worker can die while idle, e.g. while its pull loop waits for work.
@@ -180,9 +191,10 @@ impl WorkerConn {
         self.next_batch += 1;
         let id = self.next_batch;
         let count = items.len();
+        let ids = if self.reads_ids { ids } else { Vec::new() };
         // A write to a socket whose peer is gone fails (EPIPE): the batch stayed here.
         self.conn
-            .write_frame(&Frame::Batch { id, items })
+            .write_frame(&Frame::Batch { id, items, ids })
             .await
             .map_err(WorkerError::Send)?;
         let mut cancels_open = true;
@@ -400,6 +412,51 @@ mod tests {
         let (mut conn, _theirs, _retire) = worker(false);
         let err = conn.run(vec![Bytes::from_static(b"1")]).await.unwrap_err();
         assert_eq!(err.kind(), FailureKind::NotDelivered, "{err}");
+    }
+
+    /// The batch frame a worker gets for one item with ids, as it read it.
+    async fn batch_seen(reads_ids: bool) -> Frame {
+        let (conn, theirs, _retire) = worker(true);
+        let mut conn = conn.with_ids(reads_ids);
+        let peer = tokio::spawn(async move {
+            let mut peer = Connection::new(theirs, 1024);
+            let batch = peer.read_frame().await.unwrap().unwrap();
+            let results = Frame::Results {
+                id: 1,
+                items: vec![ItemResult {
+                    status: natserve_protocol::ItemStatus::Ok,
+                    body: Bytes::new(),
+                }],
+            };
+            peer.write_frame(&results).await.unwrap();
+            batch
+        });
+        let ids = vec![ItemIds {
+            request_id: Bytes::from_static(b"r-1"),
+            trace_id: Bytes::from_static(b"4bf92f3577b34da6a3ce929d0e0e4736"),
+        }];
+        let (events, _) = mpsc::channel(1);
+        let (_cancel, cancels) = mpsc::unbounded_channel();
+        let mut channels = BatchChannels { events, cancels };
+        conn.run_with(vec![Bytes::from_static(b"1")], ids, &mut channels)
+            .await
+            .unwrap();
+        peer.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn ids_go_only_to_a_worker_that_said_it_reads_them() {
+        let Frame::Batch { ids, .. } = batch_seen(true).await else {
+            panic!("not a batch");
+        };
+        assert_eq!(ids.len(), 1);
+        assert_eq!(ids[0].request_id.as_ref(), b"r-1");
+        // A worker written against the frames before ids gets BATCH kind 2.
+        let Frame::Batch { ids, items, .. } = batch_seen(false).await else {
+            panic!("not a batch");
+        };
+        assert!(ids.is_empty());
+        assert_eq!(items.len(), 1);
     }
 
     #[tokio::test]

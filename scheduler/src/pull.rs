@@ -138,7 +138,7 @@ pub(crate) async fn triage(
         .into_iter()
         .partition(|m| is_last_delivery(delivered(m)));
     for msg in exhausted {
-        warn!(route = %ctx.spec.route, stage = ctx.spec.stage, request_id = header(&msg, headers::REQUEST_ID).unwrap_or(""), "last delivery of a request every run of which failed; answering it");
+        warn!(route = %ctx.spec.route, stage = ctx.spec.stage, request_id = crate::ids::request_id(&msg), trace_id = crate::ids::trace_id(&msg), "last delivery of a request every run of which failed; answering it");
         let body = format!(
             "internal error: stage {} of {} was delivered {} times and never finished (its workers or agents kept failing)",
             ctx.spec.stage, ctx.spec.route, MAX_DELIVER

@@ -18,13 +18,14 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use natserve_protocol::payloads;
 use natserve_protocol::streams::PROGRESS_EVERY;
-use natserve_protocol::{headers, unix_ms, ItemResult, Outcome};
+use natserve_protocol::{headers, unix_ms, ItemIds, ItemResult, Outcome};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
-use crate::outbox::{delivered, header};
+use crate::ids::{self, RequestIds, TraceIds};
+use crate::outbox::delivered;
 use crate::pool::{BatchChannels, FailureKind, StreamEvent, WorkerConn, WorkerError, WorkerPool};
 use crate::pull::triage;
 use crate::stage::StageContext;
@@ -86,6 +87,15 @@ pub(crate) async fn run_batch(
         }
     }
     ctx.metrics.batch_size.observe(msgs.len() as f64);
+    observe_queue_wait(&ctx, &msgs);
+    debug!(
+        route = %ctx.spec.route,
+        stage = ctx.spec.stage,
+        worker = worker.label(),
+        request_ids = %RequestIds(&msgs),
+        trace_ids = %TraceIds(&msgs),
+        "batch starts"
+    );
     loop {
         let running = pool.stats().batch_running();
         let started = Instant::now();
@@ -102,7 +112,7 @@ pub(crate) async fn run_batch(
                 return;
             }
             BatchEnd::Failed(e) if e.kind() == FailureKind::NotDelivered => {
-                warn!(worker = worker.label(), error = %e, items = msgs.len(), "batch never reached its worker; running it on another");
+                warn!(worker = worker.label(), error = %e, items = msgs.len(), request_ids = %RequestIds(&msgs), trace_ids = %TraceIds(&msgs), "batch never reached its worker; running it on another");
                 ctx.metrics.worker_failures.inc();
                 drop(worker);
                 // Time passed while it waited: what expired meanwhile is answered, not run.
@@ -124,7 +134,7 @@ pub(crate) async fn run_batch(
                 // agent died): answered now, so a poison item costs at most two workers.
                 if let [msg] = msgs.as_slice() {
                     if delivered(msg) > 1 {
-                        error!(worker = %label, error = %e, request_id = header(msg, headers::REQUEST_ID).unwrap_or(""), "worker failed running one request alone, after an earlier failure; answering it and replacing the worker");
+                        error!(worker = %label, error = %e, request_id = ids::request_id(msg), trace_id = ids::trace_id(msg), "worker failed running one request alone, after an earlier failure; answering it and replacing the worker");
                         let body = Bytes::from_static(
                             b"internal error: worker process failed while running this request",
                         );
@@ -134,7 +144,7 @@ pub(crate) async fn run_batch(
                         return;
                     }
                 }
-                error!(worker = %label, error = %e, items = msgs.len(), "worker failed a batch; replacing it and running each item again alone");
+                error!(worker = %label, error = %e, items = msgs.len(), request_ids = %RequestIds(&msgs), trace_ids = %TraceIds(&msgs), "worker failed a batch; replacing it and running each item again alone");
                 for (msg, &sent) in msgs.iter().zip(&events) {
                     if sent == 0 {
                         ctx.outbox.retry(msg).await;
@@ -154,6 +164,8 @@ pub(crate) async fn run_batch(
                 error!(
                     worker = worker.label(),
                     limit_ms = limit.as_millis() as u64,
+                    request_ids = %RequestIds(&msgs),
+                    trace_ids = %TraceIds(&msgs),
                     "batch ran past its limit; replacing the worker"
                 );
                 ctx.metrics.worker_failures.inc();
@@ -173,6 +185,34 @@ pub(crate) async fn run_batch(
             }
         }
     }
+}
+
+/// How long each message waited in the stage's queue, from its publish (the NATS
+/// server's clock) to now, the start of its batch (this host's): a skew between the two
+/// clocks shows up as a shift, a negative wait counts as none.
+fn observe_queue_wait(ctx: &StageContext, msgs: &[jetstream::Message]) {
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+    for msg in msgs {
+        if let Ok(info) = msg.info() {
+            let waited_ns = (now_ns - info.published.unix_timestamp_nanos()).max(0);
+            ctx.metrics
+                .queue_wait_seconds
+                .observe(waited_ns as f64 / 1e9);
+        }
+    }
+}
+
+/// Each message's ids, for the worker's log lines.
+fn item_ids(msgs: &[jetstream::Message]) -> Vec<ItemIds> {
+    msgs.iter()
+        .map(|msg| ItemIds {
+            request_id: Bytes::copy_from_slice(ids::request_id(msg).as_bytes()),
+            trace_id: Bytes::copy_from_slice(ids::trace_id(msg).as_bytes()),
+        })
+        .collect()
 }
 
 /// Waits for the next idle worker for `msgs`, which this agent holds meanwhile: they get
@@ -231,7 +271,7 @@ async fn attempt(
     let mut cancelled = ctx.cancelled.subscribe();
     // A cancel may have come between triage and now.
     cancelled.mark_changed();
-    let run = worker.run_with(payloads, &mut channels);
+    let run = worker.run_with(payloads, item_ids(msgs), &mut channels);
     tokio::pin!(run);
     let mut progress = tokio::time::interval_at(started + PROGRESS_EVERY, PROGRESS_EVERY);
     let hang = async {
@@ -308,7 +348,7 @@ impl ItemStreams {
     fn newly_cancelled(&mut self, ctx: &StageContext, msgs: &[jetstream::Message]) -> Vec<u32> {
         let mut out = Vec::new();
         for (i, msg) in msgs.iter().enumerate() {
-            let id = header(msg, headers::REQUEST_ID).unwrap_or("");
+            let id = ids::request_id(msg);
             if !self.cancelled[i] && !id.is_empty() && ctx.cancelled.contains(id) {
                 self.cancelled[i] = true;
                 out.push(i as u32);

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from natserve import Server
 from natserve._agent_config import agent_config
@@ -59,10 +59,16 @@ class FakeAgent:
         assert isinstance(frame, Ready), frame
         return frame
 
-    def batch(self, items: Sequence[bytes], batch_id: Optional[int] = None) -> List[ItemResult]:
+    def batch(
+        self,
+        items: Sequence[bytes],
+        batch_id: Optional[int] = None,
+        ids: Sequence[Tuple[str, str]] = (),
+    ) -> List[ItemResult]:
+        """Runs one batch; ``ids`` (one (request id, trace id) per item) makes it kind 6."""
         if batch_id is None:
             batch_id, self._next_id = self._next_id, self._next_id + 1
-        self.conn.write_frame(Batch(id=batch_id, items=list(items)))
+        self.conn.write_frame(Batch(id=batch_id, items=list(items), ids=list(ids)))
         frame = self.read()
         assert isinstance(frame, Results), frame
         assert frame.id == batch_id

@@ -27,9 +27,21 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[Hea
 MAX = 1 << 16
 
 frames = st.one_of(
-    st.builds(Ready, pid=st.integers(0, 2**32 - 1)),
+    st.builds(Ready, pid=st.integers(0, 2**32 - 1), reads_ids=st.booleans()),
     st.builds(
         Batch, id=st.integers(0, 2**64 - 1), items=st.lists(st.binary(max_size=64), max_size=8)
+    ),
+    st.lists(
+        st.tuples(st.binary(max_size=64), st.text(max_size=40), st.text(max_size=40)),
+        min_size=1,
+        max_size=8,
+    ).flatmap(
+        lambda items: st.builds(
+            Batch,
+            id=st.integers(0, 2**64 - 1),
+            items=st.just([body for body, _, _ in items]),
+            ids=st.just([(request, trace) for _, request, trace in items]),
+        )
     ),
     st.builds(
         Results,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::StorageType;
 use clap::{Parser, ValueEnum};
+use natserve_protocol::logs::LogFormat;
 use natserve_protocol::QueueConfig;
 use natserve_scheduler::Prefetch;
 
@@ -67,6 +68,10 @@ pub struct Args {
     /// Log filter: error, warn, info, debug, trace.
     #[arg(long, env = "NATSERVE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Log lines as text, or as one JSON object per line; the worker processes are told
+    /// the same (`NATSERVE_LOG_FORMAT`).
+    #[arg(long, env = natserve_protocol::logs::LOG_FORMAT_ENV, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -91,6 +96,8 @@ pub struct AgentSettings {
     pub grace: Duration,
     pub queue: QueueConfig,
     pub prefetch: Prefetch,
+    /// The log format the worker processes are told to use.
+    pub log_format: LogFormat,
 }
 
 impl AgentSettings {
@@ -109,6 +116,7 @@ impl AgentSettings {
                 storage: StorageType::Memory,
             },
             prefetch: Prefetch::Auto,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -131,6 +139,7 @@ impl From<&Args> for AgentSettings {
                 },
             },
             prefetch: args.prefetch,
+            log_format: args.log_format,
         }
     }
 }

@@ -180,6 +180,8 @@ pub async fn run(
                 worker_cmd: worker_cmd.clone(),
                 socket: dir.join(format!("{slug}-{}-{worker_id}.sock", spec.stage)),
                 pool: pool.sender(),
+                log_format: settings.log_format,
+                changed: registration.workers_changed(),
             };
             supervisors.spawn(supervise(slot, draining.clone(), stop_workers.clone()));
         }

@@ -1,6 +1,5 @@
 //! `natserve-agent`: parse flags, load the pipeline, run until SIGINT or SIGTERM.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -34,11 +33,7 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    natserve_protocol::logs::init(filter, args.log_format);
     let config = match AgentConfig::load(&args.config) {
         Ok(p) => p,
         Err(e) => {

@@ -1,5 +1,7 @@
 //! The agent's presence in NATS: its routes in `<ns>_routes`, itself in `<ns>_agents`
-//! refreshed every heartbeat, and its record deleted when it stops cleanly.
+//! refreshed every heartbeat and at once whenever a worker comes up or goes away (so an
+//! ingress counts a stage's first worker as soon as it is ready, not a heartbeat later),
+//! and its record deleted when it stops cleanly.
 //!
 //! Routes are keyed by slug, and two routes can share one (`/a/b` and `/a_b`): they would
 //! share a queue. An agent refuses to start on a slug whose record names another route
@@ -22,6 +24,7 @@ use natserve_protocol::{
     unix_ms, AgentRecord, Names, RouteRecord, RouteSpec, StageLoad, StageSpec,
 };
 use natserve_scheduler::WorkerStats;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -60,6 +63,7 @@ pub struct Registration {
     heartbeat: Duration,
     route_records: Vec<(String, RouteRecord)>,
     stages: Vec<(StageSpec, Arc<WorkerStats>)>,
+    workers_changed: Arc<Notify>,
 }
 
 impl Registration {
@@ -106,11 +110,19 @@ impl Registration {
             heartbeat,
             route_records,
             stages,
+            workers_changed: Arc::new(Notify::new()),
         })
     }
 
     pub fn id(&self) -> &str {
         &self.key
+    }
+
+    /// What a supervisor notifies when one of its workers became ready or went away: the
+    /// heartbeat loop then publishes the record without waiting for its next tick. Changes
+    /// that come while a beat is being written are coalesced into the next one.
+    pub fn workers_changed(&self) -> Arc<Notify> {
+        self.workers_changed.clone()
     }
 
     pub fn record(&self) -> AgentRecord {
@@ -242,7 +254,8 @@ impl Registration {
         }
     }
 
-    /// Publishes the record every heartbeat until `cancel` fires, then deletes it.
+    /// Publishes the record every heartbeat, and whenever a worker came up or went away,
+    /// until `cancel` fires, then deletes it.
     pub async fn heartbeat_until(&self, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(self.heartbeat);
         // A beat that waited out an outage (each NATS call times out) is not followed by
@@ -253,6 +266,7 @@ impl Registration {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
+                _ = self.workers_changed.notified() => {}
             }
             if beats.is_multiple_of(routes_every(self.heartbeat)) || self.routes_missing().await {
                 self.put_routes().await;

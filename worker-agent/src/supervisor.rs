@@ -1,6 +1,6 @@
 //! Keeps one Python worker process alive: starts `worker_cmd` with its socket and
 //! environment (`NATSERVE_WORKER_SPEC`, `NATSERVE_WORKER_STAGES`, `NATSERVE_WORKER_ID`,
-//! `NATSERVE_SOCKET`, plus the stage's per-worker `env`), accepts its one connection,
+//! `NATSERVE_SOCKET`, `NATSERVE_LOG_FORMAT`, plus the stage's per-worker `env`), accepts its one connection,
 //! waits for READY, hands the connection to the stage's pool, and replaces the process
 //! when it exits, crashes, or is retired because its connection was dropped (a failed or
 //! hung batch, or a worker found dead). Restarts back off exponentially unless the
@@ -15,11 +15,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use natserve_protocol::logs::{LogFormat, LOG_FORMAT_ENV};
 use natserve_protocol::StageSpec;
 use natserve_protocol::{frame::DEFAULT_MAX_FRAME, Connection, Frame};
 use natserve_scheduler::{PoolSender, WorkerConn};
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -41,6 +43,10 @@ pub struct Slot {
     pub worker_cmd: Arc<Vec<String>>,
     pub socket: PathBuf,
     pub pool: PoolSender,
+    pub log_format: LogFormat,
+    /// Told when this worker becomes ready or goes away, so the agent's record says so at
+    /// once.
+    pub changed: Arc<Notify>,
 }
 
 impl Slot {
@@ -58,6 +64,7 @@ impl Slot {
             .env("NATSERVE_WORKER_STAGES", self.stages_in_route.to_string())
             .env("NATSERVE_WORKER_ID", self.worker_id.to_string())
             .env("NATSERVE_SOCKET", &self.socket)
+            .env(LOG_FORMAT_ENV, self.log_format.as_str())
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
         if let Some(env) = self.spec.worker_env(self.worker_id) {
@@ -133,9 +140,9 @@ async fn run_once(
         }
     };
     let pid = child.id().unwrap_or(0);
-    let conn = tokio::select! {
+    let (conn, reads_ids) = tokio::select! {
         ready = accept_ready(&listener) => match ready {
-            Ok(conn) => conn,
+            Ok(ready) => ready,
             Err(reason) => {
                 terminate(&mut child).await;
                 return Ended::Lost(reason);
@@ -154,15 +161,13 @@ async fn run_once(
 
     let stats = slot.pool.stats().clone();
     stats.worker_up();
+    slot.changed.notify_one();
     info!(worker = %label, pid, "worker ready");
     let alive = Arc::new(AtomicBool::new(true));
     let retire = CancellationToken::new();
-    slot.pool.put(WorkerConn::new(
-        label.to_owned(),
-        conn,
-        alive.clone(),
-        retire.clone(),
-    ));
+    slot.pool.put(
+        WorkerConn::new(label.to_owned(), conn, alive.clone(), retire.clone()).with_ids(reads_ids),
+    );
     let ended = tokio::select! {
         status = child.wait() => Ended::Lost(format!("exited ({})", describe(status))),
         _ = retire.cancelled() => {
@@ -182,20 +187,22 @@ async fn run_once(
     };
     alive.store(false, Ordering::Release);
     stats.worker_down();
+    slot.changed.notify_one();
     ended
 }
 
 /// Waits for the worker to connect and finish loading (its READY frame).
+/// The connection, and whether the worker reads batches with ids (BATCH kind 6).
 async fn accept_ready(
     listener: &UnixListener,
-) -> Result<Connection<tokio::net::UnixStream>, String> {
+) -> Result<(Connection<tokio::net::UnixStream>, bool), String> {
     let (stream, _) = listener
         .accept()
         .await
         .map_err(|e| format!("accept failed: {e}"))?;
     let mut conn = Connection::new(stream, DEFAULT_MAX_FRAME);
     match conn.read_frame().await {
-        Ok(Some(Frame::Ready { .. })) => Ok(conn),
+        Ok(Some(Frame::Ready { reads_ids, .. })) => Ok((conn, reads_ids)),
         Ok(Some(other)) => Err(format!("sent {other:?} instead of READY")),
         Ok(None) => Err("closed its socket before READY".into()),
         Err(e) => Err(format!("broke protocol before READY: {e}")),

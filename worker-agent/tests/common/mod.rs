@@ -14,11 +14,11 @@ pub use async_nats::HeaderMap;
 pub use bytes::Bytes;
 pub use futures::StreamExt;
 pub use natserve_agent::{run, AgentError, AgentSettings};
-pub use natserve_scheduler::Prefetch;
 pub use natserve_protocol::buckets::{agents_bucket_config, open_bucket, routes_bucket_config};
 pub use natserve_protocol::{
     headers, AgentConfig, AgentRecord, Names, RouteRecord, RouteSpec, StageSpec,
 };
+pub use natserve_scheduler::Prefetch;
 pub use tokio::sync::oneshot;
 pub use tokio::task::JoinHandle;
 

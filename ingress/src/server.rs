@@ -20,7 +20,9 @@ use crate::replies::{self, Replies};
 use crate::routes::RouteTable;
 use crate::submit::{Submitter, REPLY_GRACE};
 use crate::watch::{Followed, Watchers};
-use natserve_protocol::buckets::{agents_bucket_config, open_bucket, routes_bucket_config};
+use natserve_protocol::buckets::{
+    agents_bucket_config, open_bucket, replicated_results_bucket_config, routes_bucket_config,
+};
 use natserve_protocol::payloads::Payloads;
 
 /// How long the NATS client gets to flush and close at the end.
@@ -64,7 +66,8 @@ pub async fn run(
         .subscribe(subject.clone())
         .await
         .map_err(|source| Error::Subscribe { subject, source })?;
-    let payloads = Payloads::new(async_nats::jetstream::new(client.clone()), &names);
+    let payloads = Payloads::new(async_nats::jetstream::new(client.clone()), &names)
+        .with_replicas(config.replicas);
     let dispatcher = tokio::spawn(replies::dispatch(
         subscription,
         replies.clone(),
@@ -73,14 +76,17 @@ pub async fn run(
 
     let submitter = Submitter::new(client.clone(), names.clone(), replies, payloads);
     let js = submitter.jetstream().clone();
+    let replicas = config.replicas;
     let routes = Followed {
-        store: open_bucket(&js, routes_bucket_config(&names)).await?,
-        config: routes_bucket_config(&names),
+        store: open_bucket(&js, routes_bucket_config(&names, replicas)).await?,
+        config: routes_bucket_config(&names, replicas),
     };
     let agents = Followed {
-        store: open_bucket(&js, agents_bucket_config(&names)).await?,
-        config: agents_bucket_config(&names),
+        store: open_bucket(&js, agents_bucket_config(&names, replicas)).await?,
+        config: agents_bucket_config(&names, replicas),
     };
+    // Made (or raised) with `--replicas` here, so `Results::open` finds it so.
+    open_bucket(&js, replicated_results_bucket_config(&names, replicas)).await?;
     let results = natserve_protocol::Results::open(&js, &names).await?;
     let table = RouteTable::shared();
     let watching = CancellationToken::new();

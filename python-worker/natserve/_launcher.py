@@ -94,6 +94,7 @@ def agent_argv(binary: str, settings: Settings, config: Path) -> List[str]:
         "--log-level", rust_log_level(settings.log_level),
         "--max-queue", str(settings.max_queue),
         "--storage", settings.storage,
+        "--replicas", str(settings.replicas),
         "--prefetch", "true" if settings.prefetch else "false",
         "--heartbeat-ms", str(settings.heartbeat_ms),
         "--agent-grace-ms", str(settings.agent_grace_ms),
@@ -120,6 +121,7 @@ def ingress_argv(binary: str, settings: Settings) -> List[str]:
         "--header-read-timeout-ms", str(settings.header_read_timeout_ms),
         "--result-ttl-s", str(settings.result_ttl_s),
         "--async-timeout-ms", str(settings.async_timeout_ms),
+        "--replicas", str(settings.replicas),
     ]  # fmt: skip
 
 

@@ -30,6 +30,8 @@ from ._version import __version__
 ROLES = ("all", "agent", "ingress")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 STORAGES = ("memory", "file")
+#: Most copies JetStream keeps of a stream (``natserve_protocol::replicas::MAX_REPLICAS``).
+MAX_REPLICAS = 5
 
 #: Exit status of a bad flag or variable value (sysexits' EX_USAGE), the Rust binaries' too.
 EXIT_USAGE = 64
@@ -62,6 +64,7 @@ class Settings:
     namespace: str = "natserve"
     max_queue: int = 10_000
     storage: str = "memory"
+    replicas: int = 1
     prefetch: bool = False
     metrics_address: Optional[str] = None
     heartbeat_ms: int = 2000
@@ -270,6 +273,13 @@ _OPTIONS: List[_Option] = [
     ),
     _Option("--storage", _choice(STORAGES), "agent: stage queues in memory or file", "KIND"),
     _Option(
+        "--replicas",
+        _int_at_least(1, MAX_REPLICAS),
+        "servers of a JetStream cluster keeping a copy of every queue and bucket (with "
+        "--nats naming the cluster's servers)",
+        "N",
+    ),
+    _Option(
         "--prefetch",
         _boolean,
         "agent: pull each worker's next batch while it runs the current one (true or false)",
@@ -394,6 +404,12 @@ def parse_settings(
             "--async-timeout-ms",
             f"must not exceed --result-ttl-s ({ttl_s} s): a job's pending record must "
             "outlive its deadline",
+        )
+    if values.get("replicas", 1) > 1 and values.get("nats") is None:
+        fail(
+            "--replicas",
+            "more than one copy needs a JetStream cluster: give its servers with --nats "
+            "(the nats-server started without --nats is a single server)",
         )
     values["dry_run"] = "--dry-run" in given
     values["mosec_flags"] = tuple(f for f in given if f not in ("--debug", "--dry-run"))

@@ -131,15 +131,15 @@ def test_starts_agent_and_ingress_then_stops_them_in_order(tmp_path: Path) -> No
     config_path = agent["argv"][agent["argv"].index("--config") + 1]  # type: ignore[union-attr,index]
     assert agent["argv"] == [
         "--namespace", "t1", "--config", config_path, "--log-level", "debug",
-        "--max-queue", "10000", "--storage", "memory", "--prefetch", "false",
-        "--heartbeat-ms", "2000", "--agent-grace-ms", "30000",
+        "--max-queue", "10000", "--storage", "memory", "--replicas", "1",
+        "--prefetch", "false", "--heartbeat-ms", "2000", "--agent-grace-ms", "30000",
     ]  # fmt: skip
     assert ingress["argv"] == [
         "--namespace", "t1", "--address", "0.0.0.0",
         "--port", "8123", "--timeout", "1500", "--max-body-size", "2048",
         "--log-level", "debug", "--ingress-grace-ms", "10000",
         "--max-connections", "10000", "--header-read-timeout-ms", "30000",
-        "--result-ttl-s", "3600", "--async-timeout-ms", "600000",
+        "--result-ttl-s", "3600", "--async-timeout-ms", "600000", "--replicas", "1",
     ]  # fmt: skip
     # the NATS URL (which may carry a password) comes through the environment, never argv
     assert agent["nats"] == ingress["nats"] == {"NATSERVE_NATS": "nats://127.0.0.1:4999"}
@@ -284,6 +284,7 @@ def test_every_agent_and_ingress_setting_reaches_its_binary_as_the_same_flag() -
     settings = Settings(
         max_queue=5,
         storage="file",
+        replicas=3,
         prefetch=True,
         metrics_address="127.0.0.1:9100",
         heartbeat_ms=250,
@@ -297,14 +298,14 @@ def test_every_agent_and_ingress_setting_reaches_its_binary_as_the_same_flag() -
     )
     agent = agent_argv("a", settings, Path("c"))
     assert agent[agent.index("--max-queue") :] == [
-        "--max-queue", "5", "--storage", "file", "--prefetch", "true",
+        "--max-queue", "5", "--storage", "file", "--replicas", "3", "--prefetch", "true",
         "--heartbeat-ms", "250", "--agent-grace-ms", "1234",
         "--metrics-address", "127.0.0.1:9100", "--socket-dir", "/tmp/sockets",
     ]  # fmt: skip
     ingress = ingress_argv("i", settings)
     assert ingress[ingress.index("--ingress-grace-ms") :] == [
         "--ingress-grace-ms", "4321", "--max-connections", "7", "--header-read-timeout-ms", "999",
-        "--result-ttl-s", "60", "--async-timeout-ms", "5000",
+        "--result-ttl-s", "60", "--async-timeout-ms", "5000", "--replicas", "3",
     ]  # fmt: skip
     assert "--metrics-address" not in agent_argv("a", Settings(), Path("c"))
 

@@ -27,7 +27,7 @@ BEHAVE = APPS / "behave.py"
 CLIENTS = 16
 #: How long the load runs before the kill, and after it.
 BEFORE_KILL_S = 1.5
-AFTER_KILL_S = 14.0
+AFTER_KILL_S = 17.0
 #: The 503s of a request the ingress could not queue (so never accepted): its NATS
 #: connection was down, the stage's stream had no leader ("no stream"), no publish ack
 #: came, or the agents' heartbeats lapsed while their bucket had no leader.
@@ -39,7 +39,7 @@ REFUSALS = (
 #: Refusals stop by then after the kill: JetStream has elected new leaders for the
 #: streams the dead node led (a follower waits 4 to 9 s without a leader's heartbeat
 #: before it stands for election).
-REFUSED_WITHIN_S = 12.0
+REFUSED_WITHIN_S = 15.0
 #: A client told 503 tries again after this long, as a well-behaved one does.
 BACKOFF_S = 0.1
 #: What natserve makes in JetStream for the behave app, in namespace natserve.

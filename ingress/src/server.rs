@@ -59,6 +59,7 @@ pub async fn run(
         config.connect_timeout,
     )
     .await?;
+    natserve_protocol::replicas::check_cluster(&client, config.replicas)?;
 
     let replies = Replies::new(names.reply_prefix(&id));
     let subject = replies.wildcard();

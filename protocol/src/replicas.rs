@@ -16,6 +16,30 @@ use tracing::{info, warn};
 /// Copies of one stream: JetStream's own limit.
 pub const MAX_REPLICAS: usize = 5;
 
+/// More than one copy asked of a server that is in no cluster.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "--replicas {replicas}: the NATS server {server} is not in a cluster, and a lone server \
+     keeps one copy of a stream: give --nats the URLs of a JetStream cluster, or --replicas 1"
+)]
+pub struct NotClustered {
+    pub replicas: usize,
+    pub server: String,
+}
+
+/// Refuses `replicas` above one when `client`'s server is in no cluster: it would refuse
+/// every stream natserve makes, so a process says why at once.
+pub fn check_cluster(client: &async_nats::Client, replicas: usize) -> Result<(), NotClustered> {
+    let info = client.server_info();
+    if replicas > 1 && info.cluster.as_deref().unwrap_or("").is_empty() {
+        return Err(NotClustered {
+            replicas,
+            server: info.server_name,
+        });
+    }
+    Ok(())
+}
+
 /// The replicas a stream should have: `wanted`, or more when it already has more.
 pub fn at_least(wanted: usize, existing: usize) -> usize {
     wanted.max(existing).max(1)

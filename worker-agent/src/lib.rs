@@ -88,6 +88,8 @@ pub enum AgentError {
     Registration(#[from] RegistrationError),
     #[error(transparent)]
     Bucket(#[from] natserve_protocol::buckets::BucketError),
+    #[error(transparent)]
+    NotClustered(#[from] natserve_protocol::replicas::NotClustered),
     #[error("socket directory {path}: {source}")]
     SocketDir {
         path: PathBuf,
@@ -162,6 +164,7 @@ pub async fn run(
         CONNECT_WITHIN,
     )
     .await?;
+    natserve_protocol::replicas::check_cluster(&client, settings.queue.replicas)?;
     let js = jetstream::new(client.clone());
     let (dir, _dir_guard) = socket_dir(&settings)?;
     let registry = prometheus::Registry::new();

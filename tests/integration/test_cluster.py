@@ -8,6 +8,7 @@ survives what" quotes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,7 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+import nats
 import pytest
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 
 from harness import APPS, Cluster, NatsNode, Response, http
 
@@ -202,3 +211,37 @@ def test_the_nats_node_the_ingress_is_on_killed_under_load_loses_no_request(
 ) -> None:
     _, base, home = serving(cluster)
     kill_under_load(cluster, base, home, "the ingress's node")
+
+
+def test_streams_made_with_one_copy_are_raised_to_the_replicas_asked(cluster: Cluster) -> None:
+    # What an older deployment left: the work queue and the routes bucket on one server.
+    nodes = cluster.nats_cluster(3)
+    urls = ",".join(node.url for node in nodes)
+
+    async def make() -> None:
+        nc = await nats.connect(urls.split(","))
+        js = nc.jetstream()
+        await js.add_stream(
+            StreamConfig(
+                name=STREAMS[0],
+                subjects=["natserve.work.inference.0"],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.MEMORY,
+                discard=DiscardPolicy.NEW,
+                num_replicas=1,
+            )
+        )
+        await js.create_key_value(KeyValueConfig(bucket="natserve_routes", history=1))
+        await nc.close()
+
+    asyncio.run(make())
+    assert stream_replicas(nodes[0]).get(STREAMS[0]) == 1
+    cluster.app(BEHAVE, "--role", "agent", "--nats", urls, "--replicas", "3", name="agent")
+    base = cluster.ingress(BEHAVE, urls, "--replicas", "3")
+    deadline = time.monotonic() + 30
+    while (r := http("POST", base + "/inference", b'{"tag": 1}')).status != 200:
+        assert time.monotonic() < deadline, r
+        time.sleep(0.2)
+    for node in nodes:
+        replicas = stream_replicas(node)
+        assert all(replicas.get(s) == 3 for s in STREAMS), (node, replicas)

@@ -35,6 +35,9 @@ pub struct Config {
     /// Deadline of an asynchronous job (`Prefer: respond-async`), from its submit; at most
     /// `result_ttl`, so a job's pending record outlives it.
     pub async_timeout: Duration,
+    /// Servers of a JetStream cluster that keep a copy of each bucket this ingress makes
+    /// (`natserve_protocol::replicas`).
+    pub replicas: usize,
 }
 
 impl Config {
@@ -64,6 +67,7 @@ impl Config {
             header_read_timeout: Self::DEFAULT_HEADER_READ_TIMEOUT,
             result_ttl: Self::DEFAULT_RESULT_TTL,
             async_timeout: Self::DEFAULT_ASYNC_TIMEOUT,
+            replicas: 1,
         }
     }
 }

@@ -14,6 +14,8 @@ pub enum Error {
     Connect(#[from] natserve_protocol::nats::ConnectError),
     #[error(transparent)]
     Bucket(#[from] natserve_protocol::buckets::BucketError),
+    #[error(transparent)]
+    NotClustered(#[from] natserve_protocol::replicas::NotClustered),
     #[error("could not subscribe to {subject}: {source}")]
     Subscribe {
         subject: String,

@@ -63,6 +63,10 @@ struct Cli {
     /// --result-ttl-s.
     #[arg(long = "async-timeout-ms", env = "NATSERVE_ASYNC_TIMEOUT_MS", default_value_t = Config::DEFAULT_ASYNC_TIMEOUT.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..))]
     async_timeout_ms: u64,
+    /// Servers of a JetStream cluster that keep a copy of each bucket the ingress makes
+    /// (1 to 5); a bucket found with fewer is raised, never lowered.
+    #[arg(long, env = "NATSERVE_REPLICAS", default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=natserve_protocol::replicas::MAX_REPLICAS as u64))]
+    replicas: usize,
     /// Log filter: a level (error, warn, info, debug, trace) or tracing directives.
     #[arg(long, env = "NATSERVE_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
     log_level: String,
@@ -105,6 +109,7 @@ impl Cli {
             nats_security: self.nats_security.clone(),
             result_ttl: Duration::from_secs(self.result_ttl_s),
             async_timeout: Duration::from_millis(self.async_timeout_ms),
+            replicas: self.replicas,
             ..Config::new(self.nats.clone())
         }
     }

@@ -79,6 +79,7 @@ pub async fn run(
         config.connect_timeout,
     )
     .await?;
+    natserve_protocol::replicas::check_cluster(&client, config.replicas)?;
 
     let replies = Replies::new(names.reply_prefix(&id));
     let subject = replies.wildcard();
@@ -86,7 +87,8 @@ pub async fn run(
         .subscribe(subject.clone())
         .await
         .map_err(|source| Error::Subscribe { subject, source })?;
-    let payloads = Payloads::new(async_nats::jetstream::new(client.clone()), &names);
+    let payloads = Payloads::new(async_nats::jetstream::new(client.clone()), &names)
+        .with_replicas(config.replicas);
     let dispatcher = tokio::spawn(replies::dispatch(
         subscription,
         replies.clone(),
@@ -95,15 +97,16 @@ pub async fn run(
 
     let submitter = Submitter::new(client.clone(), names.clone(), replies, payloads);
     let js = submitter.jetstream().clone();
+    let replicas = config.replicas;
     let routes = Followed {
-        store: open_bucket(&js, routes_bucket_config(&names)).await?,
-        config: routes_bucket_config(&names),
+        store: open_bucket(&js, routes_bucket_config(&names, replicas)).await?,
+        config: routes_bucket_config(&names, replicas),
     };
     let agents = Followed {
-        store: open_bucket(&js, agents_bucket_config(&names)).await?,
-        config: agents_bucket_config(&names),
+        store: open_bucket(&js, agents_bucket_config(&names, replicas)).await?,
+        config: agents_bucket_config(&names, replicas),
     };
-    let results = natserve_protocol::Results::open(&js, &names).await?;
+    let results = natserve_protocol::Results::open(&js, &names, replicas).await?;
     let table = RouteTable::shared();
     let watching = CancellationToken::new();
     let mut watchers = Watchers::spawn(js, routes, agents, table.clone(), watching.clone());

@@ -42,6 +42,11 @@ pub const REPLY_GRACE: Duration = Duration::from_millis(250);
 /// How often a request with a durable reply looks whether this ingress reconnected to
 /// NATS since it was published: a reconnect may have lost its core-NATS reply.
 pub const RECONNECT_CHECK: Duration = Duration::from_millis(100);
+/// Pause between tries of a work publish JetStream refused for now ([`is_transient`]).
+pub const PUBLISH_RETRY: Duration = Duration::from_millis(100);
+/// Once a request with a durable reply saw this ingress reconnect, how often it looks
+/// for its reply in the results bucket until it comes.
+pub const REREAD_AFTER_RECONNECT: Duration = Duration::from_millis(500);
 /// How much longer than its request's remaining deadline a durable reply is kept.
 pub const REPLY_RECORD_MARGIN: Duration = Duration::from_secs(3);
 
@@ -218,6 +223,7 @@ impl Submitter {
                 }
             }
         };
+        let mut reread_at: Option<Instant> = None;
         let mut check = tokio::time::interval_at(Instant::now() + RECONNECT_CHECK, RECONNECT_CHECK);
         check.set_missed_tick_behavior(MissedTickBehavior::Skip);
         loop {
@@ -234,7 +240,9 @@ impl Submitter {
                 }
                 _ = check.tick() => {
                     let now = self.connects();
-                    if now == connects || !self.is_connected() {
+                    let reconnected = now != connects && self.is_connected();
+                    let due = reread_at.is_some_and(|at| Instant::now() >= at);
+                    if !reconnected && !due {
                         continue;
                     }
                     connects = now;
@@ -242,6 +250,9 @@ impl Submitter {
                         info!(key, "reconnected to nats; reply answered from the results bucket");
                         return Ok(Some(Got::Recorded(reply)));
                     }
+                    // Not written yet (its agent may be waiting for the bucket, as when a
+                    // cluster elects a new leader): look again, its reply may be lost too.
+                    reread_at = Some(Instant::now() + REREAD_AFTER_RECONNECT);
                 }
             }
         }
@@ -361,13 +372,33 @@ impl Submitter {
             claim = Some(name);
         }
         let subject = self.names.work_subject(s.slug, 0);
-        let publish = async {
-            self.jetstream
-                .publish_with_headers(subject, h, body)
-                .await?
-                .await
+        // A stream without a leader for a moment (a JetStream cluster electing one after a
+        // node died, a queue an agent is recreating) refuses or times out: try again, with
+        // the same `Nats-Msg-Id` (JetStream drops a copy of one that did land), until the
+        // deadline, so such seconds cost the request latency instead of a 503.
+        let mut refused = None;
+        let published = loop {
+            let attempt = async {
+                self.jetstream
+                    .publish_with_headers(subject.clone(), h.clone(), body.clone())
+                    .await?
+                    .await
+            };
+            match tokio::time::timeout_at(s.deadline, attempt).await {
+                Ok(Err(e))
+                    if is_transient(&e)
+                        && self.is_connected()
+                        && Instant::now() + PUBLISH_RETRY < s.deadline =>
+                {
+                    debug!(error = %e, "work publish refused for now; retrying");
+                    refused = Some(e);
+                    tokio::time::sleep(PUBLISH_RETRY).await;
+                }
+                // The deadline came while JetStream still refused: that is the answer.
+                Err(elapsed) => break refused.map_or(Err(elapsed), |e| Ok(Err(e))),
+                done => break done,
+            }
         };
-        let published = tokio::time::timeout_at(s.deadline, publish).await;
         if !matches!(published, Ok(Ok(_))) {
             // Nobody will consume the object: remove it now rather than at its max age.
             if let Some(name) = &claim {
@@ -396,6 +427,16 @@ impl Submitter {
             Ok(Ok(body)) => Ok(body),
         }
     }
+}
+
+/// Whether a refused work publish may succeed if tried again shortly: no stream answered
+/// (it has no leader yet, or is being made again) or no ack came. A full queue, a body too
+/// large, or anything else the server said is an answer, not a moment.
+fn is_transient(error: &PublishError) -> bool {
+    matches!(
+        Rejection::from_publish_error(error),
+        Rejection::NoStream | Rejection::Unreachable
+    )
 }
 
 /// Names a request on the cancel subject when its HTTP client went away before the reply

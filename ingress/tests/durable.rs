@@ -68,7 +68,7 @@ async fn a_lost_reply_is_read_from_the_results_bucket_at_the_deadline() {
     let nats = NatsServer::start();
     let agent = Agent::connect(&nats.url).await;
     let consumer = serve_durable(&agent).await;
-    let results = Results::open(&agent.js, &agent.names).await.unwrap();
+    let results = Results::open(&agent.js, &agent.names, 1).await.unwrap();
     let ingress = Ingress::start(natserve_ingress::Config {
         timeout: Duration::from_millis(500),
         ..config(&nats.url)
@@ -102,7 +102,7 @@ async fn after_a_reconnect_a_lost_reply_is_read_at_once() {
     let mut nats = NatsServer::start_with("", Some(free_port()));
     let agent = Agent::connect(&nats.url).await;
     let consumer = serve_durable(&agent).await;
-    let results = Results::open(&agent.js, &agent.names).await.unwrap();
+    let results = Results::open(&agent.js, &agent.names, 1).await.unwrap();
     let timeout = Duration::from_secs(20);
     let ingress = Ingress::start(natserve_ingress::Config {
         timeout,

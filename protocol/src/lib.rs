@@ -3,7 +3,8 @@
 //! Everything two natserve processes must agree on lives here and nowhere else:
 //! NATS subject and stream names, message headers, the registration and result records
 //! and the KV buckets that hold them, how to connect to NATS, the outcome a reply carries,
-//! how a body larger than a NATS message travels (claim checks), and the frame codec spoken
+//! how a body larger than a NATS message travels (claim checks), on how many servers of a
+//! JetStream cluster each stream is kept, and the frame codec spoken
 //! over each Python worker's Unix socket. The README's "Wire
 //! protocol" section documents the same.
 
@@ -20,6 +21,7 @@ pub mod nats;
 pub mod outcome;
 pub mod payloads;
 pub mod records;
+pub mod replicas;
 pub mod results;
 pub mod streams;
 

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 use tracing::{info, warn};
 
-use crate::{headers, Names};
+use crate::{headers, replicas, Names};
 
 /// Bytes of `max_payload` left for the headers of a message: a body up to
 /// `max_payload - HEADER_RESERVE` goes inline.
@@ -74,13 +74,16 @@ pub fn claim(headers: Option<&async_nats::HeaderMap>) -> Option<&str> {
 }
 
 /// The payloads bucket: memory storage (what it holds is in flight, like the default
-/// work queues), objects dropped after [`PAYLOADS_MAX_AGE`]. Its stream is `OBJ_<bucket>`.
-pub fn payloads_bucket_config(names: &Names) -> object_store::Config {
+/// work queues), objects dropped after [`PAYLOADS_MAX_AGE`], kept on `replicas` servers
+/// of a JetStream cluster (0: as many as it has, one when made). Its stream is
+/// `OBJ_<bucket>`.
+pub fn payloads_bucket_config(names: &Names, replicas: usize) -> object_store::Config {
     object_store::Config {
         bucket: names.payloads_bucket(),
         description: Some("natserve bodies larger than a NATS message, until consumed".into()),
         max_age: PAYLOADS_MAX_AGE,
         storage: stream::StorageType::Memory,
+        num_replicas: replicas,
         ..Default::default()
     }
 }
@@ -131,12 +134,21 @@ impl std::fmt::Debug for Payloads {
 }
 
 impl Payloads {
+    /// A handle that makes the bucket with one copy and keeps the copies a bucket it finds
+    /// has; [`Payloads::with_replicas`] names them.
     pub fn new(js: jetstream::Context, names: &Names) -> Self {
         Self {
             js,
-            config: payloads_bucket_config(names),
+            config: payloads_bucket_config(names, 0),
             open: Arc::default(),
         }
+    }
+
+    /// The same handle, making the bucket on `replicas` servers, and raising one it finds
+    /// with fewer ([`replicas::raise`]).
+    pub fn with_replicas(mut self, replicas: usize) -> Self {
+        self.config.num_replicas = replicas;
+        self
     }
 
     pub fn bucket(&self) -> &str {
@@ -176,6 +188,9 @@ impl Payloads {
             .get_stream(format!("OBJ_{bucket}"))
             .await
             .map_err(|e| format!("cannot read its stream: {e}"))?;
+        if !created {
+            replicas::raise(&self.js, stream.cached_info(), self.config.num_replicas).await;
+        }
         let open = Opened { store, stream };
         *self.open.lock().unwrap_or_else(|p| p.into_inner()) = Some(open.clone());
         Ok((open, created))
@@ -340,7 +355,7 @@ mod tests {
         assert_eq!(golden["storage"], "memory");
         for case in golden["buckets"].as_array().unwrap() {
             let names = Names::new(case["namespace"].as_str().unwrap()).unwrap();
-            let config = payloads_bucket_config(&names);
+            let config = payloads_bucket_config(&names, 1);
             assert_eq!(config.bucket, case["bucket"].as_str().unwrap());
             assert_eq!(format!("OBJ_{}", config.bucket), case["stream"]);
             assert_eq!(config.storage, stream::StorageType::Memory);

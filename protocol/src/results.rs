@@ -22,7 +22,7 @@ use async_nats::{header, HeaderMap};
 use bytes::Bytes;
 use tracing::{debug, warn};
 
-use crate::buckets::{open_bucket, results_bucket_config, BucketError, MAX_RESULT_TTL};
+use crate::buckets::{open_bucket, replicated_results_bucket_config, BucketError, MAX_RESULT_TTL};
 use crate::records::{JobState, RecordError, ResultRecord};
 use crate::Names;
 
@@ -85,8 +85,14 @@ pub fn clamp_ttl(ttl: Duration) -> Duration {
 }
 
 impl Results {
-    pub async fn open(js: &jetstream::Context, names: &Names) -> Result<Self, BucketError> {
-        let config = results_bucket_config(names);
+    /// Opens the bucket on `replicas` servers (`--replicas`): made so when missing, and
+    /// made so again if it is lost.
+    pub async fn open(
+        js: &jetstream::Context,
+        names: &Names,
+        replicas: usize,
+    ) -> Result<Self, BucketError> {
+        let config = replicated_results_bucket_config(names, replicas);
         let store = open_bucket(js, config.clone()).await?;
         Ok(Self {
             js: js.clone(),

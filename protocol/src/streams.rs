@@ -37,15 +37,18 @@ pub const MAX_ACK_PENDING: i64 = 20_000;
 /// "maximum messages exceeded" (async-nats calls it `STREAM_STORE_FAILED`).
 pub const STREAM_FULL_CODE: u64 = jetstream::ErrorCode::STREAM_STORE_FAILED.0;
 
-/// Where a stage's queue lives and how large it may grow.
+/// Where a stage's queue lives, how large it may grow, and on how many servers of a
+/// JetStream cluster it is kept ([`crate::replicas`]).
 #[derive(Debug, Clone)]
 pub struct QueueConfig {
     pub max_messages: i64,
     pub storage: stream::StorageType,
+    pub replicas: usize,
 }
 
 /// The work-queue stream of stage `stage` of the route `slug`. A full queue refuses new
-/// messages, so a publisher learns it at once ([`Rejection::QueueFull`]).
+/// messages, so a publisher learns it at once ([`Rejection::QueueFull`]). Its consumer
+/// names no replicas of its own, so it has as many as the stream.
 pub fn work_stream_config(
     names: &Names,
     slug: &str,
@@ -59,6 +62,7 @@ pub fn work_stream_config(
         storage: queue.storage,
         max_messages: queue.max_messages,
         discard: stream::DiscardPolicy::New,
+        num_replicas: queue.replicas,
         ..Default::default()
     }
 }
@@ -164,6 +168,7 @@ mod tests {
         let queue = QueueConfig {
             max_messages: 7,
             storage: stream::StorageType::File,
+            replicas: 3,
         };
         let s = work_stream_config(&names, "v1_embed", 1, &queue);
         assert_eq!(s.name, "prod_work_v1_embed_1");
@@ -171,10 +176,12 @@ mod tests {
         assert_eq!(s.retention, stream::RetentionPolicy::WorkQueue);
         assert_eq!(s.discard, stream::DiscardPolicy::New);
         assert_eq!((s.max_messages, s.storage), (7, stream::StorageType::File));
+        assert_eq!(s.num_replicas, 3);
         let c = work_consumer_config();
         assert_eq!(c.durable_name.as_deref(), Some(CONSUMER));
         assert_eq!(c.ack_policy, consumer::AckPolicy::Explicit);
         assert_eq!((c.ack_wait, c.max_deliver), (ACK_WAIT, MAX_DELIVER));
         assert_eq!(c.max_ack_pending, MAX_ACK_PENDING);
+        assert_eq!(c.num_replicas, 0, "the stream's");
     }
 }

@@ -160,6 +160,7 @@ class Client:
         tls_cert: Optional[str] = None,
         tls_key: Optional[str] = None,
         client_id: Optional[str] = None,
+        replicas: int = 1,
     ) -> None:
         """``nats_url`` may carry a user and password (``nats://user:pw@host:4222``) or a
         token (``nats://token@host:4222``); ``creds`` (a ``.creds`` file) and ``nkey`` (a
@@ -167,7 +168,10 @@ class Client:
         ``tls_cert`` and ``tls_key`` for mutual TLS) turns TLS on. Replies come to
         ``NS.reply.<client_id>.*`` and NATS inboxes are ``NS.inbox.<client_id>.*``: a
         fixed ``client_id`` (default: random) lets a server's permissions give this
-        client's NATS user those subjects and no one else's (README, "Securing NATS")."""
+        client's NATS user those subjects and no one else's (README, "Securing NATS").
+        ``nats_url`` may name several servers of a cluster, comma-separated; ``replicas``
+        (1 to 5) is how many of them keep the payloads object store when this client is
+        the first to make it, as the processes' ``--replicas``."""
         if not is_namespace(namespace):
             raise ValueError(
                 f"Client: namespace must use only letters, digits, '_' and '-', got {namespace!r}"
@@ -176,6 +180,8 @@ class Client:
             raise ValueError(
                 f"Client: connect_timeout must be > 0 seconds, got {connect_timeout!r}"
             )
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 5:
+            raise ValueError(f"Client: replicas must be an int from 1 to 5, got {replicas!r}")
         if client_id is not None and not is_namespace(client_id):
             raise ValueError(
                 f"Client: client_id must use only letters, digits, '_' and '-', got {client_id!r}"
@@ -201,6 +207,7 @@ class Client:
         self._security = security
         self._namespace = namespace
         self._connect_timeout = connect_timeout
+        self._replicas = replicas
         self._id = client_id or uuid.uuid4().hex
         self._nc: Optional[NATS] = None
         self._js: Optional[JetStreamContext] = None
@@ -245,7 +252,7 @@ class Client:
             ) from err
         self._nc = nc
         self._js = nc.jetstream()
-        self._payloads = Payloads(self._js, self._namespace)
+        self._payloads = Payloads(self._js, self._namespace, replicas=self._replicas)
         self._sub = await nc.subscribe(self.reply_prefix + ".*", cb=self._on_reply)
         await nc.flush()
 

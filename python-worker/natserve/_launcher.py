@@ -97,6 +97,7 @@ def agent_argv(binary: str, settings: Settings, config: Path) -> List[str]:
         "--log-level", rust_log_level(settings.log_level),
         "--max-queue", str(settings.max_queue),
         "--storage", settings.storage,
+        "--replicas", str(settings.replicas),
         "--prefetch", settings.prefetch,
         "--heartbeat-ms", str(settings.heartbeat_ms),
         "--agent-grace-ms", str(settings.agent_grace_ms),
@@ -125,6 +126,7 @@ def ingress_argv(binary: str, settings: Settings) -> List[str]:
         "--result-ttl-s", str(settings.result_ttl_s),
         "--async-timeout-ms", str(settings.async_timeout_ms),
         "--log-format", settings.log_format,
+        "--replicas", str(settings.replicas),
     ]  # fmt: skip
     # Started with its agent, the ingress opens its port only once every stage has a
     # ready worker (Mosec's behaviour); alone, it answers 503 until then, which a load

@@ -45,11 +45,13 @@ def claim(headers: Optional[dict[str, str]]) -> Optional[str]:
 
 
 class Payloads:
-    """One connection's handle on the payloads bucket, opened or created on first use."""
+    """One connection's handle on the payloads bucket, opened or created (on ``replicas``
+    servers of a cluster) on first use."""
 
-    def __init__(self, js: JetStreamContext, namespace: str) -> None:
+    def __init__(self, js: JetStreamContext, namespace: str, *, replicas: int = 1) -> None:
         self._js = js
         self._bucket = payloads_bucket(namespace)
+        self._replicas = replicas
         self._store: Optional[ObjectStore] = None
 
     async def _opened(self) -> ObjectStore:
@@ -62,6 +64,7 @@ class Payloads:
                     description="natserve bodies larger than a NATS message, until consumed",
                     ttl=float(MAX_AGE_S),
                     storage=StorageType.MEMORY,
+                    replicas=self._replicas,
                 )
                 try:
                     # nats-py takes the name from `bucket`, even with a config.

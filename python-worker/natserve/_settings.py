@@ -30,6 +30,8 @@ from ._version import __version__
 ROLES = ("all", "agent", "ingress")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 STORAGES = ("memory", "file")
+#: Most copies JetStream keeps of a stream (``natserve_protocol::replicas::MAX_REPLICAS``).
+MAX_REPLICAS = 5
 
 #: Exit status of a bad flag or variable value (sysexits' EX_USAGE), the Rust binaries' too.
 EXIT_USAGE = 64
@@ -62,6 +64,7 @@ class Settings:
     namespace: str = "natserve"
     max_queue: int = 10_000
     storage: str = "memory"
+    replicas: int = 1
     #: "auto" (where it pays, measured), "on" or "off".
     prefetch: str = "auto"
     metrics_address: Optional[str] = None
@@ -275,6 +278,13 @@ _OPTIONS: List[_Option] = [
     ),
     _Option("--storage", _choice(STORAGES), "agent: stage queues in memory or file", "KIND"),
     _Option(
+        "--replicas",
+        _int_at_least(1, MAX_REPLICAS),
+        "servers of a JetStream cluster keeping a copy of every queue and bucket (with "
+        "--nats naming the cluster's servers)",
+        "N",
+    ),
+    _Option(
         "--prefetch",
         _prefetch,
         "agent: pull each worker's next batch while it runs the current one: auto (where "
@@ -406,6 +416,12 @@ def parse_settings(
             "--async-timeout-ms",
             f"must not exceed --result-ttl-s ({ttl_s} s): a job's pending record must "
             "outlive its deadline",
+        )
+    if values.get("replicas", 1) > 1 and values.get("nats") is None:
+        fail(
+            "--replicas",
+            "more than one copy needs a JetStream cluster: give its servers with --nats "
+            "(the nats-server started without --nats is a single server)",
         )
     values["dry_run"] = "--dry-run" in given
     values["mosec_flags"] = tuple(f for f in given if f not in ("--debug", "--dry-run"))

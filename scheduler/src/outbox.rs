@@ -53,10 +53,11 @@ impl Outbox {
         names: Names,
         results: Results,
         metrics: StageMetrics,
+        replicas: usize,
     ) -> Self {
         let js = jetstream::new(client.clone());
         Self {
-            payloads: Payloads::new(js.clone(), &names),
+            payloads: Payloads::new(js.clone(), &names).with_replicas(replicas),
             js,
             client,
             next_subject,

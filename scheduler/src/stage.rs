@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use natserve_protocol::streams::{work_consumer_config, work_stream_config, QueueConfig};
-use natserve_protocol::{Names, Results, StageSpec};
+use natserve_protocol::{replicas, Names, Results, StageSpec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -39,9 +39,9 @@ pub enum StageError {
     Name(#[from] natserve_protocol::NameError),
 }
 
-/// Creates (or updates the limits of) the stage's work-queue stream and its shared
-/// durable consumer. Idempotent, so any number of agents may race on it, and a stage
-/// calls it again whenever its pulls suggest the server lost them (see
+/// Creates (or updates the limits and raises the replicas of) the stage's work-queue
+/// stream and its shared durable consumer. Idempotent, so any number of agents may race
+/// on it, and a stage calls it again whenever its pulls suggest the server lost them (see
 /// [`StageContext::ensure_queue`]).
 pub async fn ensure_stage(
     js: &jetstream::Context,
@@ -50,12 +50,18 @@ pub async fn ensure_stage(
     queue: &QueueConfig,
 ) -> Result<jetstream::consumer::PullConsumer, StageError> {
     let slug = natserve_protocol::route_slug(&spec.route)?;
-    let config = work_stream_config(names, &slug, spec.stage, queue);
+    let mut config = work_stream_config(names, &slug, spec.stage, queue);
     let name = config.name.clone();
     let err = |source: async_nats::Error| StageError::Stream {
         stream: name.clone(),
         source,
     };
+    // `--replicas` is a floor: a stream another agent (or an operator) gave more copies
+    // keeps them.
+    if let Ok(existing) = js.get_stream(&name).await {
+        let has = existing.cached_info().config.num_replicas;
+        config.num_replicas = replicas::at_least(config.num_replicas, has);
+    }
     js.create_or_update_stream(config)
         .await
         .map_err(|e| err(e.into()))?;
@@ -103,6 +109,7 @@ impl StageContext {
             names.clone(),
             results,
             metrics.clone(),
+            queue.replicas,
         );
         Ok(Self {
             js: jetstream::new(client.clone()),

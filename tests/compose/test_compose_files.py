@@ -301,3 +301,51 @@ def test_nats_carries_the_body_size_the_readme_documents(compose: Dict[str, Any]
     assert documented
     header_reserve = 4 * 1024  # ingress/src/submit.rs HEADER_RESERVE
     assert int(limit[1]) >= int(documented[1]) + header_reserve
+
+
+def test_cluster_file_runs_three_clustered_nats_nodes_and_points_natserve_at_all(
+    compose: Dict[str, Any],
+) -> None:
+    cluster = load_yaml(REPO / "docker-compose.cluster.yml")
+    svc = cluster["services"]
+    nodes = ["nats", "nats-2", "nats-3"]
+    assert [n for n in svc if n.startswith("nats")] == nodes
+    names, volumes = set(), set()
+    for node in nodes:
+        merged = {**services(compose).get(node, {}), **svc[node]}
+        config = nats_config(merged)
+        # The single node's configuration (users, JetStream, max_payload) plus the routes.
+        assert 'include "compose.conf"' in (REPO / "deploy/nats/cluster.conf").read_text()
+        assert "cluster {" in config and 'include "least-privilege.conf"' in config
+        routes = re.findall(r'"nats-route://([\w-]+):6222"', config)
+        assert sorted(routes) == nodes, routes
+        names.add(merged["environment"]["NATSERVE_NATS_SERVER_NAME"])
+        volumes |= {v.split(":")[0] for v in merged["volumes"] if not v.startswith("./")}
+    assert len(names) == 3 and len(volumes) == 3, (names, volumes)
+    assert set(cluster["volumes"]) | {"nats-data"} == volumes
+    for name, user in (("ingress", "ingress"), ("worker", "agent"), ("worker-gpu", "agent")):
+        env = svc[name]["environment"]
+        urls = env["NATSERVE_NATS"].split(",")
+        hosts = [re.fullmatch(rf"nats://{user}:\$\{{\w+:-[\w-]+\}}@([\w-]+):4222", u) for u in urls]
+        assert [h[1] if h else u for h, u in zip(hosts, urls)] == nodes, urls
+        assert env["NATSERVE_REPLICAS"] == "3"
+        assert set(svc[name]["depends_on"]) == {"nats-2", "nats-3"}
+
+
+def test_agents_keep_their_queues_on_the_nats_volume(compose: Dict[str, Any]) -> None:
+    for name in ("worker", "worker-gpu"):
+        assert services(compose)[name]["environment"]["NATSERVE_STORAGE"] == "file"
+
+
+@pytest.mark.parametrize("cli", [["docker-compose"], ["docker", "compose"]])
+def test_compose_cli_accepts_the_cluster_file_on_top(cli: List[str]) -> None:
+    if shutil.which(cli[0]) is None or (
+        len(cli) > 1 and subprocess.run([*cli, "version"], capture_output=True).returncode
+    ):
+        pytest.skip(f"{' '.join(cli)} is not installed")
+    files = ["-f", str(REPO / "docker-compose.yml"), "-f", str(REPO / "docker-compose.cluster.yml")]
+    proc = subprocess.run([*cli, *files, "config"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    merged = yaml.safe_load(proc.stdout)["services"]
+    assert {"nats", "nats-2", "nats-3"} <= set(merged)
+    assert merged["ingress"]["environment"]["NATSERVE_NATS"].count("@nats") == 3

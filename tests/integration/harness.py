@@ -144,6 +144,56 @@ class Proc:
         return self.popen.returncode
 
 
+class NatsNode:
+    """One nats-server of a cluster: its client URL, monitoring port and process."""
+
+    def __init__(self, name: str, url: str, monitor: int, proc: Proc) -> None:
+        self.name = name
+        self.url = url
+        self.monitor = monitor
+        self.proc = proc
+
+    def monitoring(self, path: str, timeout: float = 2.0) -> object:
+        """The JSON of monitoring endpoint `path` (``/jsz``, ``/connz?...``)."""
+        return http("GET", f"http://127.0.0.1:{self.monitor}{path}", timeout=timeout).json()
+
+    def client_names(self) -> List[str]:
+        """The names of the clients connected to this node (``/connz``)."""
+        connz = self.monitoring("/connz?limit=1024")
+        assert isinstance(connz, dict)
+        return [c.get("name", "") for c in connz.get("connections") or []]
+
+    def __repr__(self) -> str:
+        return f"<{self.name} {self.url}>"
+
+
+def wait_for_meta_leader(nodes: List[NatsNode], timeout: float = 30.0) -> str:
+    """Waits until every node is healthy (``/healthz``) and all name the same JetStream
+    meta leader (``/jsz``); returns its name."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            leaders = set()
+            for node in nodes:
+                if node.proc.popen.poll() is not None:
+                    raise RuntimeError(f"{node.name} exited:\n{node.proc.output()[-3000:]}")
+                health = http("GET", f"http://127.0.0.1:{node.monitor}/healthz", timeout=2)
+                jsz = node.monitoring("/jsz")
+                assert isinstance(jsz, dict)
+                leaders.add((jsz.get("meta_cluster") or {}).get("leader"))
+                last = (node.name, health.status, leaders)
+                if health.status != 200:
+                    break
+            else:
+                if len(leaders) == 1 and None not in leaders and "" not in leaders:
+                    return str(leaders.pop())
+        except (OSError, ValueError) as err:
+            last = err
+        time.sleep(0.1)
+    raise TimeoutError(f"no JetStream meta leader agreed on: {last}")
+
+
 class Cluster:
     """Processes of one test, stopped in reverse start order."""
 
@@ -183,6 +233,29 @@ class Cluster:
         self.nats_proc = self.start([find("nats-server"), "-c", str(conf)], name)
         wait_for_port(port)
         return f"nats://127.0.0.1:{port}"
+
+    def nats_cluster(self, size: int = 3, *, max_payload: str = "8MB") -> List[NatsNode]:
+        """`size` real nats-servers clustered on loopback (JetStream on, each with its own
+        `server_name`, store in the test's temp dir, ephemeral client, cluster and
+        monitoring ports), returned once every node is healthy and they agree on a
+        JetStream meta leader."""
+        ports = [(free_port(), free_port(), free_port()) for _ in range(size)]
+        routes = ", ".join(f'"nats-route://127.0.0.1:{route}"' for _, route, _ in ports)
+        nodes = []
+        for i, (client, route, monitor) in enumerate(ports, start=1):
+            name = f"nats-{i}"
+            conf = self.tmp / f"{name}.conf"
+            conf.write_text(
+                f'server_name: "{name}"\nlisten: "127.0.0.1:{client}"\n'
+                f'http: "127.0.0.1:{monitor}"\nmax_payload: {max_payload}\n'
+                f'jetstream {{\n  store_dir: "{self.tmp / ("js-" + name)}"\n}}\n'
+                f'cluster {{\n  name: "natserve"\n  listen: "127.0.0.1:{route}"\n'
+                f"  routes: [{routes}]\n}}\n"
+            )
+            proc = self.start([find("nats-server"), "-c", str(conf)], name)
+            nodes.append(NatsNode(name, f"nats://127.0.0.1:{client}", monitor, proc))
+        wait_for_meta_leader(nodes)
+        return nodes
 
     def app(
         self, script: Path, *flags: str, name: str = "app", env: Optional[Dict[str, str]] = None

@@ -131,8 +131,9 @@ def test_starts_agent_and_ingress_then_stops_them_in_order(tmp_path: Path) -> No
     config_path = agent["argv"][agent["argv"].index("--config") + 1]  # type: ignore[union-attr,index]
     assert agent["argv"] == [
         "--namespace", "t1", "--config", config_path, "--log-level", "debug",
-        "--max-queue", "10000", "--storage", "memory", "--prefetch", "auto",
-        "--heartbeat-ms", "2000", "--agent-grace-ms", "30000", "--log-format", "text",
+        "--max-queue", "10000", "--storage", "memory", "--replicas", "1",
+        "--prefetch", "auto", "--heartbeat-ms", "2000", "--agent-grace-ms", "30000",
+        "--log-format", "text",
     ]  # fmt: skip
     assert ingress["argv"] == [
         "--namespace", "t1", "--address", "0.0.0.0",
@@ -140,7 +141,7 @@ def test_starts_agent_and_ingress_then_stops_them_in_order(tmp_path: Path) -> No
         "--log-level", "debug", "--ingress-grace-ms", "10000",
         "--max-connections", "10000", "--header-read-timeout-ms", "30000",
         "--result-ttl-s", "3600", "--async-timeout-ms", "600000", "--log-format", "text",
-        "--listen-when-ready", "true",
+        "--replicas", "1", "--listen-when-ready", "true",
     ]  # fmt: skip
     # the NATS URL (which may carry a password) comes through the environment, never argv
     assert agent["nats"] == ingress["nats"] == {"NATSERVE_NATS": "nats://127.0.0.1:4999"}
@@ -285,6 +286,7 @@ def test_every_agent_and_ingress_setting_reaches_its_binary_as_the_same_flag() -
     settings = Settings(
         max_queue=5,
         storage="file",
+        replicas=3,
         prefetch="on",
         metrics_address="127.0.0.1:9100",
         heartbeat_ms=250,
@@ -300,7 +302,7 @@ def test_every_agent_and_ingress_setting_reaches_its_binary_as_the_same_flag() -
     )
     agent = agent_argv("a", settings, Path("c"))
     assert agent[agent.index("--max-queue") :] == [
-        "--max-queue", "5", "--storage", "file", "--prefetch", "on",
+        "--max-queue", "5", "--storage", "file", "--replicas", "3", "--prefetch", "on",
         "--heartbeat-ms", "250", "--agent-grace-ms", "1234", "--log-format", "json",
         "--metrics-address", "127.0.0.1:9100", "--socket-dir", "/tmp/sockets",
     ]  # fmt: skip
@@ -308,6 +310,7 @@ def test_every_agent_and_ingress_setting_reaches_its_binary_as_the_same_flag() -
     assert ingress[ingress.index("--ingress-grace-ms") :] == [
         "--ingress-grace-ms", "4321", "--max-connections", "7", "--header-read-timeout-ms", "999",
         "--result-ttl-s", "60", "--async-timeout-ms", "5000", "--log-format", "json",
+        "--replicas", "3",
     ]  # fmt: skip
     # Started with its agent, the ingress takes the port but listens only once ready.
     assert ingress_argv("i", Settings())[-2:] == ["--listen-when-ready", "true"]

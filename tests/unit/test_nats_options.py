@@ -71,6 +71,10 @@ def test_client_checks_its_security_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="client_id"):
         Client("nats://h:1", client_id="a.b")
     assert Client("nats://h:1", client_id="client").reply_prefix == "natserve.reply.client"
+    for bad in (0, 6, True, "3"):
+        with pytest.raises(ValueError, match="replicas must be an int from 1 to 5"):
+            Client("nats://a:1,nats://b:1", replicas=bad)  # type: ignore[arg-type]
+    Client("nats://a:1,nats://b:1,nats://c:1", replicas=3)
 
 
 def test_client_tls_context_trusts_the_given_ca(tmp_path: Path) -> None:

@@ -123,6 +123,18 @@ def test_prefixes_of_natserve_flags_are_not_taken_as_flags() -> None:
             "natserve: error: --storage: invalid choice 'disk' (choose from memory, file)",
         ),
         (
+            ["--nats", "nats://a:4222", "--replicas", "6"],
+            {},
+            "natserve: error: --replicas: invalid value '6': must be >= 1 and <= 5",
+        ),
+        (
+            ["--replicas", "3"],
+            {},
+            "natserve: error: --replicas: more than one copy needs a JetStream cluster: give "
+            "its servers with --nats (the nats-server started without --nats is a single "
+            "server)",
+        ),
+        (
             [],
             {"NATSERVE_PREFETCH": "maybe"},
             "natserve: error: --prefetch: invalid value 'maybe' (choose from auto, on, off) "
@@ -209,6 +221,7 @@ def test_help_lists_every_flag_with_its_default(capsys: pytest.CaptureFixture[st
         ("--namespace", "natserve"),
         ("--max-queue", "10000"),
         ("--storage", "memory"),
+        ("--replicas", "1"),
         ("--result-ttl-s", "3600"),
         ("--async-timeout-ms", "600000"),
         ("--prefetch", "auto"),
@@ -236,6 +249,8 @@ def test_agent_and_ingress_settings_from_flags_and_env() -> None:
     assert (settings.metrics_address, settings.heartbeat_ms) == ("[::]:9100", 100)
     assert (settings.agent_grace_ms, settings.ingress_grace_ms) == (0, 2500)
     assert settings.socket_dir == "/tmp/natserve-sockets"
+    cluster = {"NATSERVE_NATS": "nats://a:4222,nats://b:4222", "NATSERVE_REPLICAS": "3"}
+    assert parse_settings([], env=cluster)[0].replicas == 3
     assert parse_settings([], env={"NATSERVE_PREFETCH": "0"})[0].prefetch == "off"
     assert parse_settings([], env={"NATSERVE_PREFETCH": "1"})[0].prefetch == "on"
     assert parse_settings([], env={"NATSERVE_PREFETCH": "Auto"})[0].prefetch == "auto"

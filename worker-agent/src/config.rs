@@ -65,6 +65,10 @@ pub struct Args {
     /// Where stage queues are stored.
     #[arg(long, env = "NATSERVE_STORAGE", value_enum, default_value_t = Storage::Memory)]
     pub storage: Storage,
+    /// Servers of a JetStream cluster that keep a copy of every stream and bucket natserve
+    /// makes (1 to 5); a stream found with fewer is raised, never lowered.
+    #[arg(long, env = "NATSERVE_REPLICAS", default_value_t = 1, value_parser = replicas_parser())]
+    pub replicas: usize,
     /// Log filter: error, warn, info, debug, trace.
     #[arg(long, env = "NATSERVE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -72,6 +76,12 @@ pub struct Args {
     /// the same (`NATSERVE_LOG_FORMAT`).
     #[arg(long, env = natserve_protocol::logs::LOG_FORMAT_ENV, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// `--replicas`: 1 to [`natserve_protocol::replicas::MAX_REPLICAS`].
+pub fn replicas_parser() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new()
+        .range(1..=natserve_protocol::replicas::MAX_REPLICAS as u64)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -114,6 +124,7 @@ impl AgentSettings {
             queue: QueueConfig {
                 max_messages: 10_000,
                 storage: StorageType::Memory,
+                replicas: 1,
             },
             prefetch: Prefetch::Auto,
             log_format: LogFormat::Text,
@@ -137,6 +148,7 @@ impl From<&Args> for AgentSettings {
                     Storage::Memory => StorageType::Memory,
                     Storage::File => StorageType::File,
                 },
+                replicas: args.replicas,
             },
             prefetch: args.prefetch,
             log_format: args.log_format,
@@ -173,15 +185,19 @@ mod tests {
             "file",
             "--max-queue",
             "7",
+            "--replicas",
+            "3",
         ])
         .unwrap();
         let s = AgentSettings::from(&args);
         assert_eq!(s.grace, Duration::from_millis(1500));
         assert_eq!(s.queue.max_messages, 7);
         assert_eq!(s.queue.storage, StorageType::File);
+        assert_eq!(s.queue.replicas, 3);
         let defaults = AgentSettings::new(&args.nats, &args.namespace);
         assert_eq!(s.heartbeat, defaults.heartbeat);
         assert_eq!(s.prefetch, Prefetch::Auto);
+        assert_eq!(defaults.queue.replicas, 1);
     }
 
     #[test]
@@ -209,5 +225,17 @@ mod tests {
             Args::try_parse_from(["natserve-agent", "--config", "/x", "--prefetch", "maybe"])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn replicas_are_one_to_five() {
+        let parse = |n: &str| {
+            Args::try_parse_from(["natserve-agent", "--config", "/x.json", "--replicas", n])
+        };
+        assert_eq!(parse("5").unwrap().replicas, 5);
+        for bad in ["0", "6", "three"] {
+            let err = parse(bad).unwrap_err();
+            assert!(err.to_string().contains("--replicas"), "{err}");
+        }
     }
 }

@@ -35,6 +35,10 @@ use supervisor::{supervise, Slot};
 
 /// In a fresh cluster the NATS server may still be starting: the first connect retries.
 const CONNECT_WITHIN: Duration = Duration::from_secs(10);
+/// How long start-up retries the answers a JetStream cluster gives while it settles:
+/// a stream or bucket another agent has just made may have no leader for a moment (its
+/// reads answer "no responders", its requests time out).
+const SETTLE_WITHIN: Duration = Duration::from_secs(20);
 /// Deleting the agent's record at shutdown; past it, the record expires on its own.
 const DEREGISTER_WITHIN: Duration = Duration::from_millis(800);
 /// Pull loops finish the pull in flight (at most one idle poll) and stop; past it,
@@ -51,6 +55,25 @@ pub const DRAIN_MARGIN: Duration = Duration::from_millis(
         as u64,
 );
 
+/// Runs start-up `step` again while it fails with an error NATS may get over
+/// ([`AgentError::may_pass`]), for up to [`SETTLE_WITHIN`].
+async fn settled<T, F, Fut>(step_name: &str, mut step: F) -> Result<T, AgentError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, AgentError>>,
+{
+    let started = tokio::time::Instant::now();
+    loop {
+        match step().await {
+            Err(e) if e.may_pass() && started.elapsed() < SETTLE_WITHIN => {
+                warn!(step = step_name, error = %e, "jetstream not settled yet, retrying");
+                tokio::time::sleep(natserve_protocol::nats::RETRY_DELAY).await;
+            }
+            done => return done,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
@@ -65,6 +88,8 @@ pub enum AgentError {
     Registration(#[from] RegistrationError),
     #[error(transparent)]
     Bucket(#[from] natserve_protocol::buckets::BucketError),
+    #[error(transparent)]
+    NotClustered(#[from] natserve_protocol::replicas::NotClustered),
     #[error("socket directory {path}: {source}")]
     SocketDir {
         path: PathBuf,
@@ -76,6 +101,20 @@ pub enum AgentError {
     Metrics(#[from] prometheus::Error),
     #[error("metrics address: {0}")]
     Bind(std::io::Error),
+}
+
+impl AgentError {
+    /// Whether the error is NATS's answer of the moment (a timeout, a stream without a
+    /// leader yet), which retrying may get past, rather than a setting or a route clash.
+    fn may_pass(&self) -> bool {
+        matches!(
+            self,
+            AgentError::Stage(natserve_scheduler::StageError::Stream { .. })
+                | AgentError::Bucket(_)
+                | AgentError::Registration(RegistrationError::Bucket(_))
+                | AgentError::Registration(RegistrationError::Read(_))
+        )
+    }
 }
 
 /// Removes the socket directory the agent created, however `run` ends.
@@ -125,6 +164,7 @@ pub async fn run(
         CONNECT_WITHIN,
     )
     .await?;
+    natserve_protocol::replicas::check_cluster(&client, settings.queue.replicas)?;
     let js = jetstream::new(client.clone());
     let (dir, _dir_guard) = socket_dir(&settings)?;
     let registry = prometheus::Registry::new();
@@ -133,28 +173,35 @@ pub async fn run(
     // Check the routes before anything else: an agent whose route collides with a live
     // one's must not create or pull from the queue they would share.
     let pools: Vec<WorkerPool> = config.stages.iter().map(|_| WorkerPool::new()).collect();
-    let loads = config
+    let loads: Vec<_> = config
         .stages
         .iter()
         .zip(&pools)
         .map(|(spec, pool)| (spec.clone(), pool.stats().clone()))
         .collect();
+    let replicas = settings.queue.replicas;
     // Queues that outlive the broker ask for replies that do too (the results bucket).
-    let durable_replies = settings.queue.storage == StorageType::File;
-    let registration = Arc::new(
-        Registration::open(
+    let durable_replies = settings.queue.storage == StorageType::File || replicas > 1;
+    let registration = settled("registration", || async {
+        let registration = Registration::open(
             &js,
             &names,
+            replicas,
             settings.heartbeat,
             &config.routes,
-            loads,
+            loads.clone(),
             durable_replies,
         )
-        .await?,
-    );
-    registration.check_routes().await?;
+        .await?;
+        registration.check_routes().await?;
+        Ok(Arc::new(registration))
+    })
+    .await?;
 
-    let results = Results::open(&js, &names).await?;
+    let results = settled("results bucket", || async {
+        Ok(Results::open(&js, &names, replicas).await?)
+    })
+    .await?;
     let cancelled = Arc::new(Cancellations::default());
     let _cancel_follower = cancelled
         .clone()
@@ -168,7 +215,10 @@ pub async fn run(
     let supervisors = TaskTracker::new();
     let worker_cmd = Arc::new(config.worker_cmd.clone());
     for (spec, pool) in config.stages.iter().zip(pools) {
-        let consumer = ensure_stage(&js, &names, spec, &settings.queue).await?;
+        let consumer = settled("stage queue", || async {
+            Ok(ensure_stage(&js, &names, spec, &settings.queue).await?)
+        })
+        .await?;
         let stages_in_route = config.route(&spec.route).expect("validated").names.len() as u32;
         let slug = natserve_protocol::route_slug(&spec.route)?;
         let shared = Arc::new(spec.clone());

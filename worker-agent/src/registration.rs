@@ -56,6 +56,8 @@ pub enum RegistrationError {
 pub struct Registration {
     js: jetstream::Context,
     names: Names,
+    /// Copies each bucket is kept in, when it has to be made again.
+    replicas: usize,
     agents: kv::Store,
     routes: kv::Store,
     key: String,
@@ -70,13 +72,14 @@ impl Registration {
     pub async fn open(
         js: &jetstream::Context,
         names: &Names,
+        replicas: usize,
         heartbeat: Duration,
         routes: &[RouteSpec],
         stages: Vec<(StageSpec, Arc<WorkerStats>)>,
         durable_replies: bool,
     ) -> Result<Self, RegistrationError> {
-        let agents = open_bucket(js, agents_bucket_config(names)).await?;
-        let routes_kv = open_bucket(js, routes_bucket_config(names)).await?;
+        let agents = open_bucket(js, agents_bucket_config(names, replicas)).await?;
+        let routes_kv = open_bucket(js, routes_bucket_config(names, replicas)).await?;
         let host = hostname();
         let key = format!(
             "{}-{}-{}",
@@ -103,6 +106,7 @@ impl Registration {
         Ok(Self {
             js: js.clone(),
             names: names.clone(),
+            replicas,
             agents,
             routes: routes_kv,
             key,
@@ -245,8 +249,8 @@ impl Registration {
     /// they work again once the buckets exist.
     async fn reopen_buckets(&self) {
         for config in [
-            agents_bucket_config(&self.names),
-            routes_bucket_config(&self.names),
+            agents_bucket_config(&self.names, self.replicas),
+            routes_bucket_config(&self.names, self.replicas),
         ] {
             if let Err(e) = open_bucket(&self.js, config).await {
                 warn!(error = %e, "cannot reopen a kv bucket");

@@ -120,7 +120,7 @@ async fn a_stale_route_record_nobody_serves_is_replaced() {
     let nats = NatsServer::start();
     let client = async_nats::connect(&nats.url).await.unwrap();
     let js = async_nats::jetstream::new(client.clone());
-    let routes = open_bucket(&js, routes_bucket_config(&Names::new(NS).unwrap()))
+    let routes = open_bucket(&js, routes_bucket_config(&Names::new(NS).unwrap(), 1))
         .await
         .unwrap();
     let stale = RouteRecord {

@@ -80,7 +80,7 @@ async fn recreates_its_queue_and_records_after_the_server_restarts_empty() {
     assert!(answered < Duration::from_secs(5), "{answered:?}");
     // Its route record and heartbeat are back too, for ingresses to see.
     let names = Names::new(NS).unwrap();
-    let routes = open_bucket(&js, routes_bucket_config(&names))
+    let routes = open_bucket(&js, routes_bucket_config(&names, 1))
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);

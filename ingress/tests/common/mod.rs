@@ -224,10 +224,10 @@ impl Agent {
         let client = async_nats::connect(url).await.unwrap();
         let js = jetstream::new(client.clone());
         let names = Names::new(NS).unwrap();
-        let routes = open_bucket(&js, routes_bucket_config(&names))
+        let routes = open_bucket(&js, routes_bucket_config(&names, 1))
             .await
             .unwrap();
-        let agents = open_bucket(&js, agents_bucket_config(&names))
+        let agents = open_bucket(&js, agents_bucket_config(&names, 1))
             .await
             .unwrap();
         Self {

@@ -222,7 +222,7 @@ pub async fn wait_ready(client: &async_nats::Client, ready: u32) -> AgentRecord 
     let names = Names::new(NS).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(agents) = open_bucket(&js, agents_bucket_config(&names)).await {
+        if let Ok(agents) = open_bucket(&js, agents_bucket_config(&names, 1)).await {
             let keys: Vec<String> = match agents.keys().await {
                 Ok(keys) => keys.filter_map(|k| async { k.ok() }).collect().await,
                 Err(_) => Vec::new(),

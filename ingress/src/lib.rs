@@ -15,6 +15,7 @@ pub mod listen;
 pub mod metrics;
 pub mod openapi;
 pub mod replies;
+pub mod request_id;
 pub mod routes;
 pub mod server;
 pub mod status;

@@ -53,6 +53,7 @@ async fn app() -> Arc<App> {
             names: vec!["W".into()],
             types: None,
             streams: false,
+            durable_replies: false,
         };
         table.put_route("inference", route, Instant::now());
         let agent = AgentRecord {

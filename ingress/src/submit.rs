@@ -170,16 +170,18 @@ impl Submitter {
         // Register first: the reply may arrive before the publish ack does.
         let mut pending = self.replies.register(s.request_id);
         let end = s.deadline + REPLY_GRACE;
-        let durable = s.durable.map(|results| (results, reply_key(s.request_id)));
-        let connects = self.connects();
+        // A durable reply needs to know whether this ingress reconnects after the publish.
+        let durable = s
+            .durable
+            .map(|results| (results, reply_key(s.request_id), self.connects()));
         let mut cancel = self.publish(s).await?;
         let got = match &durable {
             None => tokio::time::timeout_at(end, pending.recv())
                 .await
                 .map(|message| message.map(Got::Message))
                 .map_err(|_| RequestError::DeadlinePassed),
-            Some((results, key)) => {
-                self.await_durable(&mut pending, results, key, connects, end)
+            Some((results, key, connects)) => {
+                self.await_durable(&mut pending, results, key, *connects, end)
                     .await
             }
         };

@@ -130,11 +130,20 @@ impl Results {
         record: &ResultRecord,
         ttl: Duration,
     ) -> Result<Created, ResultsError> {
-        let value = record.encode(b"");
+        self.create(id, record.encode(b""), ttl).await
+    }
+
+    /// Creates `key` holding `value`, atomically, healing a lost bucket once.
+    async fn create(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<Created, ResultsError> {
         let ttl = clamp_ttl(ttl);
         let mut healed = false;
         loop {
-            match self.store.create_with_ttl(id, value.clone(), ttl).await {
+            match self.store.create_with_ttl(key, value.clone(), ttl).await {
                 Ok(_) => return Ok(Created::New),
                 Err(e) if e.kind() == CreateErrorKind::AlreadyExists => return Ok(Created::Exists),
                 Err(e) if !healed => {
@@ -228,21 +237,10 @@ impl Results {
     ) -> Result<Finished, ResultsError> {
         let value = record.encode(body);
         self.check_size(value.len())?;
-        let ttl = clamp_ttl(ttl);
-        let mut healed = false;
-        loop {
-            match self.store.create_with_ttl(key, value.clone(), ttl).await {
-                Ok(_) => return Ok(Finished::Written),
-                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
-                    return Ok(Finished::AlreadyDone)
-                }
-                Err(e) if !healed => {
-                    self.heal(&e.to_string()).await;
-                    healed = true;
-                }
-                Err(e) => return Err(ResultsError::Nats(e.to_string())),
-            }
-        }
+        Ok(match self.create(key, value, ttl).await? {
+            Created::New => Finished::Written,
+            Created::Exists => Finished::AlreadyDone,
+        })
     }
 
     /// Deletes job `id`'s record (its work could not be queued), best effort.

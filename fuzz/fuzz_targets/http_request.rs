@@ -54,6 +54,7 @@ async fn app() -> Arc<App> {
             types: None,
             streams: false,
             durable_replies: false,
+            queues: Vec::new(),
         };
         table.put_route("inference", route, Instant::now());
         let agent = AgentRecord {

@@ -272,7 +272,10 @@ impl App {
                 table
                     .routes(now)
                     .into_iter()
-                    .map(|(slug, r)| (r.route, self.names.stream(&slug, 0)))
+                    .filter_map(|(_, r)| {
+                        let stream = self.names.stream_at(&r.queue(0)).ok()?;
+                        Some((r.route, stream))
+                    })
                     .collect::<Vec<_>>()
             })
         };

@@ -153,21 +153,21 @@ impl Metrics {
         {
             let table = table.read().unwrap_or_else(|p| p.into_inner());
             self.stage_workers.reset();
-            for (slug, record) in table.routes(now) {
+            for (_, record) in table.routes(now) {
                 for stage in 0..record.stages {
                     let ready = table.ready_workers(&record.route, stage, now);
                     self.stage_workers
                         .with_label_values(&[record.route.as_str(), &stage.to_string()])
                         .set(i64::try_from(ready).unwrap_or(i64::MAX));
-                    stages.push((record.route.clone(), slug.clone(), stage));
+                    // A shared stage's depth is its one queue's, on each of its places.
+                    if let Ok(stream) = names.stream_at(&record.queue(stage)) {
+                        stages.push((record.route.clone(), stream, stage));
+                    }
                 }
             }
         }
-        let depths = stages.iter().map(|(route, slug, stage)| async move {
-            let stream = jetstream
-                .get_stream_no_info(names.stream(slug, *stage))
-                .await
-                .ok()?;
+        let depths = stages.iter().map(|(route, stream, stage)| async move {
+            let stream = jetstream.get_stream_no_info(stream).await.ok()?;
             match stream.consumer_info(CONSUMER).await {
                 Ok(info) => Some((
                     route,

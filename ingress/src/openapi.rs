@@ -135,6 +135,7 @@ mod tests {
             types,
             streams: false,
             durable_replies: false,
+            queues: Vec::new(),
         };
         (route.trim_start_matches('/').into(), record)
     }

@@ -178,6 +178,7 @@ mod tests {
             types: None,
             streams: false,
             durable_replies: false,
+            queues: Vec::new(),
         }
     }
 

@@ -20,6 +20,7 @@ fn durable_route(route: &str) -> RouteRecord {
         types: None,
         streams: false,
         durable_replies: true,
+        queues: Vec::new(),
     }
 }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::names::route_slug;
+use crate::records::{queue_of, StageAt};
 
 /// The whole document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +41,36 @@ pub struct RouteSpec {
     /// answers the route as Server-Sent Events.
     #[serde(default)]
     pub streams: bool,
+    /// Where each stage's queue is when a stage is shared with other routes: one entry
+    /// per stage (its own place where not shared), or none when nothing is shared. Only
+    /// a stage's home is listed in [`AgentConfig::stages`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queues: Vec<StageAt>,
+}
+
+impl RouteSpec {
+    /// The place whose queue serves stage `stage` of this route.
+    pub fn queue(&self, stage: u32) -> StageAt {
+        queue_of(&self.route, &self.queues, stage)
+    }
+}
+
+/// One place a hosted stage serves: its route, its index there, and how many stages the
+/// route has (so whether the place is the route's first or last).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
+    pub at: StageAt,
+    pub stages_in_route: u32,
+}
+
+impl Place {
+    pub fn is_first(&self) -> bool {
+        self.at.stage == 0
+    }
+
+    pub fn is_last(&self) -> bool {
+        self.at.stage + 1 == self.stages_in_route
+    }
 }
 
 /// One stage as this agent hosts it. Each worker process also gets it, as JSON, in
@@ -77,6 +108,14 @@ fn default_mime() -> String {
 }
 
 impl StageSpec {
+    /// The place this stage was configured at: its home, where its queue is named.
+    pub fn at(&self) -> StageAt {
+        StageAt {
+            route: self.route.clone(),
+            stage: self.stage,
+        }
+    }
+
     pub fn max_wait(&self) -> Duration {
         Duration::from_millis(self.max_wait_ms)
     }
@@ -159,11 +198,93 @@ impl AgentConfig {
                 }
             }
         }
-        Ok(())
+        self.validate_queues()
     }
 
     pub fn route(&self, route: &str) -> Option<&RouteSpec> {
         self.routes.iter().find(|r| r.route == route)
+    }
+
+    /// Every place the hosted stage `spec` serves, its home first, then in route order:
+    /// one place unless its `Runtime` is shared by several routes.
+    pub fn places(&self, spec: &StageSpec) -> Vec<Place> {
+        let home = spec.at();
+        let mut places = Vec::new();
+        for route in &self.routes {
+            let stages_in_route = route.names.len() as u32;
+            for stage in 0..stages_in_route {
+                if route.queue(stage) == home {
+                    let at = StageAt {
+                        route: route.route.clone(),
+                        stage,
+                    };
+                    places.push(Place {
+                        at,
+                        stages_in_route,
+                    });
+                }
+            }
+        }
+        places.sort_by_key(|p| p.at != home);
+        places
+    }
+
+    /// Shared queues: one entry per stage, each naming an existing place that is its own
+    /// home and runs the same worker class.
+    fn validate_queues(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        for route in &self.routes {
+            if route.queues.is_empty() {
+                continue;
+            }
+            if route.queues.len() != route.names.len() {
+                return invalid(format!(
+                    "{}: queues has {} entries for {} stages",
+                    route.route,
+                    route.queues.len(),
+                    route.names.len()
+                ));
+            }
+            for (stage, home) in route.queues.iter().enumerate() {
+                let Some(owner) = self.route(&home.route) else {
+                    return invalid(format!(
+                        "{} stage {stage}: its queue names unknown route {}",
+                        route.route, home.route
+                    ));
+                };
+                let (Some(name), Some(ours)) =
+                    (owner.names.get(home.stage as usize), route.names.get(stage))
+                else {
+                    return invalid(format!(
+                        "{} stage {stage}: its queue names {} stage {}, which does not exist",
+                        route.route, home.route, home.stage
+                    ));
+                };
+                if owner.queue(home.stage) != *home {
+                    return invalid(format!(
+                        "{} stage {stage}: its queue {} stage {} is itself served by another",
+                        route.route, home.route, home.stage
+                    ));
+                }
+                if name != ours {
+                    return invalid(format!(
+                        "{} stage {stage} ({ours}) shares the queue of {} stage {} ({name}): a shared stage runs one worker class",
+                        route.route, home.route, home.stage
+                    ));
+                }
+            }
+        }
+        for s in &self.stages {
+            let home = self.route(&s.route).map(|r| r.queue(s.stage));
+            if home.as_ref().is_some_and(|home| *home != s.at()) {
+                let home = home.expect("checked");
+                return invalid(format!(
+                    "{} stage {} is served by the queue of {} stage {}: host that one instead",
+                    s.route, s.stage, home.route, home.stage
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -191,6 +312,31 @@ mod tests {
     #[test]
     fn golden_config_has_every_field() {
         let gpu = |n: &str| BTreeMap::from([("CUDA_VISIBLE_DEVICES".to_owned(), n.to_owned())]);
+        let embed = RouteSpec {
+            route: "/v1/embed".into(),
+            names: vec!["Embed".into()],
+            types: Some(crate::RouteTypes {
+                request: body(
+                    "application/msgpack",
+                    serde_json::json!({"$ref": "#/components/schemas/Text"}),
+                ),
+                response: body(
+                    "application/msgpack",
+                    serde_json::json!({"type": "array", "items": {"type": "number"}}),
+                ),
+                components: serde_json::json!({"Text": {
+                    "title": "Text",
+                    "type": "object",
+                    "properties": {"text": {"type": "string"}},
+                    "required": ["text"]
+                }})
+                .as_object()
+                .unwrap()
+                .clone(),
+            }),
+            streams: false,
+            queues: Vec::new(),
+        };
         let expected = AgentConfig {
             worker_cmd: [
                 "/usr/bin/python3",
@@ -212,30 +358,16 @@ mod tests {
                         components: Default::default(),
                     }),
                     streams: false,
+                    queues: Vec::new(),
                 },
+                embed.clone(),
                 RouteSpec {
-                    route: "/v1/embed".into(),
-                    names: vec!["Embed".into()],
-                    types: Some(crate::RouteTypes {
-                        request: body(
-                            "application/msgpack",
-                            serde_json::json!({"$ref": "#/components/schemas/Text"}),
-                        ),
-                        response: body(
-                            "application/msgpack",
-                            serde_json::json!({"type": "array", "items": {"type": "number"}}),
-                        ),
-                        components: serde_json::json!({"Text": {
-                            "title": "Text",
-                            "type": "object",
-                            "properties": {"text": {"type": "string"}},
-                            "required": ["text"]
-                        }})
-                        .as_object()
-                        .unwrap()
-                        .clone(),
-                    }),
-                    streams: false,
+                    route: "/v2/embed".into(),
+                    queues: vec![StageAt {
+                        route: "/v1/embed".into(),
+                        stage: 0,
+                    }],
+                    ..embed.clone()
                 },
                 RouteSpec {
                     route: "/v1/chat".into(),
@@ -246,6 +378,7 @@ mod tests {
                         components: Default::default(),
                     }),
                     streams: true,
+                    queues: Vec::new(),
                 },
             ],
             stages: vec![
@@ -363,6 +496,7 @@ mod tests {
             names: vec!["Other".into()],
             types: None,
             streams: false,
+            queues: Vec::new(),
         });
         let err = c.validate().unwrap_err().to_string();
         assert!(
@@ -383,5 +517,57 @@ mod tests {
         );
         assert!(c.stages[1].worker_env(0).is_none());
         assert!(c.stages[0].worker_env(1).is_none());
+    }
+
+    #[test]
+    fn a_shared_stage_serves_every_place_its_home_first() {
+        let c = golden();
+        let at = |route: &str, stage| StageAt {
+            route: route.into(),
+            stage,
+        };
+        let places: Vec<StageAt> = c.places(&c.stages[2]).into_iter().map(|p| p.at).collect();
+        assert_eq!(places, [at("/v1/embed", 0), at("/v2/embed", 0)]);
+        assert_eq!(c.places(&c.stages[1]).len(), 1);
+        assert!(c.places(&c.stages[1])[0].is_last() && !c.places(&c.stages[1])[0].is_first());
+    }
+
+    #[test]
+    fn rejects_shared_queues_that_do_not_add_up() {
+        let shared = |c: &mut AgentConfig| c.routes[2].queues[0].clone();
+        // A queue naming a stage that does not exist.
+        let mut c = golden();
+        c.routes[2].queues[0].stage = 3;
+        assert!(c.validate().is_err());
+        // A queue whose home is itself served by another: no chains.
+        let mut c = golden();
+        let home = shared(&mut c);
+        c.routes[1].queues = vec![StageAt {
+            route: "/v2/embed".into(),
+            stage: 0,
+        }];
+        c.routes[2].queues = vec![home];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("served by another") || err.contains("host that one"),
+            "{err}"
+        );
+        // A different worker class on the shared queue.
+        let mut c = golden();
+        c.routes[2].names = vec!["Other".into()];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("one worker class"), "{err}");
+        // One entry per stage.
+        let mut c = golden();
+        c.routes[2].queues.push(StageAt {
+            route: "/v1/embed".into(),
+            stage: 0,
+        });
+        assert!(c.validate().is_err());
+        // Hosting a place that is not its queue's home.
+        let mut c = golden();
+        c.stages[2].route = "/v2/embed".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("host that one instead"), "{err}");
     }
 }

@@ -74,6 +74,7 @@ mod tests {
             id: 1,
             items: vec![Bytes::from_static(b"{\"x\": 2}"), Bytes::new()],
             ids: Vec::new(),
+            edges: Vec::new(),
         };
         let sent = frame.clone();
         let writer = tokio::spawn(async move {
@@ -92,6 +93,7 @@ mod tests {
         let bytes = Frame::Ready {
             pid: 9,
             reads_ids: true,
+            reads_edges: true,
         }
         .to_bytes();
         a.write_all(&bytes[..bytes.len() - 1]).await.unwrap();

@@ -2,10 +2,12 @@
 //!
 //! ```text
 //! frame   = length:u32be kind:u8 body          length counts kind + body
-//! READY   kind 1  pid:u32be [ids:u8 = 1]      worker -> agent, after __init__ and warm-up
+//! READY   kind 1  pid:u32be [reads:u8 = 1|3]  worker -> agent, after __init__ and warm-up
 //! BATCH   kind 2  id:u64be count:u32be (len:u32be bytes){count}            agent -> worker
 //! BATCH   kind 6  id:u64be count:u32be (len:u32be bytes rlen:u16be request_id
 //!                 tlen:u16be trace_id){count}                               agent -> worker
+//! BATCH   kind 7  id:u64be count:u32be (len:u32be bytes rlen:u16be request_id
+//!                 tlen:u16be trace_id edge:u8){count}                       agent -> worker
 //! RESULTS kind 3  id:u64be count:u32be (status:u8 len:u32be bytes){count}   worker -> agent
 //! STREAM  kind 4  id:u64be index:u32be len:u32be bytes      worker -> agent, before RESULTS
 //! CANCEL  kind 5  id:u64be index:u32be                      agent -> worker, while it runs
@@ -23,6 +25,13 @@
 //! for a batch without ids. Ids are UTF-8; one longer than 65535 bytes travels
 //! empty. A kind 6 batch has at least one item (without items it is kind 2).
 //!
+//! Kind 7 is kind 6 with each item's edge: [`EDGE_FIRST`] when the item is at the first
+//! stage of its own route (the worker decodes it from the HTTP body), [`EDGE_LAST`] at
+//! the last (it encodes the answer), both or neither. Only a stage that several routes
+//! share sends it, and only where those routes place it differently (first in one, in
+//! the middle of another); every other batch's items stand where the worker's stage
+//! does. A worker that reads it ends its READY with 3 (kind 6 and kind 7) instead of 1.
+//!
 //! Item status: 0 ok, 1 validation error, 2 client error, 3 server error. The declared
 //! length is checked against a maximum before anything is allocated, and every inner
 //! length against what is left of the frame. `tests/golden/frames.json` holds byte vectors
@@ -38,6 +47,15 @@ pub const KIND_RESULTS: u8 = 3;
 pub const KIND_STREAM: u8 = 4;
 pub const KIND_CANCEL: u8 = 5;
 pub const KIND_BATCH_IDS: u8 = 6;
+pub const KIND_BATCH_EDGES: u8 = 7;
+
+/// A kind 7 item's edge bit: the item is at the first stage of its route.
+pub const EDGE_FIRST: u8 = 1;
+/// A kind 7 item's edge bit: the item is at the last stage of its route.
+pub const EDGE_LAST: u8 = 2;
+/// READY's optional last byte: which batch kinds beyond 2 the worker reads.
+const READS_IDS: u8 = 1;
+const READS_EDGES: u8 = 3;
 
 /// Largest frame accepted by default: big enough for a batch of large NATS payloads.
 pub const DEFAULT_MAX_FRAME: usize = 256 * 1024 * 1024;
@@ -111,16 +129,20 @@ pub struct ItemIds {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// `reads_ids`: the worker reads BATCH kind 6 (its READY's optional last byte).
+    /// `reads_ids`: the worker reads BATCH kind 6, `reads_edges` kind 7 too (its
+    /// READY's optional last byte: 1, or 3). `reads_edges` implies `reads_ids`.
     Ready {
         pid: u32,
         reads_ids: bool,
+        reads_edges: bool,
     },
-    /// `ids` is empty (kind 2) or has one entry per item (kind 6).
+    /// `ids` is empty (kind 2) or has one entry per item (kind 6); `edges` is empty, or
+    /// has one entry per item (kind 7, which carries `ids` as well).
     Batch {
         id: u64,
         items: Vec<Bytes>,
         ids: Vec<ItemIds>,
+        edges: Vec<u8>,
     },
     Results {
         id: u64,
@@ -191,15 +213,23 @@ impl Frame {
         match kind {
             KIND_READY => {
                 let pid = take_u32(&mut body)?;
-                let reads_ids = match body.first() {
-                    None => false,
-                    Some(1) => {
-                        body.advance(1);
-                        true
-                    }
+                let (reads_ids, reads_edges) = match body.first().copied() {
+                    None => (false, false),
+                    Some(READS_IDS) => (true, false),
+                    Some(READS_EDGES) => (true, true),
                     Some(_) => return Err(FrameError::Malformed("unknown READY feature")),
                 };
-                finish(&body, Frame::Ready { pid, reads_ids })
+                if !body.is_empty() {
+                    body.advance(1);
+                }
+                finish(
+                    &body,
+                    Frame::Ready {
+                        pid,
+                        reads_ids,
+                        reads_edges,
+                    },
+                )
             }
             KIND_BATCH => {
                 let id = take_u64(&mut body)?;
@@ -214,26 +244,40 @@ impl Frame {
                         id,
                         items,
                         ids: Vec::new(),
+                        edges: Vec::new(),
                     },
                 )
             }
-            KIND_BATCH_IDS => {
+            KIND_BATCH_IDS | KIND_BATCH_EDGES => {
+                let with_edges = kind == KIND_BATCH_EDGES;
                 let id = take_u64(&mut body)?;
-                let count = take_count(&mut body, 8)?;
+                let count = take_count(&mut body, 8 + usize::from(with_edges))?;
                 if count == 0 {
                     // Without items it is kind 2: one frame, one encoding.
                     return Err(FrameError::Malformed("batch with ids of no item"));
                 }
                 let mut items = Vec::with_capacity(count);
                 let mut ids = Vec::with_capacity(count);
+                let mut edges = Vec::with_capacity(if with_edges { count } else { 0 });
                 for _ in 0..count {
                     items.push(take_bytes(&mut body)?);
                     ids.push(ItemIds {
                         request_id: take_short(&mut body)?,
                         trace_id: take_short(&mut body)?,
                     });
+                    if with_edges {
+                        edges.push(take_edge(&mut body)?);
+                    }
                 }
-                finish(&body, Frame::Batch { id, items, ids })
+                finish(
+                    &body,
+                    Frame::Batch {
+                        id,
+                        items,
+                        ids,
+                        edges,
+                    },
+                )
             }
             KIND_RESULTS => {
                 let id = take_u64(&mut body)?;
@@ -280,14 +324,25 @@ impl Frame {
         let start = out.len();
         out.put_u32(0); // patched below, once the body's size is known
         match self {
-            Frame::Ready { pid, reads_ids } => {
+            Frame::Ready {
+                pid,
+                reads_ids,
+                reads_edges,
+            } => {
                 out.put_u8(KIND_READY);
                 out.put_u32(*pid);
-                if *reads_ids {
-                    out.put_u8(1);
+                if *reads_edges {
+                    out.put_u8(READS_EDGES);
+                } else if *reads_ids {
+                    out.put_u8(READS_IDS);
                 }
             }
-            Frame::Batch { id, items, ids } if ids.is_empty() => {
+            Frame::Batch {
+                id,
+                items,
+                ids,
+                edges,
+            } if ids.is_empty() && edges.is_empty() => {
                 out.put_u8(KIND_BATCH);
                 out.put_u64(*id);
                 out.put_u32(items.len() as u32);
@@ -296,8 +351,17 @@ impl Frame {
                     out.put_slice(item);
                 }
             }
-            Frame::Batch { id, items, ids } => {
-                out.put_u8(KIND_BATCH_IDS);
+            Frame::Batch {
+                id,
+                items,
+                ids,
+                edges,
+            } => {
+                out.put_u8(if edges.is_empty() {
+                    KIND_BATCH_IDS
+                } else {
+                    KIND_BATCH_EDGES
+                });
                 out.put_u64(*id);
                 out.put_u32(items.len() as u32);
                 let none = ItemIds::default();
@@ -307,6 +371,9 @@ impl Frame {
                     let ids = ids.get(i).unwrap_or(&none);
                     put_short(out, &ids.request_id);
                     put_short(out, &ids.trace_id);
+                    if !edges.is_empty() {
+                        out.put_u8(edges.get(i).copied().unwrap_or(0));
+                    }
                 }
             }
             Frame::Results { id, items } => {
@@ -401,6 +468,17 @@ fn take_short(buf: &mut Bytes) -> Result<Bytes, FrameError> {
     Ok(id)
 }
 
+fn take_edge(buf: &mut Bytes) -> Result<u8, FrameError> {
+    if buf.is_empty() {
+        return Err(FrameError::Malformed("truncated edge"));
+    }
+    let edge = buf.get_u8();
+    if edge & !(EDGE_FIRST | EDGE_LAST) != 0 {
+        return Err(FrameError::Malformed("unknown edge bits"));
+    }
+    Ok(edge)
+}
+
 fn take_bytes(buf: &mut Bytes) -> Result<Bytes, FrameError> {
     let len = take_u32(buf)? as usize;
     if len > buf.remaining() {
@@ -410,158 +488,4 @@ fn take_bytes(buf: &mut Bytes) -> Result<Bytes, FrameError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::Value;
-
-    fn golden() -> Value {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/golden/frames.json");
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-    }
-
-    fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
-
-    fn frame_from_json(v: &Value) -> Frame {
-        let text = |x: &Value| Bytes::from(x.as_str().unwrap().as_bytes().to_vec());
-        match v["kind"].as_str().unwrap() {
-            "ready" => Frame::Ready {
-                pid: v["pid"].as_u64().unwrap() as u32,
-                reads_ids: v["reads_ids"].as_bool().unwrap_or(false),
-            },
-            "batch" => Frame::Batch {
-                id: v["id"].as_u64().unwrap(),
-                items: v["items"].as_array().unwrap().iter().map(text).collect(),
-                ids: v
-                    .get("ids")
-                    .map(|ids| {
-                        ids.as_array()
-                            .unwrap()
-                            .iter()
-                            .map(|pair| ItemIds {
-                                request_id: text(&pair[0]),
-                                trace_id: text(&pair[1]),
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            },
-            "results" => Frame::Results {
-                id: v["id"].as_u64().unwrap(),
-                items: v["items"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|it| ItemResult {
-                        status: it["status"]
-                            .as_str()
-                            .unwrap()
-                            .parse::<Outcome>()
-                            .unwrap()
-                            .try_into()
-                            .unwrap(),
-                        body: text(&it["body"]),
-                    })
-                    .collect(),
-            },
-            "stream" => Frame::Stream {
-                id: v["id"].as_u64().unwrap(),
-                index: v["index"].as_u64().unwrap() as u32,
-                body: text(&v["body"]),
-            },
-            "cancel" => Frame::Cancel {
-                id: v["id"].as_u64().unwrap(),
-                index: v["index"].as_u64().unwrap() as u32,
-            },
-            other => panic!("unknown kind {other}"),
-        }
-    }
-
-    #[test]
-    fn golden_vectors_encode_and_decode() {
-        let g = golden();
-        for case in g["valid"].as_array().unwrap() {
-            let bytes = hex(case["hex"].as_str().unwrap());
-            let frame = frame_from_json(&case["frame"]);
-            assert_eq!(frame.to_bytes().as_ref(), &bytes[..], "{}", case["name"]);
-            assert_eq!(
-                Frame::check(&bytes, DEFAULT_MAX_FRAME),
-                Ok(Some(bytes.len()))
-            );
-            assert_eq!(Frame::parse(&bytes).unwrap(), frame, "{}", case["name"]);
-        }
-    }
-
-    #[test]
-    fn golden_invalid_vectors_are_rejected() {
-        let g = golden();
-        let max = g["max_frame"].as_u64().unwrap() as usize;
-        for case in g["invalid"].as_array().unwrap() {
-            let bytes = hex(case["hex"].as_str().unwrap());
-            let name = case["name"].as_str().unwrap();
-            let result = Frame::check(&bytes, max).and_then(|n| match n {
-                Some(n) => Frame::parse(&bytes[..n]).map(|_| ()),
-                None => Err(FrameError::Malformed("incomplete")),
-            });
-            assert!(result.is_err(), "{name} was accepted");
-        }
-    }
-
-    #[test]
-    fn partial_frames_need_more_bytes() {
-        let bytes = Frame::Batch {
-            id: 7,
-            items: vec![Bytes::from_static(b"abc")],
-            ids: vec![ItemIds::default()],
-        }
-        .to_bytes();
-        for cut in 0..bytes.len() {
-            assert_eq!(Frame::check(&bytes[..cut], DEFAULT_MAX_FRAME), Ok(None));
-        }
-    }
-
-    #[test]
-    fn parse_rejects_what_check_would_not_have_sized() {
-        let ready = Frame::Ready {
-            pid: 9,
-            reads_ids: false,
-        }
-        .to_bytes();
-        for cut in 0..ready.len() {
-            assert!(Frame::parse(&ready[..cut]).is_err(), "cut at {cut}");
-        }
-        let mut longer = ready.to_vec();
-        longer.push(0);
-        assert!(Frame::parse(&longer).is_err());
-        assert_eq!(Frame::parse(&[0, 0, 0, 0]), Err(FrameError::Empty));
-    }
-
-    #[test]
-    fn item_statuses_are_the_four_a_worker_can_report() {
-        for code in 0..=3 {
-            let status = ItemStatus::from_code(code).unwrap();
-            assert_eq!(status.code(), code);
-            assert_eq!(ItemStatus::try_from(Outcome::from(status)), Ok(status));
-        }
-        assert_eq!(ItemStatus::from_code(4), None);
-        for agent_only in [Outcome::Timeout, Outcome::Overloaded, Outcome::Unavailable] {
-            assert_eq!(ItemStatus::try_from(agent_only), Err(agent_only));
-        }
-    }
-
-    #[test]
-    fn oversized_length_is_rejected_before_allocation() {
-        let bytes = [0xff, 0xff, 0xff, 0xff];
-        assert_eq!(
-            Frame::check(&bytes, 1024),
-            Err(FrameError::TooLarge {
-                len: 0xffff_ffff,
-                max: 1024
-            })
-        );
-    }
-}
+mod tests;

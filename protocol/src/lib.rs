@@ -31,7 +31,7 @@ pub use frame::{Frame, FrameError, ItemIds, ItemResult, ItemStatus};
 pub use names::{route_slug, NameError, Names, CONSUMER};
 pub use outcome::Outcome;
 pub use records::{
-    AgentRecord, BodyType, JobState, ResultRecord, RouteRecord, RouteTypes, StageLoad,
+    AgentRecord, BodyType, JobState, ResultRecord, RouteRecord, RouteTypes, StageAt, StageLoad,
 };
 pub use results::Results;
 pub use streams::{QueueConfig, Rejection};

@@ -60,6 +60,12 @@ impl Names {
         format!("{}_work_{slug}_{stage}", self.namespace)
     }
 
+    /// The stream of the queue at `at` (see [`crate::StageAt`]): the stream of a shared
+    /// stage's home serves each of its places.
+    pub fn stream_at(&self, at: &crate::StageAt) -> Result<String, NameError> {
+        Ok(self.stream(&route_slug(&at.route)?, at.stage))
+    }
+
     pub fn routes_bucket(&self) -> String {
         format!("{}_routes", self.namespace)
     }

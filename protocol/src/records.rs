@@ -30,6 +30,40 @@ pub struct RouteRecord {
     /// ([`crate::headers::REPLY_KEY`]). Absent (an older agent, memory storage) means false.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub durable_replies: bool,
+    /// Where each stage's queue is, when one of them is shared with other routes (see
+    /// [`queue_of`]). Absent (an older agent, nothing shared) means each stage its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queues: Vec<StageAt>,
+}
+
+impl RouteRecord {
+    /// The place whose queue serves stage `stage` of this route.
+    pub fn queue(&self, stage: u32) -> StageAt {
+        queue_of(&self.route, &self.queues, stage)
+    }
+}
+
+/// A place in a pipeline: stage `stage` of `route`. A stage that several routes share
+/// (one `Runtime` on several routes) is one queue, named after its first place, its
+/// home: the stream of the home binds the work subjects of every place, so each route's
+/// work lands in it and its workers batch all routes' items together.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageAt {
+    pub route: String,
+    pub stage: u32,
+}
+
+/// The place whose queue serves stage `stage` of `route`, given the route's `queues`
+/// (one entry per stage, or none when no stage of it is shared).
+pub fn queue_of(route: &str, queues: &[StageAt], stage: u32) -> StageAt {
+    match queues.get(stage as usize) {
+        Some(home) => home.clone(),
+        None => StageAt {
+            route: route.to_owned(),
+            stage,
+        },
+    }
 }
 
 /// A route's request and response bodies as its workers declare them (the first stage's

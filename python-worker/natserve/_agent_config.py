@@ -50,19 +50,20 @@ def select_stages(
     """The stages ``selectors`` pick, in route then stage order (all when None).
 
     A selector is a worker class name (every stage that runs that class) or
-    ``<route>:<index>`` (one stage).
+    ``<route>:<index>`` (one stage). A stage several routes share is hosted at its home
+    (its first place), whichever of its places is named; only homes are returned.
     """
     every = [stage for stages in routes.values() for stage in stages]
     if selectors is None:
-        return every
+        return [s for s in every if s.queue is None]
     chosen: Set[str] = set()
     for selector in selectors:
         hits = [s for s in every if selector in (s.name, _key(s))]
         if not hits:
             known = sorted({s.name for s in every}) + [_key(s) for s in every]
             raise StageSelectionError(f"unknown stage {selector!r} (known: {', '.join(known)})")
-        chosen.update(_key(s) for s in hits)
-    return [s for s in every if _key(s) in chosen]
+        chosen.update(f"{s.home[0]}:{s.home[1]}" for s in hits)
+    return [s for s in every if s.queue is None and _key(s) in chosen]
 
 
 def worker_command() -> List[str]:
@@ -85,6 +86,7 @@ def agent_config(
                 "names": [s.name for s in route_stages],
                 "types": route_types(route_stages),
                 "streams": route_stages[-1].streams,
+                **_queues(route_stages),
             }
             for route, route_stages in routes.items()
         ],
@@ -104,6 +106,13 @@ def agent_config(
             for s in stages
         ],
     }
+
+
+def _queues(route_stages: Sequence[StageSpec]) -> Dict[str, Any]:
+    """A route's ``queues``: each stage's home, written only where one is shared."""
+    if all(s.queue is None for s in route_stages):
+        return {}
+    return {"queues": [{"route": s.home[0], "stage": s.home[1]} for s in route_stages]}
 
 
 def write_agent_config(path: Path, config: Mapping[str, Any]) -> Path:

@@ -26,7 +26,7 @@ import logging
 from typing import Any, List, Optional, Sequence, Tuple
 
 from ._logging import RUNNING
-from ._protocol import ItemResult, Status
+from ._protocol import EDGE_FIRST, EDGE_LAST, ItemResult, Status
 from ._running import ForwardCall, Running
 from ._worker_base import Worker
 from .errors import (
@@ -91,10 +91,25 @@ class BatchRunner:
         self, worker: Worker, *, first: bool, last: bool, running: Optional[Running] = None
     ) -> None:
         self._worker = worker
-        self._first = first
-        self._last = last
+        self._first_stage = first
+        self._last_stage = last
         self._batched = worker.max_batch_size > 1
         self._running = running
+        #: The running batch's item edges (BATCH kind 7), or empty: every item then
+        #: stands where this worker's stage does.
+        self._edges: Sequence[int] = ()
+
+    def _first(self, item: int) -> bool:
+        """Whether item ``item`` is at the first stage of its route (decoded from HTTP)."""
+        if item < len(self._edges):
+            return bool(self._edges[item] & EDGE_FIRST)
+        return self._first_stage
+
+    def _last(self, item: int) -> bool:
+        """Whether item ``item`` is at the last stage of its route (its answer is HTTP)."""
+        if item < len(self._edges):
+            return bool(self._edges[item] & EDGE_LAST)
+        return self._last_stage
 
     def _forward(self, items: Sequence[int], data: Any) -> Any:
         """`forward` on ``data``, which is the batch's items ``items``."""
@@ -110,23 +125,30 @@ class BatchRunner:
         return self._running is not None and self._running.streamed(item)
 
     def run(
-        self, payloads: Sequence[bytes], ids: Sequence[Tuple[str, str]] = ()
+        self,
+        payloads: Sequence[bytes],
+        ids: Sequence[Tuple[str, str]] = (),
+        edges: Sequence[int] = (),
     ) -> List[ItemResult]:
         """``ids``: each item's (request id, trace id), or none; what is logged while an
-        item is decoded, run or encoded carries its ids."""
+        item is decoded, run or encoded carries its ids. ``edges``: each item's place in
+        its own route (a stage shared by routes that place it differently), or none."""
         RUNNING.ids = ids if len(ids) == len(payloads) else ()
+        self._edges = edges if len(edges) == len(payloads) else ()
         try:
             return self._run(payloads)
         finally:
             RUNNING.ids, RUNNING.items = (), ()
+            self._edges = ()
 
     def _run(self, payloads: Sequence[bytes]) -> List[ItemResult]:
         results: List[Optional[ItemResult]] = [None] * len(payloads)
         inputs: List[Tuple[int, Any]] = []
-        decode = self._worker.deserialize if self._first else self._worker.deserialize_ipc
-        during = "deserialize" if self._first else "deserialize_ipc"
         for i, raw in enumerate(payloads):
             RUNNING.items = (i,)
+            first = self._first(i)
+            decode = self._worker.deserialize if first else self._worker.deserialize_ipc
+            during = "deserialize" if first else "deserialize_ipc"
             try:
                 inputs.append((i, decode(raw)))
             except Exception as err:
@@ -141,7 +163,7 @@ class BatchRunner:
                 except Exception as err:
                     results[i] = error_result(err, "forward")
                     continue
-                results[i] = self._encode(output)
+                results[i] = self._encode(i, output)
         done: List[ItemResult] = []
         for result in results:
             if result is None:  # unreachable: every path above sets each item
@@ -201,11 +223,12 @@ class BatchRunner:
                 results[i] = ItemResult(Status.SERVER_ERROR, body.encode())
             return
         for (i, _), output in zip(inputs, outputs):
-            results[i] = self._encode(output)
+            results[i] = self._encode(i, output)
 
-    def _encode(self, output: Any) -> ItemResult:
-        encode = self._worker.serialize if self._last else self._worker.serialize_ipc
-        during = "serialize" if self._last else "serialize_ipc"
+    def _encode(self, item: int, output: Any) -> ItemResult:
+        last = self._last(item)
+        encode = self._worker.serialize if last else self._worker.serialize_ipc
+        during = "serialize" if last else "serialize_ipc"
         try:
             body = encode(output)
             if not isinstance(body, (bytes, bytearray, memoryview)):

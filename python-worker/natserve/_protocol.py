@@ -3,10 +3,12 @@
 This mirrors ``protocol/src/frame.rs`` and ``connection.rs`` byte for byte::
 
     frame   = length:u32be kind:u8 body          length counts kind + body
-    READY   kind 1  pid:u32be [ids:u8 = 1]
+    READY   kind 1  pid:u32be [reads:u8 = 1|3]
     BATCH   kind 2  id:u64be count:u32be (len:u32be bytes){count}
     BATCH   kind 6  id:u64be count:u32be (len:u32be bytes rlen:u16be request_id
                     tlen:u16be trace_id){count}
+    BATCH   kind 7  id:u64be count:u32be (len:u32be bytes rlen:u16be request_id
+                    tlen:u16be trace_id edge:u8){count}
     RESULTS kind 3  id:u64be count:u32be (status:u8 len:u32be bytes){count}
     STREAM  kind 4  id:u64be index:u32be len:u32be bytes     worker -> agent
     CANCEL  kind 5  id:u64be index:u32be                     agent -> worker
@@ -15,6 +17,12 @@ Kind 6 is a batch carrying each item's request id and trace id (UTF-8, empty whe
 none), with at least one item. This worker says in its READY (the optional last byte, 1)
 that it reads kind 6, and the agent sends kind 6 only to a worker that said so; kind 2 is
 a batch without ids.
+
+Kind 7 is kind 6 with each item's edge: `EDGE_FIRST` when the item is at the first stage
+of its own route (decoded with ``deserialize``), `EDGE_LAST` at the last (encoded with
+``serialize``), both or neither. A stage shared by routes that place it differently gets
+it; every other batch's items stand where the worker's own stage does. This worker's
+READY ends with 3: it reads kinds 6 and 7.
 
 The declared length is checked against a maximum before anything is read or allocated,
 and every inner length against what is left of the frame. ``tests/golden/frames.json``
@@ -35,6 +43,13 @@ KIND_RESULTS = 3
 KIND_STREAM = 4
 KIND_CANCEL = 5
 KIND_BATCH_IDS = 6
+KIND_BATCH_EDGES = 7
+
+#: A kind 7 item's edge bits: at the first, at the last stage of its own route.
+EDGE_FIRST = 1
+EDGE_LAST = 2
+_READS_IDS = 1
+_READS_EDGES = 3
 
 #: Largest frame accepted by default: big enough for a batch of large NATS payloads.
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
@@ -70,20 +85,24 @@ class CutFrameError(FrameError):
 @dataclass(frozen=True)
 class Ready:
     """Worker -> agent, sent once after ``__init__`` and warm-up succeeded;
-    ``reads_ids``: this worker reads batches with ids (BATCH kind 6)."""
+    ``reads_ids``: this worker reads batches with ids (BATCH kind 6); ``reads_edges``:
+    with each item's edge too (kind 7; implies ``reads_ids``)."""
 
     pid: int
     reads_ids: bool = False
+    reads_edges: bool = False
 
 
 @dataclass(frozen=True)
 class Batch:
     """Agent -> worker: one raw payload per request, and (kind 6) each one's request id
-    and trace id, ``""`` where it has none; ``ids`` is empty in a batch without them."""
+    and trace id, ``""`` where it has none; ``ids`` is empty in a batch without them.
+    ``edges`` (kind 7): each item's `EDGE_FIRST`/`EDGE_LAST` bits, or empty."""
 
     id: int
     items: List[bytes] = field(default_factory=list)
     ids: List[Tuple[str, str]] = field(default_factory=list)
+    edges: List[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -220,31 +239,36 @@ def _parse_body(body: memoryview) -> Frame:
     kind = reader.u8("kind")
     if kind == KIND_READY:
         pid = reader.u32()
-        reads_ids = False
-        if reader.remaining():
-            if reader.u8("READY feature") != 1:
-                raise FrameError("malformed frame: unknown READY feature")
-            reads_ids = True
+        reads = reader.u8("READY feature") if reader.remaining() else None
+        if reads not in (None, _READS_IDS, _READS_EDGES):
+            raise FrameError("malformed frame: unknown READY feature")
         reader.finish()
-        return Ready(pid=pid, reads_ids=reads_ids)
+        return Ready(pid=pid, reads_ids=reads is not None, reads_edges=reads == _READS_EDGES)
     if kind == KIND_BATCH:
         batch_id = reader.u64()
         items = [reader.bytes_() for _ in range(reader.count(4))]
         reader.finish()
         return Batch(id=batch_id, items=items)
-    if kind == KIND_BATCH_IDS:
+    if kind in (KIND_BATCH_IDS, KIND_BATCH_EDGES):
+        with_edges = kind == KIND_BATCH_EDGES
         batch_id = reader.u64()
-        count = reader.count(8)
+        count = reader.count(9 if with_edges else 8)
         if count == 0:
             # Without items it is kind 2: one frame, one encoding.
             raise FrameError("malformed frame: batch with ids of no item")
         items = []
         ids: List[Tuple[str, str]] = []
+        edges: List[int] = []
         for _ in range(count):
             items.append(reader.bytes_())
             ids.append((reader.short_text(), reader.short_text()))
+            if with_edges:
+                edge = reader.u8("edge")
+                if edge & ~(EDGE_FIRST | EDGE_LAST):
+                    raise FrameError("malformed frame: unknown edge bits")
+                edges.append(edge)
         reader.finish()
-        return Batch(id=batch_id, items=items, ids=ids)
+        return Batch(id=batch_id, items=items, ids=ids, edges=edges)
     if kind == KIND_RESULTS:
         results_id = reader.u64()
         results: List[ItemResult] = []
@@ -273,10 +297,12 @@ def encode(frame: Frame) -> bytes:
     parts: List[bytes] = []
     if isinstance(frame, Ready):
         parts.append(_U32.pack(frame.pid))
-        if frame.reads_ids:
-            parts.append(b"\x01")
+        if frame.reads_edges:
+            parts.append(bytes([_READS_EDGES]))
+        elif frame.reads_ids:
+            parts.append(bytes([_READS_IDS]))
         kind = KIND_READY
-    elif isinstance(frame, Batch) and not frame.ids:
+    elif isinstance(frame, Batch) and not frame.ids and not frame.edges:
         parts += [_U64.pack(frame.id), _U32.pack(len(frame.items))]
         for item in frame.items:
             parts += [_U32.pack(len(item)), bytes(item)]
@@ -286,7 +312,9 @@ def encode(frame: Frame) -> bytes:
         for i, item in enumerate(frame.items):
             request_id, trace_id = frame.ids[i] if i < len(frame.ids) else ("", "")
             parts += [_U32.pack(len(item)), bytes(item), _short(request_id), _short(trace_id)]
-        kind = KIND_BATCH_IDS
+            if frame.edges:
+                parts.append(bytes([frame.edges[i] if i < len(frame.edges) else 0]))
+        kind = KIND_BATCH_EDGES if frame.edges else KIND_BATCH_IDS
     elif isinstance(frame, Stream):
         body = bytes(frame.body)
         parts += [_U64.pack(frame.id), _U32.pack(frame.index), _U32.pack(len(body)), body]

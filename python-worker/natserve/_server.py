@@ -10,7 +10,7 @@ from __future__ import annotations
 import multiprocessing.process
 import subprocess
 import sys
-from typing import Dict, List, Mapping, Optional, Sequence, Type, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 from . import _worker
 from ._launcher import Daemon
@@ -34,6 +34,8 @@ class Server:
     def __init__(self) -> None:
         self._routes: Dict[str, List[StageSpec]] = {}
         self._daemons: Dict[str, Daemon] = {}
+        # Each Runtime's first stage, its home: a Runtime on several routes is one stage.
+        self._homes: Dict[int, Tuple[Runtime, StageSpec]] = {}
 
     @property
     def routes(self) -> Mapping[str, Sequence[StageSpec]]:
@@ -65,8 +67,9 @@ class Server:
                 ``forward`` before its worker is replaced and its items answered 504;
                 0 leaves only the request's own deadline (``--timeout``, ms).
             route: the HTTP path, like ``/inference`` or ``/v1/embed``, or a list of
-                paths: each gets this stage (natserve gives every route its own queue
-                and processes, where Mosec shares one stage between them).
+                paths: as in Mosec, the routes share this one stage (one queue, ``num``
+                processes, batches mixing the routes' requests), and each request goes
+                on along its own route.
         """
         runtime = Runtime._checked(
             "append_worker",
@@ -85,7 +88,8 @@ class Server:
         """Mosec's: ``{"/route": [runtime, ...], ...}``, each list a pipeline in order.
 
         Only on a server without workers yet, as in Mosec. A runtime named on several
-        routes becomes one stage per route (its own queue and ``num`` processes each).
+        routes is one stage shared by them: one queue and ``num`` processes, batches that
+        mix the routes' requests, each request going on along its own route.
         """
         where = "register_runtime"
         if self._routes:
@@ -159,19 +163,22 @@ class Server:
                 f"stage of {route}, but {runtime.worker.__name__} would follow it; append "
                 f"{runtime.worker.__name__} before it"
             )
-        stages.append(
-            StageSpec(
-                route=route,
-                index=len(stages),
-                worker=runtime.worker,
-                num=runtime.num,
-                max_batch_size=runtime.max_batch_size,
-                max_wait_time=runtime.max_wait_time,
-                timeout=runtime.timeout,
-                env=runtime.env,
-                start_method=runtime.start_method,
-            )
+        home = self._homes.get(id(runtime))
+        stage = StageSpec(
+            route=route,
+            index=len(stages),
+            worker=runtime.worker,
+            num=runtime.num,
+            max_batch_size=runtime.max_batch_size,
+            max_wait_time=runtime.max_wait_time,
+            timeout=runtime.timeout,
+            env=runtime.env,
+            start_method=runtime.start_method,
+            queue=None if home is None else home[1].home,
         )
+        if home is None:
+            self._homes[id(runtime)] = (runtime, stage)
+        stages.append(stage)
 
     def run(self) -> None:
         """Launches this program's part of the service and exits the process when done.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Type
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 from ._names import ROUTE_PATTERN, is_route, route_slug
 from ._worker_base import SSEWorker, Worker
@@ -38,12 +38,21 @@ class StageSpec:
     timeout: float  # seconds, as Mosec's; 0: only the request's deadline applies
     env: Optional[List[Dict[str, str]]]
     start_method: str
+    #: ``(route, index)`` of the stage whose queue serves this one, when one `Runtime` is
+    #: on several routes: the first of its places is its home, and the rest share its
+    #: queue and processes. None: this stage is its own home.
+    queue: Optional[Tuple[str, int]] = None
 
     @property
     def timeout_ms(self) -> int:
         """``timeout`` in the agent config's unit; a positive value never rounds to 0
         (which would mean no timeout)."""
         return math.ceil(self.timeout * 1000) if self.timeout > 0 else 0
+
+    @property
+    def home(self) -> Tuple[str, int]:
+        """``(route, index)`` of the stage whose queue serves this one (itself, unshared)."""
+        return self.queue if self.queue is not None else (self.route, self.index)
 
     @property
     def name(self) -> str:

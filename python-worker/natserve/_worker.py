@@ -301,7 +301,7 @@ def _serve(conn: Connection, cls: Type[Worker], spec: WorkerSpec) -> int:
     running = Running(conn)
     runner = BatchRunner(worker, first=spec.first, last=spec.last, running=running)
     try:
-        running.write(Ready(pid=os.getpid(), reads_ids=True))
+        running.write(Ready(pid=os.getpid(), reads_ids=True, reads_edges=True))
         logger.info("worker %s ready (pid %d, %d warm-up examples)", spec.name, os.getpid(), warmed)
         while True:
             frame = running.next_frame()
@@ -316,7 +316,7 @@ def _serve(conn: Connection, cls: Type[Worker], spec: WorkerSpec) -> int:
                 return 1
             running.start(frame.id)
             try:
-                results = runner.run(frame.items, frame.ids)
+                results = runner.run(frame.items, frame.ids, frame.edges)
             finally:
                 running.finish()
             running.write(Results(id=frame.id, items=results))

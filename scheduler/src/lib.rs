@@ -15,6 +15,7 @@ pub mod inbox;
 pub mod lookahead;
 pub mod metrics;
 pub mod outbox;
+pub mod places;
 pub mod pool;
 mod pull;
 pub mod run;

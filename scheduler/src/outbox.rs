@@ -20,6 +20,7 @@ use natserve_protocol::streams::MAX_DELIVER;
 use natserve_protocol::{headers, ItemResult, Names, Outcome, Rejection, Results};
 use tracing::warn;
 
+use crate::places::Places;
 use crate::StageMetrics;
 
 /// The body of the error reply to a message that cannot be handed on without an id.
@@ -30,8 +31,9 @@ pub const MISSING_REQUEST_ID: &str =
 pub struct Outbox {
     client: async_nats::Client,
     js: jetstream::Context,
-    /// Work subject of the next stage; `None` at the last stage.
-    next_subject: Option<String>,
+    /// Where each item goes next, by the place it came from ([`Places`]).
+    places: Places,
+    /// The stage's home, for its log lines.
     route: String,
     stage: u32,
     /// Media type of a successful reply.
@@ -45,10 +47,10 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// The way out of stage `spec`; `next_subject` is the next stage's work subject.
+    /// The way out of stage `spec`, which serves `places`.
     pub fn new(
         client: async_nats::Client,
-        next_subject: Option<String>,
+        places: Places,
         spec: &natserve_protocol::StageSpec,
         names: Names,
         results: Results,
@@ -60,7 +62,7 @@ impl Outbox {
             payloads: Payloads::new(js.clone(), &names).with_replicas(replicas),
             js,
             client,
-            next_subject,
+            places,
             route: spec.route.clone(),
             stage: spec.stage,
             mime: spec.mime.clone(),
@@ -97,9 +99,15 @@ impl Outbox {
         ack(msg, AckKind::Nak(None)).await;
     }
 
-    /// Whether a successful result goes to another stage rather than to the requester.
-    pub fn hands_off(&self) -> bool {
-        self.next_subject.is_some()
+    /// Whether `msg`'s successful result goes to another stage rather than to the
+    /// requester.
+    pub fn hands_off(&self, msg: &jetstream::Message) -> bool {
+        self.places.of(&msg.subject).next_subject.is_some()
+    }
+
+    /// Where the stage's items come from and go.
+    pub fn places(&self) -> &Places {
+        &self.places
     }
 
     /// Sends every result where it belongs, then acks each input once its result is safe:
@@ -116,7 +124,8 @@ impl Outbox {
         let mut handoffs = Vec::new();
         for (i, (msg, result)) in msgs.iter().zip(results).enumerate() {
             let sizes = append_batch_size(header(msg, headers::BATCH_SIZES), size);
-            let next = match (&self.next_subject, Outcome::from(result.status)) {
+            let way = self.places.of(&msg.subject);
+            let next = match (&way.next_subject, Outcome::from(result.status)) {
                 (Some(next), Outcome::Ok) => next,
                 (_, outcome) => {
                     self.metrics.count_item(outcome);
@@ -127,7 +136,8 @@ impl Outbox {
                     continue;
                 }
             };
-            let Some(mut h) = handoff_headers(msg.headers.as_ref(), self.stage + 1, &sizes) else {
+            let next_stage = way.at.stage + 1;
+            let Some(mut h) = handoff_headers(msg.headers.as_ref(), next_stage, &sizes) else {
                 let body = Bytes::from_static(MISSING_REQUEST_ID.as_bytes());
                 self.finish(msg, Outcome::ClientError, body, Some(&sizes))
                     .await;
@@ -136,14 +146,14 @@ impl Outbox {
             let mut body = result.body;
             let mut claim = None;
             if !payloads::fits_inline(&self.client, body.len()) {
-                match self.check_in(msg, Hop::Stage(self.stage + 1), &body).await {
+                match self.check_in(msg, Hop::Stage(next_stage), &body).await {
                     Ok(name) => {
                         h.insert(headers::PAYLOAD_OBJECT, name.as_str());
                         body = Bytes::new();
                         claim = Some(name);
                     }
                     Err(e) => {
-                        let text = format!("internal error: the result of stage {} of {} could not be handed to the next stage: {e}", self.stage, self.route);
+                        let text = format!("internal error: the result of stage {} of {} could not be handed to the next stage: {e}", way.at.stage, way.at.route);
                         self.finish(msg, Outcome::ServerError, text.into(), Some(&sizes))
                             .await;
                         continue;

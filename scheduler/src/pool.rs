@@ -122,6 +122,8 @@ pub struct WorkerConn {
     next_batch: u64,
     /// The worker said (in its READY) that it reads batches with ids.
     reads_ids: bool,
+    /// ... and batches with each item's edge (BATCH kind 7).
+    reads_edges: bool,
 }
 
 impl WorkerConn {
@@ -140,12 +142,21 @@ impl WorkerConn {
             retire,
             next_batch: 0,
             reads_ids: false,
+            reads_edges: false,
         }
     }
 
     /// Whether the worker reads batches with ids (BATCH kind 6): only then are they sent.
     pub fn with_ids(mut self, reads_ids: bool) -> Self {
         self.reads_ids = reads_ids;
+        self
+    }
+
+    /// Whether the worker reads batches with each item's edge (BATCH kind 7): only then
+    /// are they sent. A worker that does not read them treats every item as standing
+    /// where its own stage does.
+    pub fn with_edges(mut self, reads_edges: bool) -> Self {
+        self.reads_edges = reads_edges;
         self
     }
 
@@ -164,7 +175,7 @@ impl WorkerConn {
         let (events, mut dropped) = mpsc::channel(16);
         let (_cancel, cancels) = mpsc::unbounded_channel();
         let mut channels = BatchChannels { events, cancels };
-        let run = self.run_with(items, Vec::new(), &mut channels);
+        let run = self.run_with(items, Vec::new(), Vec::new(), &mut channels);
         tokio::pin!(run);
         loop {
             tokio::select! {
@@ -175,13 +186,14 @@ impl WorkerConn {
     }
 
     /// [`WorkerConn::run`], telling the worker each item's ids (`ids`: one per item, or
-    /// none), handing each `STREAM` frame to `channels.events` as it comes (all of them
+    /// none) and edge (`edges`: one per item, or none; see [`crate::places`]), handing each `STREAM` frame to `channels.events` as it comes (all of them
     /// before this returns) and telling the worker of every index that arrives on
     /// `channels.cancels` with a `CANCEL` frame.
     pub async fn run_with(
         &mut self,
         items: Vec<Bytes>,
         ids: Vec<ItemIds>,
+        edges: Vec<u8>,
         channels: &mut BatchChannels,
     ) -> Result<Vec<ItemResult>, WorkerError> {
         // A worker can die while idle, e.g. while its pull loop waits for work.
@@ -192,9 +204,15 @@ impl WorkerConn {
         let id = self.next_batch;
         let count = items.len();
         let ids = if self.reads_ids { ids } else { Vec::new() };
+        let edges = if self.reads_edges { edges } else { Vec::new() };
         // A write to a socket whose peer is gone fails (EPIPE): the batch stayed here.
         self.conn
-            .write_frame(&Frame::Batch { id, items, ids })
+            .write_frame(&Frame::Batch {
+                id,
+                items,
+                ids,
+                edges,
+            })
             .await
             .map_err(WorkerError::Send)?;
         let mut cancels_open = true;
@@ -414,10 +432,10 @@ mod tests {
         assert_eq!(err.kind(), FailureKind::NotDelivered, "{err}");
     }
 
-    /// The batch frame a worker gets for one item with ids, as it read it.
-    async fn batch_seen(reads_ids: bool) -> Frame {
+    /// The batch frame a worker gets for one item with ids and an edge, as it read it.
+    async fn batch_seen(reads_ids: bool, reads_edges: bool) -> Frame {
         let (conn, theirs, _retire) = worker(true);
-        let mut conn = conn.with_ids(reads_ids);
+        let mut conn = conn.with_ids(reads_ids).with_edges(reads_edges);
         let peer = tokio::spawn(async move {
             let mut peer = Connection::new(theirs, 1024);
             let batch = peer.read_frame().await.unwrap().unwrap();
@@ -438,25 +456,43 @@ mod tests {
         let (events, _) = mpsc::channel(1);
         let (_cancel, cancels) = mpsc::unbounded_channel();
         let mut channels = BatchChannels { events, cancels };
-        conn.run_with(vec![Bytes::from_static(b"1")], ids, &mut channels)
-            .await
-            .unwrap();
+        conn.run_with(
+            vec![Bytes::from_static(b"1")],
+            ids,
+            vec![natserve_protocol::frame::EDGE_LAST],
+            &mut channels,
+        )
+        .await
+        .unwrap();
         peer.await.unwrap()
     }
 
     #[tokio::test]
     async fn ids_go_only_to_a_worker_that_said_it_reads_them() {
-        let Frame::Batch { ids, .. } = batch_seen(true).await else {
+        let Frame::Batch { ids, edges, .. } = batch_seen(true, false).await else {
             panic!("not a batch");
         };
         assert_eq!(ids.len(), 1);
         assert_eq!(ids[0].request_id.as_ref(), b"r-1");
+        assert!(
+            edges.is_empty(),
+            "kind 6: no edges to a worker that did not ask"
+        );
         // A worker written against the frames before ids gets BATCH kind 2.
-        let Frame::Batch { ids, items, .. } = batch_seen(false).await else {
+        let Frame::Batch {
+            ids, items, edges, ..
+        } = batch_seen(false, false).await
+        else {
             panic!("not a batch");
         };
-        assert!(ids.is_empty());
+        assert!(ids.is_empty() && edges.is_empty());
         assert_eq!(items.len(), 1);
+        // A worker that reads edges gets each item's (BATCH kind 7).
+        let Frame::Batch { ids, edges, .. } = batch_seen(true, true).await else {
+            panic!("not a batch");
+        };
+        assert_eq!(ids.len(), 1);
+        assert_eq!(edges, [natserve_protocol::frame::EDGE_LAST]);
     }
 
     #[tokio::test]

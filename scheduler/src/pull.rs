@@ -147,14 +147,11 @@ pub(crate) async fn triage(
             .finish(&msg, Outcome::ServerError, body.into(), None)
             .await;
     }
-    if !ctx.outbox.hands_off() {
-        return live;
-    }
     // Its result could not be handed on (see `outbox::handoff_headers`): say so now,
     // before a worker spends time on it.
-    let (live, anonymous): (Vec<_>, Vec<_>) = live
-        .into_iter()
-        .partition(|m| header(m, headers::REQUEST_ID).is_some_and(|id| !id.is_empty()));
+    let (live, anonymous): (Vec<_>, Vec<_>) = live.into_iter().partition(|m| {
+        !ctx.outbox.hands_off(m) || header(m, headers::REQUEST_ID).is_some_and(|id| !id.is_empty())
+    });
     for msg in anonymous {
         let body = Bytes::from_static(MISSING_REQUEST_ID.as_bytes());
         ctx.outbox

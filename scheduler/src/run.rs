@@ -271,7 +271,11 @@ async fn attempt(
     let mut cancelled = ctx.cancelled.subscribe();
     // A cancel may have come between triage and now.
     cancelled.mark_changed();
-    let run = worker.run_with(payloads, item_ids(msgs), &mut channels);
+    let edges = ctx
+        .outbox
+        .places()
+        .edges(msgs.iter().map(|m| m.subject.as_str()));
+    let run = worker.run_with(payloads, item_ids(msgs), edges, &mut channels);
     tokio::pin!(run);
     let mut progress = tokio::time::interval_at(started + PROGRESS_EVERY, PROGRESS_EVERY);
     let hang = async {
@@ -334,7 +338,7 @@ impl ItemStreams {
         if self.cancelled[i] {
             return;
         }
-        if ctx.outbox.hands_off() {
+        if ctx.outbox.hands_off(&msgs[i]) {
             warn!(route = %ctx.spec.route, stage = ctx.spec.stage, "a stage before the last sent a stream event; dropped");
             return;
         }

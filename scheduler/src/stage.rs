@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::lookahead::{Lookahead, Prefetch};
 use crate::outbox::Outbox;
+use crate::places::Places;
 use crate::pool::WorkerPool;
 use crate::pull::pull_loop;
 use crate::{Cancellations, StageMetrics};
@@ -40,17 +41,20 @@ pub enum StageError {
 }
 
 /// Creates (or updates the limits and raises the replicas of) the stage's work-queue
-/// stream and its shared durable consumer. Idempotent, so any number of agents may race
+/// stream and its shared durable consumer. The stream binds the work subject of each of
+/// the stage's `places`: one, or every route's place of a shared stage. Idempotent, so any number of agents may race
 /// on it, and a stage calls it again whenever its pulls suggest the server lost them (see
 /// [`StageContext::ensure_queue`]).
 pub async fn ensure_stage(
     js: &jetstream::Context,
     names: &Names,
     spec: &StageSpec,
+    places: &Places,
     queue: &QueueConfig,
 ) -> Result<jetstream::consumer::PullConsumer, StageError> {
     let slug = natserve_protocol::route_slug(&spec.route)?;
     let mut config = work_stream_config(names, &slug, spec.stage, queue);
+    config.subjects = places.subjects().map(str::to_owned).collect();
     let name = config.name.clone();
     let err = |source: async_nats::Error| StageError::Stream {
         stream: name.clone(),
@@ -90,21 +94,19 @@ pub struct StageContext {
 }
 
 impl StageContext {
+    /// The context of stage `spec`, which serves `places` (its home first).
     pub fn new(
         spec: StageSpec,
-        stages_in_route: u32,
+        places: Places,
         names: &Names,
         queue: QueueConfig,
         client: async_nats::Client,
         results: Results,
         metrics: StageMetrics,
     ) -> Result<Self, StageError> {
-        let slug = natserve_protocol::route_slug(&spec.route)?;
-        let next_subject =
-            (spec.stage + 1 < stages_in_route).then(|| names.work_subject(&slug, spec.stage + 1));
         let outbox = Outbox::new(
             client.clone(),
-            next_subject,
+            places,
             &spec,
             names.clone(),
             results,
@@ -128,7 +130,8 @@ impl StageContext {
     /// memory storage restarts empty, and nothing else would recreate them. True when
     /// they exist now.
     pub async fn ensure_queue(&self) -> bool {
-        match ensure_stage(&self.js, &self.names, &self.spec, &self.queue).await {
+        let places = self.outbox.places();
+        match ensure_stage(&self.js, &self.names, &self.spec, places, &self.queue).await {
             Ok(_) => {
                 info!(route = %self.spec.route, stage = self.spec.stage, "stage queue checked after a failed pull");
                 true

@@ -271,9 +271,6 @@ def worker_processes(pid: int) -> int:
     return count
 
 
-@pytest.mark.xfail(
-    strict=True, reason="no shared stages on the wire yet: a shared Runtime is one stage per route"
-)
 def test_a_runtime_shared_by_routes_is_one_stage(tmp_path: Path) -> None:
     c = app(tmp_path, "multi_route")
     try:

@@ -64,11 +64,14 @@ class FakeAgent:
         items: Sequence[bytes],
         batch_id: Optional[int] = None,
         ids: Sequence[Tuple[str, str]] = (),
+        edges: Sequence[int] = (),
     ) -> List[ItemResult]:
-        """Runs one batch; ``ids`` (one (request id, trace id) per item) makes it kind 6."""
+        """Runs one batch; ``ids`` (one (request id, trace id) per item) makes it kind 6,
+        ``edges`` (one per item) kind 7."""
         if batch_id is None:
             batch_id, self._next_id = self._next_id, self._next_id + 1
-        self.conn.write_frame(Batch(id=batch_id, items=list(items), ids=list(ids)))
+        frame = Batch(id=batch_id, items=list(items), ids=list(ids), edges=list(edges))
+        self.conn.write_frame(frame)
         frame = self.read()
         assert isinstance(frame, Results), frame
         assert frame.id == batch_id

@@ -221,10 +221,22 @@ def golden_server() -> Server:
         env=[{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}],
     )
     server.append_worker(
-        located(Embed, "models.text"), max_batch_size=16, max_wait_time=5, route="/v1/embed"
+        located(Embed, "models.text"),
+        max_batch_size=16,
+        max_wait_time=5,
+        route=["/v1/embed", "/v2/embed"],
     )
     server.append_worker(located(Chat, "__main__"), max_batch_size=4, route="/v1/chat")
     return server
+
+
+def test_a_shared_stage_is_hosted_at_its_home_whichever_place_is_named() -> None:
+    server = golden_server()
+    for selector in ("/v2/embed:0", "/v1/embed:0", "Embed"):
+        hosted = select_stages(server.routes, [selector])
+        assert [(s.route, s.index) for s in hosted] == [("/v1/embed", 0)], selector
+    assert server.routes["/v2/embed"][0].queue == ("/v1/embed", 0)
+    assert server.routes["/v1/embed"][0].queue is None
 
 
 def test_the_python_writer_produces_the_golden_agent_config(

@@ -33,10 +33,15 @@ GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "golden" / "frames.js
 
 def frame_from_json(v: Dict[str, Any]) -> Frame:
     if v["kind"] == "ready":
-        return Ready(pid=v["pid"], reads_ids=v.get("reads_ids", False))
+        return Ready(
+            pid=v["pid"],
+            reads_ids=v.get("reads_ids", False),
+            reads_edges=v.get("reads_edges", False),
+        )
     if v["kind"] == "batch":
         ids = [(r, t) for r, t in v.get("ids", [])]
-        return Batch(id=v["id"], items=[s.encode() for s in v["items"]], ids=ids)
+        items = [s.encode() for s in v["items"]]
+        return Batch(id=v["id"], items=items, ids=ids, edges=list(v.get("edges", [])))
     if v["kind"] == "stream":
         return Stream(id=v["id"], index=v["index"], body=v["body"].encode())
     if v["kind"] == "cancel":

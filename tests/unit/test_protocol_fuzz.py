@@ -43,6 +43,19 @@ frames = st.one_of(
             ids=st.just([(request, trace) for _, request, trace in items]),
         )
     ),
+    st.lists(
+        st.tuples(st.binary(max_size=64), st.text(max_size=40), st.integers(0, 3)),
+        min_size=1,
+        max_size=8,
+    ).flatmap(
+        lambda items: st.builds(
+            Batch,
+            id=st.integers(0, 2**64 - 1),
+            items=st.just([body for body, _, _ in items]),
+            ids=st.just([(request, "") for _, request, _ in items]),
+            edges=st.just([edge for _, _, edge in items]),
+        )
+    ),
     st.builds(
         Results,
         id=st.integers(0, 2**64 - 1),

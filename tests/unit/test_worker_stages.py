@@ -13,8 +13,8 @@ from typing import Any, Callable, Dict, List
 import msgpack
 
 from fake_agent import FakeAgent
-from natserve import Server, Worker
-from natserve._protocol import Status
+from natserve import Runtime, Server, Worker
+from natserve._protocol import EDGE_FIRST, EDGE_LAST, Status
 from natserve.mixin import MsgpackMixin, PickleMixin
 
 Start = Callable[..., FakeAgent]
@@ -66,6 +66,34 @@ def test_pipeline_stages_use_json_at_the_edges_and_msgpack_between(start_worker:
     (bad,) = last.batch([b'{"v": 1}'])
     assert bad.status == Status.SERVER_ERROR
     assert bad.body.startswith(b"server error: cannot decode the previous stage's output")
+
+
+class Double(Worker):
+    def forward(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        return {"v": data["v"] * 2}
+
+
+def test_a_shared_stage_decodes_and_encodes_each_item_as_its_route_places_it(
+    start_worker: Start,
+) -> None:
+    # Double is stage 1 of /a (after First) and stage 0 of /b, the last of neither.
+    server = Server()
+    double = Runtime(Double)
+    server.register_runtime({"/a": [Runtime(First), double, Runtime(Last)], "/b": [double]})
+    agent = start_worker(server, route="/a", stage=1)
+    assert agent.ready().reads_edges
+    from_first = msgpack.packb({"v": 3, "raw": b""})
+    results = agent.batch(
+        [from_first, b'{"v": 5}'],
+        ids=[("r-a", ""), ("r-b", "")],
+        edges=[0, EDGE_FIRST | EDGE_LAST],
+    )
+    assert [r.status for r in results] == [Status.OK, Status.OK]
+    assert msgpack.unpackb(results[0].body) == {"v": 6}  # on to Last, as msgpack
+    assert json.loads(results[1].body) == {"v": 10}  # /b's answer, as JSON
+    # Without edges every item stands where the worker's own stage (/a, 1) does.
+    (alone,) = agent.batch([from_first])
+    assert msgpack.unpackb(alone.body) == {"v": 6}
 
 
 class SetMaker(Worker):

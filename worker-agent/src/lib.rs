@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::jetstream::stream::StorageType;
-use natserve_protocol::{AgentConfig, Names, Results};
+use natserve_protocol::{AgentConfig, Names, Results, StageSpec};
+use natserve_scheduler::places::Places;
 use natserve_scheduler::stage::StageContext;
 use natserve_scheduler::{ensure_stage, run_stage, AgentMetrics, Cancellations, WorkerPool};
 use tokio_util::sync::CancellationToken;
@@ -173,11 +174,21 @@ pub async fn run(
     // Check the routes before anything else: an agent whose route collides with a live
     // one's must not create or pull from the queue they would share.
     let pools: Vec<WorkerPool> = config.stages.iter().map(|_| WorkerPool::new()).collect();
+    // One load per place: a stage shared by several routes serves each of them.
     let loads: Vec<_> = config
         .stages
         .iter()
         .zip(&pools)
-        .map(|(spec, pool)| (spec.clone(), pool.stats().clone()))
+        .flat_map(|(spec, pool)| {
+            config.places(spec).into_iter().map(|place| {
+                let at = StageSpec {
+                    route: place.at.route,
+                    stage: place.at.stage,
+                    ..spec.clone()
+                };
+                (at, pool.stats().clone())
+            })
+        })
         .collect();
     let replicas = settings.queue.replicas;
     // Queues that outlive the broker ask for replies that do too (the results bucket).
@@ -215,8 +226,9 @@ pub async fn run(
     let supervisors = TaskTracker::new();
     let worker_cmd = Arc::new(config.worker_cmd.clone());
     for (spec, pool) in config.stages.iter().zip(pools) {
+        let places = Places::new(&names, &config.places(spec))?;
         let consumer = settled("stage queue", || async {
-            Ok(ensure_stage(&js, &names, spec, &settings.queue).await?)
+            Ok(ensure_stage(&js, &names, spec, &places, &settings.queue).await?)
         })
         .await?;
         let stages_in_route = config.route(&spec.route).expect("validated").names.len() as u32;
@@ -237,7 +249,7 @@ pub async fn run(
         }
         let ctx = StageContext::new(
             spec.clone(),
-            stages_in_route,
+            places,
             &names,
             settings.queue.clone(),
             client.clone(),

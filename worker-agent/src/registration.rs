@@ -99,6 +99,7 @@ impl Registration {
                     types: r.types.clone(),
                     streams: r.streams,
                     durable_replies,
+                    queues: r.queues.clone(),
                 };
                 (slug, record)
             })

@@ -140,7 +140,7 @@ async fn run_once(
         }
     };
     let pid = child.id().unwrap_or(0);
-    let (conn, reads_ids) = tokio::select! {
+    let (conn, (reads_ids, reads_edges)) = tokio::select! {
         ready = accept_ready(&listener) => match ready {
             Ok(ready) => ready,
             Err(reason) => {
@@ -166,7 +166,9 @@ async fn run_once(
     let alive = Arc::new(AtomicBool::new(true));
     let retire = CancellationToken::new();
     slot.pool.put(
-        WorkerConn::new(label.to_owned(), conn, alive.clone(), retire.clone()).with_ids(reads_ids),
+        WorkerConn::new(label.to_owned(), conn, alive.clone(), retire.clone())
+            .with_ids(reads_ids)
+            .with_edges(reads_edges),
     );
     let ended = tokio::select! {
         status = child.wait() => Ended::Lost(format!("exited ({})", describe(status))),
@@ -192,17 +194,22 @@ async fn run_once(
 }
 
 /// Waits for the worker to connect and finish loading (its READY frame).
-/// The connection, and whether the worker reads batches with ids (BATCH kind 6).
+/// The connection, and whether the worker reads batches with ids (BATCH kind 6) and
+/// with edges (kind 7).
 async fn accept_ready(
     listener: &UnixListener,
-) -> Result<(Connection<tokio::net::UnixStream>, bool), String> {
+) -> Result<(Connection<tokio::net::UnixStream>, (bool, bool)), String> {
     let (stream, _) = listener
         .accept()
         .await
         .map_err(|e| format!("accept failed: {e}"))?;
     let mut conn = Connection::new(stream, DEFAULT_MAX_FRAME);
     match conn.read_frame().await {
-        Ok(Some(Frame::Ready { reads_ids, .. })) => Ok((conn, reads_ids)),
+        Ok(Some(Frame::Ready {
+            reads_ids,
+            reads_edges,
+            ..
+        })) => Ok((conn, (reads_ids, reads_edges))),
         Ok(Some(other)) => Err(format!("sent {other:?} instead of READY")),
         Ok(None) => Err("closed its socket before READY".into()),
         Err(e) => Err(format!("broke protocol before READY: {e}")),

@@ -130,6 +130,7 @@ async fn a_stale_route_record_nobody_serves_is_replaced() {
         types: None,
         streams: false,
         durable_replies: false,
+        queues: Vec::new(),
     };
     routes
         .put("x_y", serde_json::to_vec(&stale).unwrap().into())

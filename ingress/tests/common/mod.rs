@@ -247,6 +247,7 @@ impl Agent {
             types: None,
             streams: false,
             durable_replies: false,
+            queues: Vec::new(),
         })
         .await
     }

@@ -61,7 +61,7 @@ impl Outbox {
     ) -> ResultRecord {
         ResultRecord {
             state: JobState::Done,
-            route: self.route.clone(),
+            route: self.places.of(&msg.subject).at.route.clone(),
             deadline_ms: headers::deadline_ms(msg.headers.as_ref()).unwrap_or(0),
             written_ms: natserve_protocol::unix_ms(),
             status: Some(outcome),

@@ -152,6 +152,7 @@ pub fn pipeline(route: &str, stages: u32, num: u32, env: Option<(&str, &str)>) -
             names: names.clone(),
             types: None,
             streams: false,
+            queues: Vec::new(),
         }],
         stages: (0..stages)
             .map(|stage| StageSpec {

@@ -17,10 +17,10 @@ use std::sync::{Arc, Mutex};
 
 use async_nats::{Message, Subscriber};
 use futures::StreamExt;
-use natserve_protocol::headers;
 use natserve_protocol::payloads::{self, Payloads};
+use natserve_protocol::{envelope, headers};
 use tokio::sync::{mpsc, oneshot};
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// Messages of one stream held for a client that has not read them yet.
 pub const STREAM_BUFFER: usize = 1024;
@@ -123,6 +123,44 @@ impl Replies {
         }
     }
 
+    /// The messages `message` carries: itself, or, for an envelope of replies (an agent
+    /// answering several of our requests at once), one message per letter, on the reply
+    /// subject of the request its `X-Request-Id` names. A malformed envelope is dropped
+    /// with a warning: its requests get their deadline's answer.
+    pub fn open(&self, message: Message) -> Vec<Message> {
+        if headers::get(message.headers.as_ref(), headers::ENVELOPE).is_none() {
+            return vec![message];
+        }
+        let letters = match envelope::decode(&message.payload) {
+            Ok(letters) => letters,
+            Err(e) => {
+                warn!(subject = %message.subject, error = %e, "malformed reply envelope dropped");
+                return Vec::new();
+            }
+        };
+        letters
+            .into_iter()
+            .filter_map(|letter| {
+                let id = letter.header(headers::REQUEST_ID)?;
+                let headers = letter
+                    .header_map()
+                    .map_err(
+                        |e| warn!(request_id = id, error = %e, "malformed reply letter dropped"),
+                    )
+                    .ok()?;
+                Some(Message {
+                    subject: self.subject(id).into(),
+                    reply: None,
+                    length: letter.body.len(),
+                    payload: letter.body,
+                    headers: Some(headers),
+                    status: None,
+                    description: None,
+                })
+            })
+            .collect()
+    }
+
     /// Requests waiting for a reply now.
     pub fn waiting(&self) -> usize {
         self.lock().len()
@@ -134,16 +172,22 @@ impl Replies {
 /// else would.
 pub async fn dispatch(mut subscription: Subscriber, replies: Arc<Replies>, store: Payloads) {
     while let Some(message) = subscription.next().await {
-        let claim = payloads::claim(message.headers.as_ref()).map(str::to_owned);
-        if replies.deliver(message) {
-            continue;
-        }
-        if let Some(name) = claim {
-            let store = store.clone();
-            tokio::spawn(async move { store.delete(&name).await });
+        for message in replies.open(message) {
+            deliver(&replies, &store, message);
         }
     }
     debug!("reply subscription ended");
+}
+
+fn deliver(replies: &Replies, store: &Payloads, message: Message) {
+    let claim = payloads::claim(message.headers.as_ref()).map(str::to_owned);
+    if replies.deliver(message) {
+        return;
+    }
+    if let Some(name) = claim {
+        let store = store.clone();
+        tokio::spawn(async move { store.delete(&name).await });
+    }
 }
 
 /// One request's entry in [`Replies`]; dropping it removes the entry.
@@ -216,6 +260,54 @@ mod tests {
             description: None,
             length: body.len(),
         }
+    }
+
+    #[tokio::test]
+    async fn an_envelope_of_replies_opens_into_one_message_per_request() {
+        use natserve_protocol::envelope::{encode, Letter};
+        let replies = Replies::new("ns.reply.ing1".into());
+        let letter = |id: &str, status: &str, body: &'static str| Letter {
+            headers: vec![
+                (headers::REQUEST_ID.to_owned(), id.to_owned()),
+                (headers::STATUS.to_owned(), status.to_owned()),
+            ],
+            body: Bytes::from_static(body.as_bytes()),
+        };
+        let mut envelope = reply_to("ns.reply.ing1.r1", "");
+        envelope.payload = encode(&[
+            letter("r1", "ok", "one"),
+            letter("r2", "client_error", "two"),
+        ])
+        .unwrap();
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::ENVELOPE, "2");
+        envelope.headers = Some(h);
+        let opened = replies.open(envelope.clone());
+        let seen: Vec<(&str, &str, &[u8])> = opened
+            .iter()
+            .map(|m| {
+                let status = headers::get(m.headers.as_ref(), headers::STATUS).unwrap();
+                (m.subject.as_str(), status, m.payload.as_ref())
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("ns.reply.ing1.r1", "ok", &b"one"[..]),
+                ("ns.reply.ing1.r2", "client_error", &b"two"[..])
+            ]
+        );
+        let mut a = replies.register("r1");
+        let mut b = replies.register("r2");
+        for message in opened {
+            assert!(replies.deliver(message));
+        }
+        assert_eq!(a.recv().await.unwrap().payload, "one");
+        assert_eq!(b.recv().await.unwrap().payload, "two");
+        // A plain reply is itself; a malformed envelope carries nothing.
+        assert_eq!(replies.open(reply_to("ns.reply.ing1.r3", "x")).len(), 1);
+        envelope.payload = Bytes::from_static(b"\x00\x05");
+        assert!(replies.open(envelope).is_empty());
     }
 
     #[tokio::test]

@@ -279,6 +279,8 @@ impl Submitter {
         let mut h = HeaderMap::new();
         h.insert(headers::REQUEST_ID, s.request_id);
         h.insert(headers::REPLY_TO, self.replies.subject(s.request_id));
+        // This ingress reads a batch's replies as one envelope (`crate::replies`).
+        h.insert(headers::REPLY_ENVELOPE, "1");
         h.insert(headers::DEADLINE, s.deadline_ms.to_string());
         h.insert(headers::MSG_ID, format!("{}.0", s.request_id));
         if let Some(tp) = s.traceparent {

@@ -40,6 +40,12 @@ pub const REPLY_KEY: &str = "X-Reply-Key";
 /// The body is in the payloads object store under this object name (the message's own
 /// body is empty): see [`crate::payloads`].
 pub const PAYLOAD_OBJECT: &str = "X-Payload-Object";
+/// On a message carrying an envelope ([`crate::envelope`]): how many letters it holds.
+pub const ENVELOPE: &str = "X-Envelope";
+/// On a work message: its requester reads replies that come several to one message (an
+/// [`crate::envelope`] to the reply subject of the first). Without it, each reply is a
+/// message of its own, which is what any NATS client reads.
+pub const REPLY_ENVELOPE: &str = "X-Reply-Envelope";
 
 /// One header of a message, as text; `None` when the message has no headers or not this one.
 pub fn get<'a>(headers: Option<&'a async_nats::HeaderMap>, name: &str) -> Option<&'a str> {

@@ -13,6 +13,7 @@
 pub mod agent_config;
 pub mod buckets;
 pub mod connection;
+pub mod envelope;
 pub mod frame;
 pub mod headers;
 pub mod logs;

@@ -29,6 +29,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
+from ._envelope import ENVELOPE, REPLY_ENVELOPE, EnvelopeError
+from ._envelope import decode as decode_envelope
 from ._names import (
     inbox_prefix,
     is_namespace,
@@ -257,6 +259,26 @@ class Client:
         await nc.flush()
 
     async def _on_reply(self, msg: Msg) -> None:
+        if msg.headers and ENVELOPE in msg.headers:
+            # Several replies at once (a batch's): one message per letter.
+            try:
+                letters = decode_envelope(msg.data)
+            except EnvelopeError as err:
+                logger.warning("malformed reply envelope dropped: %s", err)
+                return
+            for letter in letters:
+                request_id = letter.header("X-Request-Id")
+                if request_id is None:
+                    continue
+                await self._on_reply(
+                    Msg(
+                        _client=msg._client,
+                        subject=f"{self.reply_prefix}.{request_id}",
+                        data=letter.body,
+                        headers=dict(letter.headers),
+                    )
+                )
+            return
         request_id = msg.subject.rsplit(".", 1)[-1]
         future = self._pending.get(request_id)
         if future is not None and not future.done():
@@ -310,6 +332,7 @@ class Client:
             "X-Reply-To": f"{self.reply_prefix}.{request_id}",
             "X-Deadline": str(int(time.time() * 1000 + timeout * 1000)),
             "Nats-Msg-Id": f"{request_id}.0",
+            REPLY_ENVELOPE: "1",
         }
         subject = work_subject(self._namespace, route_slug(route), 0)
         payloads = self._payloads

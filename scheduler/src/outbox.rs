@@ -10,6 +10,7 @@
 //! came as a claim check has its object deleted once the input is settled (acked or
 //! terminated; a `Nak` keeps it for the redelivery).
 
+mod replies;
 mod results;
 
 use async_nats::jetstream::{self, AckKind};
@@ -122,6 +123,9 @@ impl Outbox {
     ) {
         let size = msgs.len();
         let mut handoffs = Vec::new();
+        // The batch's replies go together (an envelope per requester that reads them),
+        // and their inputs are acked once they went.
+        let (mut replies, mut answered) = (Vec::new(), Vec::new());
         for (i, (msg, result)) in msgs.iter().zip(results).enumerate() {
             let sizes = append_batch_size(header(msg, headers::BATCH_SIZES), size);
             let way = self.places.of(&msg.subject);
@@ -130,9 +134,11 @@ impl Outbox {
                 (_, outcome) => {
                     self.metrics.count_item(outcome);
                     let sent = events.get(i).copied().unwrap_or(0);
-                    self.reply(msg, outcome, result.body, Some(&sizes), sent)
+                    let reply = self
+                        .prepare_reply(msg, outcome, result.body, Some(&sizes), sent)
                         .await;
-                    self.settle(msg, AckKind::Ack).await;
+                    replies.extend(reply);
+                    answered.push(msg);
                     continue;
                 }
             };
@@ -165,6 +171,10 @@ impl Outbox {
                 Ok(ack) => handoffs.push((msg, ack, sizes, claim)),
                 Err(e) => self.fail_handoff(msg, &e, &sizes, claim).await,
             }
+        }
+        self.send_replies(replies).await;
+        for msg in answered {
+            self.settle(msg, AckKind::Ack).await;
         }
         for (msg, pub_ack, sizes, claim) in handoffs {
             match pub_ack.await {
@@ -335,92 +345,6 @@ impl Outbox {
             let _ = msg.ack_with(AckKind::Progress).await;
         }
     }
-
-    /// Publishes the one reply a request gets: first its durable record, for an
-    /// asynchronous job or a request whose reply must outlive the broker, then its core
-    /// NATS reply. Messages without either were submitted
-    /// fire-and-forget and get none. A body over one NATS message goes as a claim check;
-    /// one that cannot go out at all (the store refused it, the publish failed) is
-    /// answered `server_error` with the reason at once, so the requester never waits out
-    /// its deadline for it.
-    async fn reply(
-        &self,
-        msg: &jetstream::Message,
-        outcome: Outcome,
-        body: Bytes,
-        batch_sizes: Option<&str>,
-        events: u32,
-    ) {
-        if let Some(key) = header(msg, headers::RESULT_KEY) {
-            self.store_result(msg, key, outcome, &body, batch_sizes)
-                .await;
-        } else if let Some(key) = header(msg, headers::REPLY_KEY) {
-            self.record_reply(msg, key, outcome, &body, batch_sizes)
-                .await;
-        }
-        let Some(to) = self.trusted_reply_subject(msg) else {
-            return;
-        };
-        let (mut outcome, mut body, mut claim) = (outcome, body, None);
-        if !payloads::fits_inline(&self.client, body.len()) {
-            match self.check_in(msg, Hop::Reply, &body).await {
-                Ok(name) => (body, claim) = (Bytes::new(), Some(name)),
-                Err(e) => {
-                    warn!(route = %self.route, stage = self.stage, error = %e, "cannot store a reply");
-                    outcome = Outcome::ServerError;
-                    body = undeliverable(&e.to_string());
-                }
-            }
-        }
-        let reply_headers = |outcome: Outcome, claim: Option<&str>| {
-            let mut h = HeaderMap::new();
-            if events > 0 {
-                h.insert(headers::EVENT_COUNT, events.to_string());
-            }
-            h.insert(headers::STATUS, outcome.as_str());
-            if let Some(id) = header(msg, headers::REQUEST_ID) {
-                h.insert(headers::REQUEST_ID, id);
-            }
-            if let Some(sizes) = batch_sizes {
-                h.insert(headers::BATCH_SIZES, sizes);
-            }
-            if outcome == Outcome::Ok {
-                h.insert(headers::CONTENT_TYPE, self.mime.as_str());
-            }
-            if let Some(name) = claim {
-                h.insert(headers::PAYLOAD_OBJECT, name);
-            }
-            h
-        };
-        let h = reply_headers(outcome, claim.as_deref());
-        let Err(e) = self
-            .client
-            .publish_with_headers(to.to_owned(), h, body)
-            .await
-        else {
-            return;
-        };
-        warn!(subject = to, error = %e, "reply publish failed; answering server_error");
-        if let Some(name) = claim {
-            self.payloads.delete(&name).await;
-        }
-        let h = reply_headers(Outcome::ServerError, None);
-        let body = undeliverable(&e.to_string());
-        if let Err(e) = self
-            .client
-            .publish_with_headers(to.to_owned(), h, body)
-            .await
-        {
-            warn!(subject = to, error = %e, "reply publish failed");
-        }
-    }
-}
-
-/// The body of the `server_error` that replaces a result that could not be delivered.
-fn undeliverable(why: &str) -> Bytes {
-    Bytes::from(format!(
-        "internal error: the result could not be delivered: {why}"
-    ))
 }
 
 async fn ack(msg: &jetstream::Message, kind: AckKind) {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 from harness import descendants, http, started_app
 
@@ -63,5 +63,45 @@ def test_a_bad_body_on_the_route_where_the_shared_stage_decodes_http(tmp_path: P
         assert r.text.startswith("decoding error"), r.text
         r = http("POST", base + "/a", b'{"x": 1}')
         assert (r.status, r.json()) == (200, {"x": 4, "batch": 1})
+    finally:
+        cluster.stop_all()
+
+
+def test_the_python_client_takes_a_batchs_replies_in_one_envelope(tmp_path: Path) -> None:
+    import asyncio
+
+    import nats
+
+    from harness import Cluster
+    from natserve import Client
+
+    cluster = Cluster(tmp_path)
+    try:
+        nats_url = cluster.nats()
+        cluster.app(APP, "--role", "agent", "--nats", nats_url, name="agent")
+        cluster.ingress(APP, nats_url)  # its readiness says the agent's workers are up
+
+        async def run() -> Tuple[List[Dict[str, Any]], List[str]]:
+            async with Client(nats_url) as client:
+                spy = await nats.connect(nats_url)
+                seen: List[str] = []
+
+                async def note(msg: Any) -> None:
+                    seen.append((msg.headers or {}).get("X-Envelope", "-"))
+
+                await spy.subscribe(client.reply_prefix + ".*", cb=note)
+                await spy.flush()
+                bodies = [json.dumps({"x": x}).encode() for x in range(4)]
+                answers = await asyncio.gather(
+                    *(client.request(b, route="/a", timeout=20) for b in bodies)
+                )
+                await spy.close()
+                return [json.loads(a) for a in answers], seen
+
+        answers, seen = asyncio.run(run())
+        assert [a["x"] for a in answers] == [(x + 1) * 2 for x in range(4)]
+        # Double ran the four in one batch (it waits 2 s to fill one): one message.
+        assert max(a["batch"] for a in answers) > 1, answers
+        assert any(count != "-" for count in seen), seen
     finally:
         cluster.stop_all()

@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use natserve_protocol::envelope;
 
 #[tokio::test]
 async fn answers_a_request_and_reports_idle_workers_as_free() {
@@ -254,5 +255,70 @@ async fn a_batch_whose_worker_dies_answers_its_healthy_items_and_the_poison_alon
     submit(&client, "echo", Some("after"), "t.reply.poison", "after").await;
     let got = replies(&mut sub, 1, Duration::from_secs(10)).await;
     assert_eq!(got, vec![("ok".to_owned(), "after".to_owned())]);
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_batchs_replies_to_a_requester_that_reads_envelopes_come_as_one_message() {
+    let nats = NatsServer::start();
+    let mut config = pipeline("/echo", 1, 1, None);
+    // The first request holds the one worker; the four after it wait and run as one batch.
+    config.stages[0].env = Some(vec![BTreeMap::from([(
+        "FAKE_SLEEP_MS".to_owned(),
+        "300".to_owned(),
+    )])]);
+    let agent = Agent::start_with(&nats, config, Prefetch::Off);
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    wait_ready(&client, 1).await;
+    let mut sub = client.subscribe("t.reply.env.*").await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let subject = Names::new(NS).unwrap().work_subject("echo", 0);
+    let ids = ["e0", "e1", "e2", "e3", "e4"];
+    for id in ids {
+        let mut h = work_headers(id, &format!("t.reply.env.{id}"));
+        h.insert(headers::REPLY_ENVELOPE, "1");
+        js.publish_with_headers(subject.clone(), h, Bytes::from(format!("\"{id}\"")))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let (mut answered, mut envelopes) = (Vec::new(), Vec::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while answered.len() < ids.len() {
+        let msg = tokio::time::timeout_at(deadline, sub.next())
+            .await
+            .expect("every reply within 15 s")
+            .unwrap();
+        let Some(count) = headers::get(msg.headers.as_ref(), headers::ENVELOPE) else {
+            let id = headers::get(msg.headers.as_ref(), headers::REQUEST_ID).unwrap();
+            answered.push((
+                id.to_owned(),
+                String::from_utf8_lossy(&msg.payload).into_owned(),
+            ));
+            continue;
+        };
+        let letters = envelope::decode(&msg.payload).unwrap();
+        assert_eq!(count, letters.len().to_string());
+        // An envelope goes to the reply subject of its first letter.
+        let first = letters[0].header(headers::REQUEST_ID).unwrap();
+        assert_eq!(msg.subject.as_str(), format!("t.reply.env.{first}"));
+        for letter in &letters {
+            assert_eq!(letter.header(headers::STATUS), Some("ok"));
+            let id = letter.header(headers::REQUEST_ID).unwrap().to_owned();
+            answered.push((id, String::from_utf8_lossy(&letter.body).into_owned()));
+        }
+        envelopes.push(letters.len());
+    }
+    answered.sort();
+    let want: Vec<(String, String)> = ids
+        .iter()
+        .map(|id| (id.to_string(), format!("\"{id}\"")))
+        .collect();
+    assert_eq!(answered, want);
+    assert!(
+        envelopes.iter().any(|&n| n > 1),
+        "no batch's replies came together: {envelopes:?}"
+    );
     agent.stop().await.unwrap();
 }

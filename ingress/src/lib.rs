@@ -14,6 +14,7 @@ pub mod http;
 pub mod listen;
 pub mod metrics;
 pub mod openapi;
+pub mod postbox;
 pub mod replies;
 pub mod request_id;
 pub mod routes;

@@ -30,6 +30,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info};
 
 use crate::error::RequestError;
+use crate::postbox::{Postbox, Refusal};
 use crate::replies::{PendingReply, PendingStream, Replies};
 use crate::stream::ReplyStream;
 
@@ -143,12 +144,15 @@ pub struct Submitter {
     names: Names,
     replies: Arc<Replies>,
     payloads: Payloads,
+    /// Work to the first stages, by group commit.
+    postbox: Arc<Postbox>,
 }
 
 impl Submitter {
     pub fn new(client: Client, names: Names, replies: Arc<Replies>, payloads: Payloads) -> Self {
         let jetstream = jetstream::new(client.clone());
         Self {
+            postbox: Arc::new(Postbox::new(client.clone(), jetstream.clone())),
             client,
             jetstream,
             names,
@@ -382,19 +386,14 @@ impl Submitter {
         // deadline, so such seconds cost the request latency instead of a 503.
         let mut refused = None;
         let published = loop {
-            let attempt = async {
-                self.jetstream
-                    .publish_with_headers(subject.clone(), h.clone(), body.clone())
-                    .await?
-                    .await
-            };
+            let attempt = self.postbox.publish(&subject, h.clone(), body.clone());
             match tokio::time::timeout_at(s.deadline, attempt).await {
                 Ok(Err(e))
-                    if is_transient(&e)
+                    if is_transient(e.rejection)
                         && self.is_connected()
                         && Instant::now() + PUBLISH_RETRY < s.deadline =>
                 {
-                    debug!(error = %e, "work publish refused for now; retrying");
+                    debug!(error = %e.text, "work publish refused for now; retrying");
                     refused = Some(e);
                     tokio::time::sleep(PUBLISH_RETRY).await;
                 }
@@ -413,8 +412,8 @@ impl Submitter {
             Err(_) => Err(RequestError::Nats(
                 "no publish ack before the deadline".into(),
             )),
-            Ok(Err(e)) => Err(classify_publish_error(&e, s.route)),
-            Ok(Ok(_ack)) => Ok(()),
+            Ok(Err(e)) => Err(classify_refusal(&e, s.route)),
+            Ok(Ok(())) => Ok(()),
         }
     }
 
@@ -436,11 +435,8 @@ impl Submitter {
 /// Whether a refused work publish may succeed if tried again shortly: no stream answered
 /// (it has no leader yet, or is being made again) or no ack came. A full queue, a body too
 /// large, or anything else the server said is an answer, not a moment.
-fn is_transient(error: &PublishError) -> bool {
-    matches!(
-        Rejection::from_publish_error(error),
-        Rejection::NoStream | Rejection::Unreachable
-    )
+fn is_transient(rejection: Rejection) -> bool {
+    matches!(rejection, Rejection::NoStream | Rejection::Unreachable)
 }
 
 /// Names a request on the cancel subject when its HTTP client went away before the reply
@@ -480,7 +476,12 @@ impl Drop for CancelOnDrop {
 /// message went to the payloads store before the publish, so `TooLarge` means only that
 /// the server lowered its `max_payload` meanwhile: NATS cannot take the request now.
 pub fn classify_publish_error(error: &PublishError, route: &str) -> RequestError {
-    match Rejection::from_publish_error(error) {
+    classify_refusal(&Refusal::of(error), route)
+}
+
+/// The answer to a request whose work JetStream refused for good.
+pub fn classify_refusal(refusal: &Refusal, route: &str) -> RequestError {
+    match refusal.rejection {
         Rejection::NoStream => RequestError::NotServed {
             route: route.to_owned(),
         },
@@ -488,7 +489,7 @@ pub fn classify_publish_error(error: &PublishError, route: &str) -> RequestError
             route: route.to_owned(),
         },
         Rejection::TooLarge | Rejection::Unreachable | Rejection::Other => {
-            RequestError::Nats(error.to_string())
+            RequestError::Nats(refusal.text.clone())
         }
     }
 }

@@ -22,7 +22,13 @@ use async_nats::jetstream::{self, consumer::pull::BatchConfig};
 use async_nats::{StatusCode, Subscriber};
 use futures::StreamExt;
 
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tracing::warn;
+
 use crate::batcher::Source;
+use crate::envelopes::{is_envelope, Envelopes};
 
 /// How long after a pull request should have ended we stop waiting for the server's word
 /// (a lost status, a reconnect that dropped the request).
@@ -96,6 +102,10 @@ pub struct PullInbox {
     subscriber: Subscriber,
     requests: u64,
     statistics: std::sync::Arc<async_nats::Statistics>,
+    /// Work that came as envelopes is opened into one message per letter here.
+    envelopes: Arc<Envelopes>,
+    /// Letters of an envelope beyond the batch they came for: the next pull's first.
+    overflow: VecDeque<jetstream::Message>,
 }
 
 impl PullInbox {
@@ -113,7 +123,50 @@ impl PullInbox {
             subscriber,
             requests: 0,
             statistics: client.statistics(),
+            envelopes: Arc::default(),
+            overflow: VecDeque::new(),
         })
+    }
+
+    /// Whether letters of an envelope wait for the next pull, which then takes them
+    /// without asking the server.
+    pub fn has_overflow(&self) -> bool {
+        !self.overflow.is_empty()
+    }
+
+    /// The letters waiting for the next pull, which will not come (the loop stops).
+    pub fn take_overflow(&mut self) -> Vec<jetstream::Message> {
+        self.overflow.drain(..).collect()
+    }
+
+    /// Opens envelopes with `envelopes`, the stage's, so its outbox settles their letters.
+    pub fn with_envelopes(mut self, envelopes: Arc<Envelopes>) -> Self {
+        self.envelopes = envelopes;
+        self
+    }
+
+    /// Work message `msg` as the messages it carries: itself, or one per letter of an
+    /// envelope. A malformed envelope carries none: it is terminated, since no letter of
+    /// it can be answered.
+    async fn open(&self, msg: async_nats::Message) -> Vec<jetstream::Message> {
+        if !is_envelope(&msg) {
+            return vec![jetstream::Message {
+                message: msg,
+                context: self.context.clone(),
+            }];
+        }
+        match self.envelopes.open(msg.clone(), &self.context) {
+            Ok(letters) => letters,
+            Err(e) => {
+                warn!(subject = %msg.subject, error = %e, "malformed work envelope terminated unanswered");
+                let msg = jetstream::Message {
+                    message: msg,
+                    context: self.context.clone(),
+                };
+                let _ = msg.ack_with(jetstream::AckKind::Term).await;
+                Vec::new()
+            }
+        }
     }
 }
 
@@ -122,6 +175,10 @@ impl Source for PullInbox {
     type Error = PullError;
 
     async fn pull(&mut self, max: usize, wait: Duration) -> Result<Vec<Self::Item>, Self::Error> {
+        if !self.overflow.is_empty() {
+            let n = max.min(self.overflow.len());
+            return Ok(self.overflow.drain(..n).collect());
+        }
         self.requests += 1;
         let connects = self.connects();
         let reply = format!("{}.{}", self.prefix, self.requests);
@@ -144,14 +201,16 @@ impl Source for PullInbox {
             RECONNECT_CHECK,
         );
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        while out.len() < max {
+        // Counted in messages, as the pull request is: an envelope brings several items.
+        let mut received = 0;
+        while received < max {
             let next = tokio::select! {
                 next = tokio::time::timeout_at(give_up, self.subscriber.next()) => next,
                 _ = check.tick() => {
                     if self.connects() == connects {
                         continue;
                     }
-                    if out.is_empty() {
+                    if received == 0 {
                         return Err(PullError::Reconnected);
                     }
                     break; // keep what was delivered: ours to run and ack
@@ -163,13 +222,13 @@ impl Source for PullInbox {
                 Ok(Some(msg)) => msg,
             };
             match classify(&msg, &reply) {
-                Delivery::Work => out.push(jetstream::Message {
-                    message: msg,
-                    context: self.context.clone(),
-                }),
+                Delivery::Work => {
+                    received += 1;
+                    out.extend(self.open(msg).await);
+                }
                 Delivery::Done => break,
                 Delivery::Ignore => {}
-                Delivery::Failed if out.is_empty() => {
+                Delivery::Failed if received == 0 => {
                     return Err(PullError::Status {
                         status: msg.status.unwrap_or(StatusCode::OK),
                         description: msg.description.unwrap_or_default(),
@@ -178,6 +237,9 @@ impl Source for PullInbox {
                 // Keep what was delivered: those messages are ours to run and ack.
                 Delivery::Failed => break,
             }
+        }
+        if out.len() > max {
+            self.overflow.extend(out.drain(max..));
         }
         Ok(out)
     }

@@ -10,6 +10,7 @@
 
 pub mod batcher;
 pub mod cancel;
+pub mod envelopes;
 pub mod ids;
 pub mod inbox;
 pub mod lookahead;

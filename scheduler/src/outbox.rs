@@ -10,8 +10,13 @@
 //! came as a claim check has its object deleted once the input is settled (acked or
 //! terminated; a `Nak` keeps it for the redelivery).
 
+mod handoffs;
 mod replies;
 mod results;
+
+use handoffs::Handoff;
+
+use std::sync::Arc;
 
 use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
@@ -21,6 +26,7 @@ use natserve_protocol::streams::MAX_DELIVER;
 use natserve_protocol::{headers, ItemResult, Names, Outcome, Rejection, Results};
 use tracing::warn;
 
+use crate::envelopes::Envelopes;
 use crate::places::Places;
 use crate::StageMetrics;
 
@@ -45,6 +51,8 @@ pub struct Outbox {
     results: Results,
     metrics: StageMetrics,
     payloads: Payloads,
+    /// Work that came as envelopes: a letter's ack waits for its batch-mates in it.
+    envelopes: Arc<Envelopes>,
 }
 
 impl Outbox {
@@ -60,6 +68,7 @@ impl Outbox {
     ) -> Self {
         let js = jetstream::new(client.clone());
         Self {
+            envelopes: Arc::default(),
             payloads: Payloads::new(js.clone(), &names).with_replicas(replicas),
             js,
             client,
@@ -97,13 +106,19 @@ impl Outbox {
     /// once, to any agent). Its next delivery runs alone, so should it be what killed the
     /// worker, it takes no batch-mates down the second time (see `crate::pull`).
     pub async fn retry(&self, msg: &jetstream::Message) {
-        ack(msg, AckKind::Nak(None)).await;
+        self.ack(msg, AckKind::Nak(None)).await;
     }
 
     /// Whether `msg`'s successful result goes to another stage rather than to the
     /// requester.
     pub fn hands_off(&self, msg: &jetstream::Message) -> bool {
         self.places.of(&msg.subject).next_subject.is_some()
+    }
+
+    /// The envelopes of work this stage has open: its pull inboxes open them, and its
+    /// acks close them.
+    pub fn envelopes(&self) -> Arc<Envelopes> {
+        self.envelopes.clone()
     }
 
     /// Where the stage's items come from and go.
@@ -167,28 +182,20 @@ impl Outbox {
                 }
             }
             self.metrics.count_item(Outcome::Ok);
-            match self.js.publish_with_headers(next.clone(), h, body).await {
-                Ok(ack) => handoffs.push((msg, ack, sizes, claim)),
-                Err(e) => self.fail_handoff(msg, &e, &sizes, claim).await,
-            }
+            handoffs.push(Handoff {
+                msg,
+                next: next.clone(),
+                headers: h,
+                body,
+                sizes,
+                claim,
+            });
         }
         self.send_replies(replies).await;
         for msg in answered {
             self.settle(msg, AckKind::Ack).await;
         }
-        for (msg, pub_ack, sizes, claim) in handoffs {
-            match pub_ack.await {
-                Ok(ack) => {
-                    // A rerun's hand-off that JetStream de-duplicated: the object the
-                    // first run handed on is the one the next stage reads.
-                    if let (true, Some(name)) = (ack.duplicate, &claim) {
-                        self.payloads.delete(name).await;
-                    }
-                    self.settle(msg, AckKind::Ack).await
-                }
-                Err(e) => self.fail_handoff(msg, &e, &sizes, claim).await,
-            }
-        }
+        self.hand_off(handoffs).await;
     }
 
     /// Stores a body over one NATS message for `msg`'s request; the object's name.
@@ -207,7 +214,7 @@ impl Outbox {
     /// Acks or terminates `msg`; its input object, if it came as a claim check, is
     /// deleted once the message is settled for good (`Ack`, `Term`), never on a `Nak`.
     async fn settle(&self, msg: &jetstream::Message, kind: AckKind) {
-        ack(msg, kind).await;
+        self.ack(msg, kind).await;
         if matches!(kind, AckKind::Ack | AckKind::Term) {
             if let Some(name) = payloads::claim(msg.headers.as_ref()) {
                 self.payloads.delete(name).await;
@@ -289,7 +296,7 @@ impl Outbox {
     ) {
         self.metrics.count_item(outcome);
         self.reply(msg, outcome, body, None, events).await;
-        ack(msg, AckKind::Term).await;
+        self.ack(msg, AckKind::Term).await;
     }
 
     /// Publishes event number `seq` (from 1) of a request's stream to its requester: core
@@ -335,7 +342,18 @@ impl Outbox {
     /// them at once (to this agent or another) instead of after the ack wait.
     pub async fn release(&self, msgs: &[jetstream::Message]) {
         for msg in msgs {
-            ack(msg, AckKind::Nak(None)).await;
+            self.ack(msg, AckKind::Nak(None)).await;
+        }
+    }
+
+    /// Settles `msg` with JetStream: at once for a message of its own, with the last of
+    /// its letters for one that came in an envelope ([`Envelopes::settle`]).
+    async fn ack(&self, msg: &jetstream::Message, kind: AckKind) {
+        let Some(kind) = self.envelopes.settle(msg, kind) else {
+            return;
+        };
+        if let Err(e) = msg.ack_with(kind).await {
+            warn!(error = %e, "ack failed; the message will be redelivered");
         }
     }
 
@@ -344,12 +362,6 @@ impl Outbox {
         for msg in msgs {
             let _ = msg.ack_with(AckKind::Progress).await;
         }
-    }
-}
-
-async fn ack(msg: &jetstream::Message, kind: AckKind) {
-    if let Err(e) = msg.ack_with(kind).await {
-        warn!(error = %e, "ack failed; the message will be redelivered");
     }
 }
 

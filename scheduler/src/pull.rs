@@ -41,7 +41,11 @@ pub(crate) async fn pull_loop(
         keep_alive: PROGRESS_EVERY,
     };
     let mut source = loop {
-        match PullInbox::new(&ctx.client, ctx.js.clone(), consumer.clone()).await {
+        let inbox = PullInbox::new(&ctx.client, ctx.js.clone(), consumer.clone());
+        match inbox
+            .await
+            .map(|inbox| inbox.with_envelopes(ctx.envelopes.clone()))
+        {
             Ok(source) => break source,
             Err(e) => {
                 warn!(route = %ctx.spec.route, stage = ctx.spec.stage, error = %e, "cannot subscribe a pull inbox");
@@ -87,6 +91,8 @@ pub(crate) async fn pull_loop(
             cancel.clone(),
         ));
     }
+    // Letters of an envelope this loop will not run: back, so their envelope is.
+    ctx.outbox.release(&source.take_overflow()).await;
 }
 
 /// Splits what runs now on one worker from what waits for the next. An item delivered
@@ -226,6 +232,8 @@ impl Source for Timed<'_> {
 
     async fn pull(&mut self, max: usize, wait: Duration) -> Result<Vec<Self::Item>, Self::Error> {
         let started = Instant::now();
+        // Letters left over from an envelope come without a round trip: not a sample.
+        let local = self.inner.has_overflow();
         let got = self.inner.pull(max, wait).await?;
         let queued_behind = || {
             got.len() == max
@@ -234,7 +242,7 @@ impl Source for Timed<'_> {
                     .and_then(|m| m.info().ok())
                     .is_some_and(|i| i.pending > 0)
         };
-        if wait.is_zero() || queued_behind() {
+        if !local && (wait.is_zero() || queued_behind()) {
             self.lookahead.observe_pull(started.elapsed());
         }
         Ok(got)

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::envelopes::Envelopes;
 use crate::lookahead::{Lookahead, Prefetch};
 use crate::outbox::Outbox;
 use crate::places::Places;
@@ -89,6 +90,8 @@ pub struct StageContext {
     pub lookahead: Lookahead,
     /// Queued requests whose client went away: dropped unrun.
     pub cancelled: Arc<Cancellations>,
+    /// Work that came as envelopes, open until each letter is settled.
+    pub envelopes: Arc<Envelopes>,
     names: Names,
     queue: QueueConfig,
 }
@@ -118,6 +121,7 @@ impl StageContext {
             spec,
             client,
             metrics,
+            envelopes: outbox.envelopes(),
             outbox,
             lookahead: Lookahead::new(Prefetch::Auto),
             cancelled: Arc::default(),

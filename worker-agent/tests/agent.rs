@@ -322,3 +322,101 @@ async fn a_batchs_replies_to_a_requester_that_reads_envelopes_come_as_one_messag
     );
     agent.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_envelope_of_work_runs_each_letter_in_batches_no_larger_than_the_stage_takes() {
+    let nats = NatsServer::start();
+    let mut config = pipeline("/echo", 1, 1, None);
+    let logs = TempDir::new("envelope");
+    let log = logs.0.join("batches.log");
+    config.stages[0].env = Some(vec![BTreeMap::from([(
+        "FAKE_BATCH_LOG".to_owned(),
+        log.to_str().unwrap().to_owned(),
+    )])]);
+    let agent = Agent::start_with(&nats, config, Prefetch::Off);
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    wait_ready(&client, 1).await;
+    let mut sub = client.subscribe("t.reply.box.*").await.unwrap();
+    // Six requests in one message, for a stage whose batches hold at most four.
+    let ids = ["w0", "w1", "w2", "w3", "w4", "w5"];
+    let letters: Vec<envelope::Letter> = ids
+        .iter()
+        .map(|id| {
+            let h = work_headers(id, &format!("t.reply.box.{id}"));
+            envelope::Letter::new(&h, Bytes::from(format!("\"{id}\"")))
+        })
+        .collect();
+    let mut h = HeaderMap::new();
+    h.insert(headers::ENVELOPE, letters.len().to_string());
+    let js = async_nats::jetstream::new(client.clone());
+    let subject = Names::new(NS).unwrap().work_subject("echo", 0);
+    js.publish_with_headers(subject, h, envelope::encode(&letters).unwrap())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut got = replies(&mut sub, ids.len(), Duration::from_secs(15)).await;
+    got.sort();
+    let want: Vec<(String, String)> = ids
+        .iter()
+        .map(|id| ("ok".to_owned(), format!("\"{id}\"")))
+        .collect();
+    assert_eq!(got, want);
+    let batches = std::fs::read_to_string(&log).unwrap();
+    let sizes: Vec<usize> = batches.lines().map(|l| l.split(' ').count()).collect();
+    assert_eq!(sizes.iter().sum::<usize>(), ids.len(), "{batches}");
+    assert!(sizes.iter().all(|&n| n <= 4), "{batches}");
+    // Once every letter is answered, JetStream has the envelope acked: nothing is held
+    // to come back after the ack wait.
+    let stream = js.get_stream(format!("{NS}_work_echo_0")).await.unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("workers").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let info = consumer.info().await.unwrap();
+        if info.num_ack_pending == 0 && info.num_pending == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{info:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_batchs_results_go_to_the_next_stage_as_one_envelope() {
+    let nats = NatsServer::start();
+    let agent = Agent::start_with(&nats, pipeline("/two", 2, 1, None), Prefetch::Off);
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    wait_ready(&client, 1).await;
+    let mut sub = client.subscribe("t.reply.two.*").await.unwrap();
+    // Four requests in one message: stage 0 runs them as one batch of four.
+    let ids = ["h0", "h1", "h2", "h3"];
+    let letters: Vec<envelope::Letter> = ids
+        .iter()
+        .map(|id| {
+            let h = work_headers(id, &format!("t.reply.two.{id}"));
+            envelope::Letter::new(&h, Bytes::from(format!("\"{id}\"")))
+        })
+        .collect();
+    let mut h = HeaderMap::new();
+    h.insert(headers::ENVELOPE, letters.len().to_string());
+    let js = async_nats::jetstream::new(client.clone());
+    let subject = Names::new(NS).unwrap().work_subject("two", 0);
+    js.publish_with_headers(subject, h, envelope::encode(&letters).unwrap())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut got = replies(&mut sub, ids.len(), Duration::from_secs(15)).await;
+    got.sort();
+    let want: Vec<(String, String)> = ids
+        .iter()
+        .map(|id| ("ok".to_owned(), format!("\"{id}\"")))
+        .collect();
+    assert_eq!(got, want);
+    // Stage 1's stream took one message for the four: their hand-off envelope.
+    let mut stream = js.get_stream(format!("{NS}_work_two_1")).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.last_sequence, 1);
+    agent.stop().await.unwrap();
+}

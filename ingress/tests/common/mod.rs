@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use natserve_ingress::{Config, Error};
 use natserve_protocol::buckets::{agents_bucket_config, open_bucket, routes_bucket_config};
-use natserve_protocol::{headers, AgentRecord, Names, RouteRecord, StageLoad, CONSUMER};
+use natserve_protocol::{envelope, headers, AgentRecord, Names, RouteRecord, StageLoad, CONSUMER};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -384,32 +384,47 @@ where
                 .await
                 .unwrap();
             while let Some(Ok(message)) = batch.next().await {
-                let work_headers = message.headers.clone().unwrap_or_default();
-                let _ = seen_tx.send(work_headers.clone());
-                let a = answer(&work_headers, &message.payload);
-                tokio::time::sleep(a.delay).await;
-                let mut h = HeaderMap::new();
-                h.insert(headers::STATUS, a.status);
-                let id = work_headers
-                    .get(headers::REQUEST_ID)
-                    .unwrap()
-                    .as_str()
-                    .to_owned();
-                h.insert(headers::REQUEST_ID, id.as_str());
-                h.insert(headers::BATCH_SIZES, a.batch_sizes);
-                if let Some(ct) = a.content_type {
-                    h.insert(headers::CONTENT_TYPE, ct);
+                // The ingress sends requests that wait together as one envelope.
+                let items: Vec<(HeaderMap, Bytes)> =
+                    if headers::get(message.headers.as_ref(), headers::ENVELOPE).is_some() {
+                        envelope::decode(&message.payload)
+                            .unwrap()
+                            .into_iter()
+                            .map(|l| (l.header_map().unwrap(), l.body))
+                            .collect()
+                    } else {
+                        vec![(
+                            message.headers.clone().unwrap_or_default(),
+                            message.payload.clone(),
+                        )]
+                    };
+                for (work_headers, payload) in items {
+                    let _ = seen_tx.send(work_headers.clone());
+                    let a = answer(&work_headers, &payload);
+                    tokio::time::sleep(a.delay).await;
+                    let mut h = HeaderMap::new();
+                    h.insert(headers::STATUS, a.status);
+                    let id = work_headers
+                        .get(headers::REQUEST_ID)
+                        .unwrap()
+                        .as_str()
+                        .to_owned();
+                    h.insert(headers::REQUEST_ID, id.as_str());
+                    h.insert(headers::BATCH_SIZES, a.batch_sizes);
+                    if let Some(ct) = a.content_type {
+                        h.insert(headers::CONTENT_TYPE, ct);
+                    }
+                    let reply_to = work_headers
+                        .get(headers::REPLY_TO)
+                        .unwrap()
+                        .as_str()
+                        .to_owned();
+                    client
+                        .publish_with_headers(reply_to, h, a.body)
+                        .await
+                        .unwrap();
+                    client.flush().await.unwrap();
                 }
-                let reply_to = work_headers
-                    .get(headers::REPLY_TO)
-                    .unwrap()
-                    .as_str()
-                    .to_owned();
-                client
-                    .publish_with_headers(reply_to, h, a.body)
-                    .await
-                    .unwrap();
-                client.flush().await.unwrap();
                 message.ack().await.unwrap();
             }
         }

@@ -1,0 +1,226 @@
+//! Work that came as an envelope ([`natserve_protocol::envelope`]): an ingress that had
+//! several requests for one stage at the same moment sent them as one JetStream message.
+//!
+//! Each letter runs as a message of its own: [`Envelopes::open`] makes one
+//! `jetstream::Message` per letter, with the letter's headers and body and the
+//! envelope's subject and ack subject, so everything downstream (triage, batching,
+//! replies, hand-offs, the delivery count) reads it as it reads any work message. Only
+//! the ack differs: JetStream knows one message, so the envelope is acked once its last
+//! letter is settled ([`Envelopes::settle`]). A letter given back (`Nak`: its worker died,
+//! the agent is stopping) gives the whole envelope back: every letter is delivered again,
+//! and one already answered is answered again, which its requester drops (it takes the
+//! first reply; a recorded reply or result is written once). `Progress` acks pass
+//! through: any held letter keeps the whole envelope alive.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_nats::jetstream::{self, AckKind};
+use natserve_protocol::envelope::{self, EnvelopeError};
+use natserve_protocol::headers;
+
+/// How the letters of one open envelope were settled so far.
+#[derive(Debug)]
+struct Open {
+    left: usize,
+    given_back: bool,
+    all_terminated: bool,
+}
+
+/// The envelopes of one stage whose letters are not all settled, by ack subject.
+#[derive(Debug, Default)]
+pub struct Envelopes {
+    open: Mutex<HashMap<String, Open>>,
+}
+
+/// Whether `msg` carries an envelope of work.
+pub fn is_envelope(msg: &async_nats::Message) -> bool {
+    headers::get(msg.headers.as_ref(), headers::ENVELOPE).is_some()
+}
+
+impl Envelopes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Open>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One message per letter of the envelope `msg`, each to be settled through
+    /// [`Envelopes::settle`].
+    pub fn open(
+        &self,
+        msg: async_nats::Message,
+        context: &jetstream::Context,
+    ) -> Result<Vec<jetstream::Message>, EnvelopeError> {
+        let letters = envelope::decode(&msg.payload)?;
+        let mut out = Vec::with_capacity(letters.len());
+        for letter in letters {
+            out.push(jetstream::Message {
+                message: async_nats::Message {
+                    subject: msg.subject.clone(),
+                    reply: msg.reply.clone(),
+                    length: letter.body.len(),
+                    headers: Some(letter.header_map()?),
+                    payload: letter.body,
+                    status: None,
+                    description: None,
+                },
+                context: context.clone(),
+            });
+        }
+        if let Some(ack) = &msg.reply {
+            self.lock().insert(
+                ack.to_string(),
+                Open {
+                    left: out.len(),
+                    given_back: false,
+                    all_terminated: true,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// What to send JetStream now that `msg` is settled with `kind`: `kind` itself for a
+    /// message of its own (and for `Progress`), nothing while other letters of its
+    /// envelope are out, and the envelope's ack once the last is settled: `Nak` if any
+    /// letter was given back, `Term` if all were terminated, else `Ack`.
+    pub fn settle(&self, msg: &jetstream::Message, kind: AckKind) -> Option<AckKind> {
+        if matches!(kind, AckKind::Progress) {
+            return Some(kind);
+        }
+        let Some(ack) = msg.reply.as_ref() else {
+            return Some(kind);
+        };
+        let mut open = self.lock();
+        let Some(envelope) = open.get_mut(ack.as_str()) else {
+            return Some(kind);
+        };
+        envelope.left = envelope.left.saturating_sub(1);
+        envelope.given_back |= matches!(kind, AckKind::Nak(_));
+        envelope.all_terminated &= matches!(kind, AckKind::Term);
+        if envelope.left > 0 {
+            return None;
+        }
+        let done = open.remove(ack.as_str()).expect("present");
+        Some(if done.given_back {
+            AckKind::Nak(None)
+        } else if done.all_terminated {
+            AckKind::Term
+        } else {
+            AckKind::Ack
+        })
+    }
+
+    /// Envelopes with letters still out.
+    pub fn open_count(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::HeaderMap;
+    use bytes::Bytes;
+    use natserve_protocol::envelope::{encode, Letter};
+
+    fn envelope_message(ack: &str, ids: &[&str]) -> async_nats::Message {
+        let letters: Vec<Letter> = ids
+            .iter()
+            .map(|id| Letter {
+                headers: vec![(headers::REQUEST_ID.into(), (*id).into())],
+                body: Bytes::from(format!("body of {id}")),
+            })
+            .collect();
+        let mut h = HeaderMap::new();
+        h.insert(headers::ENVELOPE, ids.len().to_string());
+        async_nats::Message {
+            subject: "ns.work.echo.0".into(),
+            reply: Some(ack.into()),
+            payload: encode(&letters).unwrap(),
+            headers: Some(h),
+            status: None,
+            description: None,
+            length: 0,
+        }
+    }
+
+    async fn context() -> jetstream::Context {
+        // A client that never connects: the context is only carried, never used here.
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("nats://127.0.0.1:1")
+            .await
+            .unwrap();
+        jetstream::new(client)
+    }
+
+    #[tokio::test]
+    async fn letters_run_as_messages_and_the_envelope_is_acked_once_all_are_settled() {
+        let envelopes = Envelopes::default();
+        let ctx = context().await;
+        let msg = envelope_message("$JS.ACK.s.c.1.7.7.0.1", &["a", "b", "c"]);
+        assert!(is_envelope(&msg));
+        let letters = envelopes.open(msg, &ctx).unwrap();
+        let ids: Vec<&str> = letters
+            .iter()
+            .map(|m| headers::get(m.headers.as_ref(), headers::REQUEST_ID).unwrap())
+            .collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(letters[1].payload.as_ref(), b"body of b");
+        assert_eq!(letters[2].subject.as_str(), "ns.work.echo.0");
+        assert!(matches!(
+            envelopes.settle(&letters[0], AckKind::Progress),
+            Some(AckKind::Progress)
+        ));
+        assert!(envelopes.settle(&letters[0], AckKind::Ack).is_none());
+        assert!(envelopes.settle(&letters[1], AckKind::Term).is_none());
+        assert!(matches!(
+            envelopes.settle(&letters[2], AckKind::Ack),
+            Some(AckKind::Ack)
+        ));
+        assert_eq!(envelopes.open_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn one_letter_given_back_gives_the_envelope_back_and_all_terminated_terminate_it() {
+        let envelopes = Envelopes::default();
+        let ctx = context().await;
+        let letters = envelopes
+            .open(envelope_message("$JS.ACK.s.c.1.8.8.0.1", &["a", "b"]), &ctx)
+            .unwrap();
+        assert!(envelopes.settle(&letters[0], AckKind::Nak(None)).is_none());
+        assert!(matches!(
+            envelopes.settle(&letters[1], AckKind::Ack),
+            Some(AckKind::Nak(None))
+        ));
+        let letters = envelopes
+            .open(envelope_message("$JS.ACK.s.c.1.9.9.0.1", &["a", "b"]), &ctx)
+            .unwrap();
+        assert!(envelopes.settle(&letters[0], AckKind::Term).is_none());
+        assert!(matches!(
+            envelopes.settle(&letters[1], AckKind::Term),
+            Some(AckKind::Term)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_message_of_its_own_is_settled_as_asked_and_a_bad_envelope_is_refused() {
+        let envelopes = Envelopes::default();
+        let ctx = context().await;
+        let mut plain = envelope_message("$JS.ACK.s.c.1.10.10.0.1", &["a"]);
+        plain.headers = None;
+        assert!(!is_envelope(&plain));
+        let plain = jetstream::Message {
+            message: plain,
+            context: ctx.clone(),
+        };
+        assert!(matches!(
+            envelopes.settle(&plain, AckKind::Ack),
+            Some(AckKind::Ack)
+        ));
+        let mut bad = envelope_message("$JS.ACK.s.c.1.11.11.0.1", &["a"]);
+        bad.payload = Bytes::from_static(b"\x00");
+        assert!(envelopes.open(bad, &ctx).is_err());
+        assert_eq!(envelopes.open_count(), 0);
+    }
+}

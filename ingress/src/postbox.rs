@@ -20,8 +20,9 @@ use natserve_protocol::envelope::{self, Letter};
 use natserve_protocol::{headers, payloads, Rejection};
 use tokio::sync::{mpsc, oneshot};
 
-/// Most requests in one envelope.
-pub const MAX_LETTERS: usize = 256;
+/// Most requests in one envelope. A stage's queue bound (`--max-queue`) counts messages,
+/// so this is also how many requests one queued message may stand for.
+pub const MAX_LETTERS: usize = 64;
 
 /// Why a publish did not land: what JetStream's answer means, and its text.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,7 +4,15 @@
 //! get-or-create. Each watcher replays the last value of every key, then follows changes;
 //! if the watch fails or ends, the bucket is opened again — created, when a NATS server
 //! that keeps its store in memory came back empty — and watched again, so an outage or a
-//! broker restart heals by itself.
+//! broker restart heals by itself. Every question to the server is bounded by
+//! [`ASK_WITHIN`], so a watcher tries again soon after a JetStream cluster elected a new
+//! leader for the bucket, not a request timeout later.
+//!
+//! The agents watcher also proves, as often as [`PROBE_EVERY`], that it is caught up with
+//! a bucket that can take writes (see [`crate::liveness`]): an entry the server sent with
+//! nothing pending behind it, or a look at the bucket's stream that names a leader and no
+//! message past the last one delivered. A watch that stays behind a led bucket without
+//! moving for [`STUCK_AFTER`] looks (its consumer died with a server) is started anew.
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +23,7 @@ use natserve_protocol::{AgentRecord, RouteRecord};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::routes::{RouteTable, SharedRoutes};
 
@@ -46,11 +54,12 @@ pub fn apply_route_entry(
     }
 }
 
-/// Applies one entry of the agents bucket, received at `now`.
+/// Applies revision `revision` of one entry of the agents bucket, received at `now`.
 pub fn apply_agent_entry(
     table: &mut RouteTable,
     key: &str,
     operation: kv::Operation,
+    revision: u64,
     value: &[u8],
     now: Instant,
 ) -> bool {
@@ -68,7 +77,7 @@ pub fn apply_agent_entry(
                         "agent record has heartbeat_ms 0; it never counts as live"
                     );
                 }
-                table.put_agent(key, record, now);
+                table.put_agent_revision(key, record, revision, now);
                 true
             }
             Err(e) => {
@@ -103,19 +112,133 @@ pub struct Followed {
 const REWATCH_DELAY: Duration = Duration::from_secs(1);
 /// How often a watcher asks whether its bucket is still the one it watches.
 const BUCKET_CHECK: Duration = Duration::from_secs(2);
+/// How often the agents watcher looks at its bucket when no entry proved it caught up
+/// meanwhile (see [`crate::liveness`]): well within [`crate::liveness::GRACE`].
+pub const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// How long one question to the server about a bucket (open it, look at it, start a
+/// watch) may take. A stream without a leader answers no question: a short bound lets
+/// the watcher try again soon after one is elected, rather than a request timeout later.
+const ASK_WITHIN: Duration = Duration::from_secs(2);
+/// Looks in a row that find the watch behind a bucket with a leader, delivering nothing,
+/// before the watch is started anew (its consumer was lost with a server, say).
+const STUCK_AFTER: u32 = 3;
+/// How long without proof of the agents bucket before the watcher says so.
+const OUTAGE_NOTE: Duration = Duration::from_secs(3);
 
-/// When the server says the bucket's stream was made: `Ok(None)` when it does not exist,
-/// `Err` when the server could not be asked.
-async fn bucket_created(
-    js: &jetstream::Context,
-    bucket: &str,
-) -> Result<Option<time::OffsetDateTime>, ()> {
-    match js.get_stream(format!("KV_{bucket}")).await {
-        Ok(stream) => Ok(Some(stream.cached_info().created)),
-        Err(e) if natserve_protocol::streams::is_missing(&e) => Ok(None),
-        Err(e) => {
+/// What the server said of a bucket's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Look {
+    /// It does not exist.
+    Missing,
+    /// No answer in time, or an error: nothing is known.
+    Unanswered,
+    Found {
+        created: time::OffsetDateTime,
+        /// A server leads it: it takes writes. A follower answers for a stream without
+        /// a leader, naming none.
+        led: bool,
+        messages: u64,
+        last_sequence: u64,
+    },
+}
+
+impl Look {
+    /// Whether a watch that delivered up to revision `delivered` has seen all of it,
+    /// and the bucket can take writes.
+    fn proves_caught_up(&self, delivered: u64) -> bool {
+        matches!(*self, Look::Found { led: true, messages, last_sequence, .. }
+            if messages == 0 || last_sequence <= delivered)
+    }
+}
+
+/// Asks the server about bucket `bucket`'s stream, within [`ASK_WITHIN`].
+async fn look(js: &jetstream::Context, bucket: &str) -> Look {
+    let asked = tokio::time::timeout(ASK_WITHIN, js.get_stream(format!("KV_{bucket}"))).await;
+    match asked {
+        Ok(Ok(stream)) => {
+            let info = stream.cached_info();
+            Look::Found {
+                created: info.created,
+                // A server outside a cluster names itself; a stream without a leader, none.
+                led: info
+                    .cluster
+                    .as_ref()
+                    .is_none_or(|c| c.leader.as_deref().is_some_and(|l| !l.is_empty())),
+                messages: info.state.messages,
+                last_sequence: info.state.last_sequence,
+            }
+        }
+        Ok(Err(e)) if natserve_protocol::streams::is_missing(&e) => Look::Missing,
+        Ok(Err(e)) => {
             debug!(bucket, error = %e, "cannot ask for the kv bucket");
-            Err(())
+            Look::Unanswered
+        }
+        Err(_) => {
+            debug!(bucket, "no answer about the kv bucket in time");
+            Look::Unanswered
+        }
+    }
+}
+
+/// The agents watcher's account of whether it is caught up with its bucket.
+#[derive(Debug, Default)]
+struct Progress {
+    /// The last revision this watch delivered.
+    delivered: u64,
+    /// When the last proof was marked.
+    proved: Option<Instant>,
+    /// `delivered` when a look first found the watch behind, and looks since.
+    behind: Option<(u64, u32)>,
+    /// The watcher said the bucket has gone unproven, and will say when it is back.
+    noted: bool,
+}
+
+impl Progress {
+    fn prove(&mut self, table: &SharedRoutes, bucket: &str, at: Instant) {
+        self.behind = None;
+        self.proved = Some(self.proved.map_or(at, |p| p.max(at)));
+        let mut table = table.write().unwrap_or_else(|p| p.into_inner());
+        if std::mem::take(&mut self.noted) {
+            let outage = table.agents_unproven_for(at).unwrap_or_default();
+            info!(
+                bucket,
+                outage_ms = outage.as_millis() as u64,
+                "agents bucket caught up again; counting agents' heartbeats"
+            );
+        }
+        table.agents_caught_up(at);
+    }
+
+    /// Whether a look is worth asking now: no proof came for a while, or the bucket's
+    /// identity is due a check.
+    fn look_due(&self, now: Instant, checked: Instant) -> bool {
+        self.proved
+            .is_none_or(|p| now.saturating_duration_since(p) >= PROBE_EVERY)
+            || now.saturating_duration_since(checked) >= BUCKET_CHECK
+    }
+
+    /// A look found the watch behind a bucket that has a leader: whether it has stayed
+    /// stuck there for [`STUCK_AFTER`] looks.
+    fn stuck(&mut self) -> bool {
+        let looks = match self.behind {
+            Some((at, looks)) if at == self.delivered => looks + 1,
+            _ => 1,
+        };
+        self.behind = Some((self.delivered, looks));
+        looks >= STUCK_AFTER
+    }
+
+    fn note_outage(&mut self, table: &SharedRoutes, bucket: &str, now: Instant) {
+        let unproven = table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .agents_unproven_for(now);
+        if !self.noted && unproven.is_some_and(|d| d >= OUTAGE_NOTE) {
+            self.noted = true;
+            warn!(
+                bucket,
+                "cannot tell whether agents heartbeat (the agents bucket has no leader, or its watch is behind); their silence is not counted against them"
+            );
         }
     }
 }
@@ -186,6 +309,8 @@ async fn follow(
     if store.status().await.map(|s| s.values()).unwrap_or(1) == 0 {
         let _ = loaded.take().map(|tx| tx.send(()));
     }
+    let agents = matches!(which, Bucket::Agents);
+    let mut progress = Progress::default();
     let mut first = true;
     loop {
         if !std::mem::take(&mut first) {
@@ -195,46 +320,79 @@ async fn follow(
             }
             // The bucket may be gone with the server that held it: make it again, so the
             // agents' next heartbeats have somewhere to land.
-            match open_bucket(&js, config.clone()).await {
-                Ok(reopened) => store = reopened,
-                Err(e) => {
+            match tokio::time::timeout(ASK_WITHIN, open_bucket(&js, config.clone())).await {
+                Ok(Ok(reopened)) => store = reopened,
+                Ok(Err(e)) => {
                     warn!(bucket, error = %e, "kv bucket cannot be opened, retrying");
+                    continue;
+                }
+                Err(_) => {
+                    warn!(bucket, "kv bucket cannot be opened in time, retrying");
                     continue;
                 }
             }
         }
         // A watch does not notice its bucket vanish (a broker restart with memory
         // storage) or come back made anew by an agent: the bucket's creation time does.
-        let watched = match bucket_created(&js, &bucket).await {
-            Ok(Some(created)) => created,
-            Ok(None) | Err(()) => continue,
+        let watched = match look(&js, &bucket).await {
+            Look::Found { created, .. } => created,
+            Look::Missing | Look::Unanswered => continue,
         };
         let watch = tokio::select! {
             _ = cancel.cancelled() => return,
-            w = store.watch_with_history(">") => w,
+            w = tokio::time::timeout(ASK_WITHIN, store.watch_with_history(">")) => w,
         };
         let mut watch = match watch {
-            Ok(w) => w,
-            Err(e) => {
+            Ok(Ok(w)) => w,
+            Ok(Err(e)) => {
                 warn!(bucket, error = %e, "kv watch failed to start, retrying");
                 continue;
             }
+            Err(_) => {
+                warn!(bucket, "kv watch did not start in time, retrying");
+                continue;
+            }
         };
-        let mut check =
-            tokio::time::interval_at(tokio::time::Instant::now() + BUCKET_CHECK, BUCKET_CHECK);
+        // A new watch replays from the start: what it delivered so far proves nothing.
+        progress.delivered = 0;
+        progress.behind = None;
+        let period = if agents { PROBE_EVERY } else { BUCKET_CHECK };
+        let mut check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut checked = Instant::now();
         debug!(bucket, "watching kv bucket");
         loop {
             let next = tokio::select! {
                 _ = cancel.cancelled() => return,
                 n = watch.next() => n,
-                _ = check.tick() => match bucket_created(&js, &bucket).await {
-                    Ok(Some(created)) if created == watched => continue,
-                    Ok(_) => {
-                        warn!(bucket, "kv bucket was lost or made anew, watching again");
+                _ = check.tick() => {
+                    let now = Instant::now();
+                    if agents {
+                        progress.note_outage(&table, &bucket, now);
+                        if !progress.look_due(now, checked) {
+                            continue;
+                        }
+                    }
+                    let seen = look(&js, &bucket).await;
+                    match seen {
+                        Look::Found { created, .. } if created == watched => checked = now,
+                        Look::Found { .. } | Look::Missing => {
+                            warn!(bucket, "kv bucket was lost or made anew, watching again");
+                            break;
+                        }
+                        Look::Unanswered => continue, // unreachable now: nothing is proven
+                    }
+                    if !agents || !matches!(seen, Look::Found { led: true, .. }) {
+                        continue;
+                    }
+                    if seen.proves_caught_up(progress.delivered) {
+                        progress.prove(&table, &bucket, now);
+                    } else if progress.stuck() {
+                        warn!(bucket, delivered = progress.delivered, "kv watch is behind its bucket and delivers nothing, watching again");
                         break;
                     }
-                    Err(()) => continue, // unreachable now: the watch resumes with nats
-                },
+                    continue;
+                }
             };
             let entry = match next {
                 Some(Ok(entry)) => entry,
@@ -247,6 +405,7 @@ async fn follow(
                     break;
                 }
             };
+            let received = Instant::now();
             {
                 let mut table = table.write().unwrap_or_else(|p| p.into_inner());
                 match which {
@@ -261,10 +420,16 @@ async fn follow(
                         &mut table,
                         &entry.key,
                         entry.operation,
+                        entry.revision,
                         &entry.value,
-                        Instant::now(),
+                        received,
                     ),
                 };
+            }
+            progress.delivered = progress.delivered.max(entry.revision);
+            // The server had nothing more to send: caught up, as of its sending.
+            if agents && entry.delta == 0 {
+                progress.prove(&table, &bucket, received);
             }
             if entry.seen_current {
                 let _ = loaded.take().map(|tx| tx.send(()));
@@ -356,12 +521,95 @@ mod tests {
         let mut t = RouteTable::default();
         let record = br#"{"id": "a", "host": "h", "pid": 1, "heartbeat_ms": 1000,
             "stages": [{"route": "/x", "stage": 0, "name": "W", "workers": 2, "ready": 2, "free": 1}]}"#;
-        assert!(apply_agent_entry(&mut t, "a", Operation::Put, record, now));
+        assert!(apply_agent_entry(
+            &mut t,
+            "a",
+            Operation::Put,
+            1,
+            record,
+            now
+        ));
         assert_eq!(t.ready_workers("/x", 0, now), 2);
         assert_eq!(t.ready_workers("/x", 0, now + Duration::from_secs(3)), 0);
 
-        assert!(!apply_agent_entry(&mut t, "b", Operation::Put, b"[]", now));
-        assert!(apply_agent_entry(&mut t, "a", Operation::Delete, b"", now));
+        assert!(!apply_agent_entry(
+            &mut t,
+            "b",
+            Operation::Put,
+            2,
+            b"[]",
+            now
+        ));
+        assert!(apply_agent_entry(
+            &mut t,
+            "a",
+            Operation::Delete,
+            3,
+            b"",
+            now
+        ));
         assert_eq!(t.ready_workers("/x", 0, now), 0);
+    }
+
+    #[test]
+    fn a_replayed_agent_record_is_no_new_heartbeat() {
+        let t0 = Instant::now();
+        let mut t = RouteTable::default();
+        let record = br#"{"id": "a", "host": "h", "pid": 1, "heartbeat_ms": 1000,
+            "stages": [{"route": "/x", "stage": 0, "name": "W", "workers": 1, "ready": 1, "free": 1}]}"#;
+        apply_agent_entry(&mut t, "a", Operation::Put, 7, record, t0);
+        // A watch started anew replays revision 7 two seconds later: still seen at t0.
+        let replay = t0 + Duration::from_secs(2);
+        apply_agent_entry(&mut t, "a", Operation::Put, 7, record, replay);
+        assert_eq!(t.ready_workers("/x", 0, t0 + Duration::from_secs(3)), 0);
+        // A new revision is a heartbeat.
+        apply_agent_entry(&mut t, "a", Operation::Put, 8, record, replay);
+        assert_eq!(t.ready_workers("/x", 0, t0 + Duration::from_secs(3)), 1);
+    }
+
+    fn found(led: bool, messages: u64, last_sequence: u64) -> Look {
+        Look::Found {
+            created: time::OffsetDateTime::UNIX_EPOCH,
+            led,
+            messages,
+            last_sequence,
+        }
+    }
+
+    #[test]
+    fn only_a_led_bucket_with_nothing_undelivered_proves_the_watch_caught_up() {
+        assert!(found(true, 3, 10).proves_caught_up(10));
+        assert!(!found(true, 3, 10).proves_caught_up(9), "one not delivered");
+        assert!(
+            !found(false, 3, 10).proves_caught_up(10),
+            "no leader: no writes"
+        );
+        assert!(found(true, 0, 10).proves_caught_up(0), "all expired");
+        assert!(!Look::Unanswered.proves_caught_up(10));
+        assert!(!Look::Missing.proves_caught_up(10));
+    }
+
+    #[test]
+    fn a_watch_behind_is_stuck_only_when_it_stops_moving() {
+        let mut p = Progress {
+            delivered: 5,
+            ..Progress::default()
+        };
+        assert!(!p.stuck());
+        p.delivered = 6; // it moved
+        assert!(!p.stuck());
+        assert!(!p.stuck());
+        assert!(p.stuck(), "three looks without moving");
+    }
+
+    #[test]
+    fn a_look_is_due_without_recent_proof_or_when_the_check_is() {
+        let t0 = Instant::now();
+        let mut p = Progress::default();
+        assert!(p.look_due(t0, t0), "never proven");
+        p.proved = Some(t0);
+        assert!(!p.look_due(t0 + Duration::from_millis(100), t0));
+        assert!(p.look_due(t0 + PROBE_EVERY, t0));
+        assert!(p.look_due(t0 + Duration::from_millis(100), t0 - BUCKET_CHECK));
     }
 }

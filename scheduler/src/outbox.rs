@@ -114,6 +114,9 @@ impl Outbox {
     ) {
         let size = msgs.len();
         let mut handoffs = Vec::new();
+        // Answered items go out together: one whose durable record waits for its bucket
+        // (a cluster electing a leader) holds back no batch-mate's reply.
+        let mut answered = Vec::new();
         for (i, (msg, result)) in msgs.iter().zip(results).enumerate() {
             let sizes = append_batch_size(header(msg, headers::BATCH_SIZES), size);
             let next = match (&self.next_subject, Outcome::from(result.status)) {
@@ -121,9 +124,11 @@ impl Outbox {
                 (_, outcome) => {
                     self.metrics.count_item(outcome);
                     let sent = events.get(i).copied().unwrap_or(0);
-                    self.reply(msg, outcome, result.body, Some(&sizes), sent)
-                        .await;
-                    self.settle(msg, AckKind::Ack).await;
+                    answered.push(async move {
+                        self.reply(msg, outcome, result.body, Some(&sizes), sent)
+                            .await;
+                        self.settle(msg, AckKind::Ack).await;
+                    });
                     continue;
                 }
             };
@@ -156,19 +161,22 @@ impl Outbox {
                 Err(e) => self.fail_handoff(msg, &e, &sizes, claim).await,
             }
         }
-        for (msg, pub_ack, sizes, claim) in handoffs {
-            match pub_ack.await {
-                Ok(ack) => {
-                    // A rerun's hand-off that JetStream de-duplicated: the object the
-                    // first run handed on is the one the next stage reads.
-                    if let (true, Some(name)) = (ack.duplicate, &claim) {
-                        self.payloads.delete(name).await;
+        let handed_on = async {
+            for (msg, pub_ack, sizes, claim) in handoffs {
+                match pub_ack.await {
+                    Ok(ack) => {
+                        // A rerun's hand-off that JetStream de-duplicated: the object the
+                        // first run handed on is the one the next stage reads.
+                        if let (true, Some(name)) = (ack.duplicate, &claim) {
+                            self.payloads.delete(name).await;
+                        }
+                        self.settle(msg, AckKind::Ack).await
                     }
-                    self.settle(msg, AckKind::Ack).await
+                    Err(e) => self.fail_handoff(msg, &e, &sizes, claim).await,
                 }
-                Err(e) => self.fail_handoff(msg, &e, &sizes, claim).await,
             }
-        }
+        };
+        futures::join!(futures::future::join_all(answered), handed_on);
     }
 
     /// Stores a body over one NATS message for `msg`'s request; the object's name.
@@ -326,9 +334,11 @@ impl Outbox {
         }
     }
 
-    /// Publishes the one reply a request gets: first its durable record, for an
-    /// asynchronous job or a request whose reply must outlive the broker, then its core
-    /// NATS reply. Messages without either were submitted
+    /// Publishes the one reply a request gets: an asynchronous job's record first (it is
+    /// the answer), then the core NATS reply, then the durable record of a request whose
+    /// reply must outlive the broker (`X-Reply-Key`): the requester, if connected, has
+    /// its answer without waiting for the record, which is for an ingress that lost the
+    /// reply and reads it after reconnecting. Messages without either were submitted
     /// fire-and-forget and get none. A body over one NATS message goes as a claim check;
     /// one that cannot go out at all (the store refused it, the publish failed) is
     /// answered `server_error` with the reason at once, so the requester never waits out
@@ -344,10 +354,30 @@ impl Outbox {
         if let Some(key) = header(msg, headers::RESULT_KEY) {
             self.store_result(msg, key, outcome, &body, batch_sizes)
                 .await;
-        } else if let Some(key) = header(msg, headers::REPLY_KEY) {
+            self.publish_reply(msg, outcome, body, batch_sizes, events, &self.mime)
+                .await;
+            return;
+        }
+        let recorded = header(msg, headers::REPLY_KEY).map(|key| (key, body.clone()));
+        self.publish_reply(msg, outcome, body, batch_sizes, events, &self.mime)
+            .await;
+        if let Some((key, body)) = recorded {
             self.record_reply(msg, key, outcome, &body, batch_sizes)
                 .await;
         }
+    }
+
+    /// Publishes a reply over core NATS to `msg`'s requester, if it has one this agent may
+    /// publish to; `mime` is the media type of an `ok` body.
+    async fn publish_reply(
+        &self,
+        msg: &jetstream::Message,
+        outcome: Outcome,
+        body: Bytes,
+        batch_sizes: Option<&str>,
+        events: u32,
+        mime: &str,
+    ) {
         let Some(to) = self.trusted_reply_subject(msg) else {
             return;
         };
@@ -375,7 +405,7 @@ impl Outbox {
                 h.insert(headers::BATCH_SIZES, sizes);
             }
             if outcome == Outcome::Ok {
-                h.insert(headers::CONTENT_TYPE, self.mime.as_str());
+                h.insert(headers::CONTENT_TYPE, mime);
             }
             if let Some(name) = claim {
                 h.insert(headers::PAYLOAD_OBJECT, name);

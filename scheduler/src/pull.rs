@@ -132,6 +132,17 @@ pub(crate) async fn triage(
     for msg in cancelled {
         ctx.outbox.drop_unanswered(&msg).await;
     }
+    // Delivered before: an earlier run may have finished and recorded its answer, its
+    // ack lost (a JetStream cluster electing the consumer's leader): answer from the
+    // record rather than run it again, or count its delivery against it.
+    let mut unanswered = Vec::with_capacity(live.len());
+    for msg in live {
+        if delivered(&msg) > 1 && ctx.outbox.answer_from_record(&msg).await {
+            continue;
+        }
+        unanswered.push(msg);
+    }
+    let live = unanswered;
     // JetStream makes no delivery after this one: answer it rather than risk losing it
     // unanswered in the queue, since every earlier run of it failed.
     let (exhausted, live): (Vec<_>, Vec<_>) = live

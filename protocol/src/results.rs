@@ -8,8 +8,9 @@
 //! store in memory is made again by the next read or write that fails.
 //!
 //! A synchronous request's reply goes there too when its route's queues outlive the
-//! broker ([`crate::headers::REPLY_KEY`]): the agent writes it under [`reply_key`] before
-//! publishing it, and an ingress whose core-NATS reply was lost (it reconnected, or the
+//! broker ([`crate::headers::REPLY_KEY`]): the agent publishes it, then writes it under
+//! [`reply_key`] (trying again until the request's deadline while the bucket has no
+//! leader), and an ingress whose core-NATS reply was lost (it reconnected, or the
 //! deadline came) reads it instead. Those keys hold a `.`, which no result id does, so
 //! no `GET /results/<id>` can name one.
 

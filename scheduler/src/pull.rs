@@ -22,6 +22,9 @@ use crate::pool::WorkerPool;
 use crate::run::{run_batch, take_holding};
 use crate::stage::{StageContext, IDLE_POLL};
 
+/// How long checking (or recreating) the stage's queue after a failed pull may take.
+const QUEUE_CHECK_WITHIN: Duration = Duration::from_secs(2);
+
 /// One pull loop: take an idle worker, pull a batch for it, start it, repeat.
 ///
 /// What was pulled but not started yet (`held`: a prefetched batch, or the rest of one
@@ -212,8 +215,14 @@ async fn pull(
             Err(e) => {
                 warn!(route = %ctx.spec.route, stage = ctx.spec.stage, error = %e, "pull failed");
                 // A reconnect to a server that lost the queue heals here, at once; a
-                // pull nothing serves is retried after the pause.
-                let healed = e.may_have_lost_the_queue() && ctx.ensure_queue().await;
+                // pull nothing serves is retried after the pause. A consumer whose
+                // JetStream cluster is electing its leader answers no pull and no
+                // question either: the check is bounded, so pulls resume soon after the
+                // election rather than a request timeout later.
+                let healed = e.may_have_lost_the_queue()
+                    && tokio::time::timeout(QUEUE_CHECK_WITHIN, ctx.ensure_queue())
+                        .await
+                        .unwrap_or(false);
                 if healed && matches!(e, PullError::Reconnected) {
                     continue;
                 }

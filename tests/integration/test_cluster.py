@@ -313,23 +313,28 @@ def kill_under_load(
     return Run(outcomes, refused, lost, killed_at)
 
 
+#: What the dead node leads in the node-kill tests: everything natserve uses, the worst
+#: case (every queue, bucket and the consumer elect at once).
+EVERYTHING = [*STREAMS, " > ".join(CONSUMER)]
+
+
 def test_a_nats_node_the_ingress_is_not_on_killed_under_load_loses_no_request(
     cluster: Cluster,
 ) -> None:
     nodes, base, home = serving(cluster)
-    others = [n for n in nodes if n is not home]
-    # The worst of the two for the queue: the node leading the first stage's stream.
-    leader = stream_leader(home, STREAMS[0])
-    victim = next((n for n in others if n.name == leader), others[0])
-    label = "the work stream's leader" if victim.name == leader else "a follower"
-    kill_under_load(cluster, base, nodes, victim, f"{label}, not the ingress's node")
+    victim = next(n for n in nodes if n is not home)
+    place_leaders(nodes, victim, EVERYTHING)
+    kill_under_load(
+        cluster, base, nodes, victim, "the leader of everything, not the ingress's node"
+    )
 
 
 def test_the_nats_node_the_ingress_is_on_killed_under_load_loses_no_request(
     cluster: Cluster,
 ) -> None:
     nodes, base, home = serving(cluster)
-    kill_under_load(cluster, base, nodes, home, "the ingress's node")
+    place_leaders(nodes, home, EVERYTHING)
+    kill_under_load(cluster, base, nodes, home, "the ingress's node, leader of everything")
 
 
 def test_the_agents_bucket_losing_its_leader_counts_no_agent_as_gone(cluster: Cluster) -> None:

@@ -23,7 +23,7 @@ use crate::run::{run_batch, take_holding};
 use crate::stage::{StageContext, IDLE_POLL};
 
 /// How long checking (or recreating) the stage's queue after a failed pull may take.
-const QUEUE_CHECK_WITHIN: Duration = Duration::from_secs(2);
+const QUEUE_CHECK_WITHIN: Duration = Duration::from_secs(1);
 
 /// One pull loop: take an idle worker, pull a batch for it, start it, repeat.
 ///
@@ -217,14 +217,14 @@ async fn pull(
                 // A reconnect to a server that lost the queue heals here, at once; a
                 // pull nothing serves is retried after the pause. A consumer whose
                 // JetStream cluster is electing its leader answers no pull and no
-                // question either: the check is bounded, so pulls resume soon after the
-                // election rather than a request timeout later.
-                let healed = e.may_have_lost_the_queue()
-                    && tokio::time::timeout(QUEUE_CHECK_WITHIN, ctx.ensure_queue())
-                        .await
-                        .unwrap_or(false);
-                if healed && matches!(e, PullError::Reconnected) {
-                    continue;
+                // question either: the check is bounded, and its wait is the pause, so
+                // pulls resume within about that bound of the election's end.
+                if e.may_have_lost_the_queue() {
+                    match tokio::time::timeout(QUEUE_CHECK_WITHIN, ctx.ensure_queue()).await {
+                        Ok(true) if matches!(e, PullError::Reconnected) => continue,
+                        Err(_) => continue,
+                        Ok(_) => {}
+                    }
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => {}

@@ -12,7 +12,7 @@
 //! a bucket that can take writes (see [`crate::liveness`]): an entry the server sent with
 //! nothing pending behind it, or a look at the bucket's stream that names a leader and no
 //! message past the last one delivered. A watch that stays behind a led bucket without
-//! moving for [`STUCK_AFTER`] looks (its consumer died with a server) is started anew.
+//! moving for [`crate::liveness::STUCK_AFTER`] looks (its consumer died with a server) is started anew.
 
 use std::time::{Duration, Instant};
 
@@ -23,8 +23,9 @@ use natserve_protocol::{AgentRecord, RouteRecord};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
+use crate::liveness::{look, Look, Progress, PROBE_EVERY};
 use crate::routes::{RouteTable, SharedRoutes};
 
 /// Applies one entry of the routes bucket, written by an agent at `refreshed`. Returns
@@ -111,138 +112,11 @@ pub struct Followed {
 /// Pause before watching a bucket again after its watch failed or ended.
 const REWATCH_DELAY: Duration = Duration::from_secs(1);
 /// How often a watcher asks whether its bucket is still the one it watches.
-const BUCKET_CHECK: Duration = Duration::from_secs(2);
-/// How often the agents watcher looks at its bucket when no entry proved it caught up
-/// meanwhile (see [`crate::liveness`]): well within [`crate::liveness::GRACE`].
-pub const PROBE_EVERY: Duration = Duration::from_millis(500);
+pub(crate) const BUCKET_CHECK: Duration = Duration::from_secs(2);
 /// How long one question to the server about a bucket (open it, look at it, start a
 /// watch) may take. A stream without a leader answers no question: a short bound lets
 /// the watcher try again soon after one is elected, rather than a request timeout later.
-const ASK_WITHIN: Duration = Duration::from_secs(2);
-/// Looks in a row that find the watch behind a bucket with a leader, delivering nothing,
-/// before the watch is started anew (its consumer was lost with a server, say).
-const STUCK_AFTER: u32 = 3;
-/// How long without proof of the agents bucket before the watcher says so.
-const OUTAGE_NOTE: Duration = Duration::from_secs(3);
-
-/// What the server said of a bucket's stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Look {
-    /// It does not exist.
-    Missing,
-    /// No answer in time, or an error: nothing is known.
-    Unanswered,
-    Found {
-        created: time::OffsetDateTime,
-        /// A server leads it: it takes writes. A follower answers for a stream without
-        /// a leader, naming none.
-        led: bool,
-        messages: u64,
-        last_sequence: u64,
-    },
-}
-
-impl Look {
-    /// Whether a watch that delivered up to revision `delivered` has seen all of it,
-    /// and the bucket can take writes.
-    fn proves_caught_up(&self, delivered: u64) -> bool {
-        matches!(*self, Look::Found { led: true, messages, last_sequence, .. }
-            if messages == 0 || last_sequence <= delivered)
-    }
-}
-
-/// Asks the server about bucket `bucket`'s stream, within [`ASK_WITHIN`].
-async fn look(js: &jetstream::Context, bucket: &str) -> Look {
-    let asked = tokio::time::timeout(ASK_WITHIN, js.get_stream(format!("KV_{bucket}"))).await;
-    match asked {
-        Ok(Ok(stream)) => {
-            let info = stream.cached_info();
-            Look::Found {
-                created: info.created,
-                // A server outside a cluster names itself; a stream without a leader, none.
-                led: info
-                    .cluster
-                    .as_ref()
-                    .is_none_or(|c| c.leader.as_deref().is_some_and(|l| !l.is_empty())),
-                messages: info.state.messages,
-                last_sequence: info.state.last_sequence,
-            }
-        }
-        Ok(Err(e)) if natserve_protocol::streams::is_missing(&e) => Look::Missing,
-        Ok(Err(e)) => {
-            debug!(bucket, error = %e, "cannot ask for the kv bucket");
-            Look::Unanswered
-        }
-        Err(_) => {
-            debug!(bucket, "no answer about the kv bucket in time");
-            Look::Unanswered
-        }
-    }
-}
-
-/// The agents watcher's account of whether it is caught up with its bucket.
-#[derive(Debug, Default)]
-struct Progress {
-    /// The last revision this watch delivered.
-    delivered: u64,
-    /// When the last proof was marked.
-    proved: Option<Instant>,
-    /// `delivered` when a look first found the watch behind, and looks since.
-    behind: Option<(u64, u32)>,
-    /// The watcher said the bucket has gone unproven, and will say when it is back.
-    noted: bool,
-}
-
-impl Progress {
-    fn prove(&mut self, table: &SharedRoutes, bucket: &str, at: Instant) {
-        self.behind = None;
-        self.proved = Some(self.proved.map_or(at, |p| p.max(at)));
-        let mut table = table.write().unwrap_or_else(|p| p.into_inner());
-        if std::mem::take(&mut self.noted) {
-            let outage = table.agents_unproven_for(at).unwrap_or_default();
-            info!(
-                bucket,
-                outage_ms = outage.as_millis() as u64,
-                "agents bucket caught up again; counting agents' heartbeats"
-            );
-        }
-        table.agents_caught_up(at);
-    }
-
-    /// Whether a look is worth asking now: no proof came for a while, or the bucket's
-    /// identity is due a check.
-    fn look_due(&self, now: Instant, checked: Instant) -> bool {
-        self.proved
-            .is_none_or(|p| now.saturating_duration_since(p) >= PROBE_EVERY)
-            || now.saturating_duration_since(checked) >= BUCKET_CHECK
-    }
-
-    /// A look found the watch behind a bucket that has a leader: whether it has stayed
-    /// stuck there for [`STUCK_AFTER`] looks.
-    fn stuck(&mut self) -> bool {
-        let looks = match self.behind {
-            Some((at, looks)) if at == self.delivered => looks + 1,
-            _ => 1,
-        };
-        self.behind = Some((self.delivered, looks));
-        looks >= STUCK_AFTER
-    }
-
-    fn note_outage(&mut self, table: &SharedRoutes, bucket: &str, now: Instant) {
-        let unproven = table
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .agents_unproven_for(now);
-        if !self.noted && unproven.is_some_and(|d| d >= OUTAGE_NOTE) {
-            self.noted = true;
-            warn!(
-                bucket,
-                "cannot tell whether agents heartbeat (the agents bucket has no leader, or its watch is behind); their silence is not counted against them"
-            );
-        }
-    }
-}
-
+pub(crate) const ASK_WITHIN: Duration = Duration::from_secs(2);
 impl Watchers {
     /// Starts one watcher per bucket; they stop when `cancel` fires.
     pub fn spawn(
@@ -334,7 +208,7 @@ async fn follow(
         }
         // A watch does not notice its bucket vanish (a broker restart with memory
         // storage) or come back made anew by an agent: the bucket's creation time does.
-        let watched = match look(&js, &bucket).await {
+        let watched = match look(&js, &bucket, ASK_WITHIN).await {
             Look::Found { created, .. } => created,
             Look::Missing | Look::Unanswered => continue,
         };
@@ -369,11 +243,11 @@ async fn follow(
                     let now = Instant::now();
                     if agents {
                         progress.note_outage(&table, &bucket, now);
-                        if !progress.look_due(now, checked) {
+                        if !progress.look_due(now, checked, BUCKET_CHECK) {
                             continue;
                         }
                     }
-                    let seen = look(&js, &bucket).await;
+                    let seen = look(&js, &bucket, ASK_WITHIN).await;
                     match seen {
                         Look::Found { created, .. } if created == watched => checked = now,
                         Look::Found { .. } | Look::Missing => {
@@ -565,51 +439,5 @@ mod tests {
         // A new revision is a heartbeat.
         apply_agent_entry(&mut t, "a", Operation::Put, 8, record, replay);
         assert_eq!(t.ready_workers("/x", 0, t0 + Duration::from_secs(3)), 1);
-    }
-
-    fn found(led: bool, messages: u64, last_sequence: u64) -> Look {
-        Look::Found {
-            created: time::OffsetDateTime::UNIX_EPOCH,
-            led,
-            messages,
-            last_sequence,
-        }
-    }
-
-    #[test]
-    fn only_a_led_bucket_with_nothing_undelivered_proves_the_watch_caught_up() {
-        assert!(found(true, 3, 10).proves_caught_up(10));
-        assert!(!found(true, 3, 10).proves_caught_up(9), "one not delivered");
-        assert!(
-            !found(false, 3, 10).proves_caught_up(10),
-            "no leader: no writes"
-        );
-        assert!(found(true, 0, 10).proves_caught_up(0), "all expired");
-        assert!(!Look::Unanswered.proves_caught_up(10));
-        assert!(!Look::Missing.proves_caught_up(10));
-    }
-
-    #[test]
-    fn a_watch_behind_is_stuck_only_when_it_stops_moving() {
-        let mut p = Progress {
-            delivered: 5,
-            ..Progress::default()
-        };
-        assert!(!p.stuck());
-        p.delivered = 6; // it moved
-        assert!(!p.stuck());
-        assert!(!p.stuck());
-        assert!(p.stuck(), "three looks without moving");
-    }
-
-    #[test]
-    fn a_look_is_due_without_recent_proof_or_when_the_check_is() {
-        let t0 = Instant::now();
-        let mut p = Progress::default();
-        assert!(p.look_due(t0, t0), "never proven");
-        p.proved = Some(t0);
-        assert!(!p.look_due(t0 + Duration::from_millis(100), t0));
-        assert!(p.look_due(t0 + PROBE_EVERY, t0));
-        assert!(p.look_due(t0 + Duration::from_millis(100), t0 - BUCKET_CHECK));
     }
 }

@@ -96,7 +96,7 @@ CONSUMER = (STREAMS[0], "workers")
 ELECTION_POLL_S = 0.1
 #: The deadline (`--timeout`, ms) the node-kill tests run at: longer than JetStream takes
 #: to elect new leaders after a node died (a follower waits 4 to 9 s without a leader's
-#: heartbeat before it stands; 3.0 to 8.4 s measured), plus the agents' next pull (within
+#: heartbeat before it stands; 3.1 to 8.4 s measured), plus the agents' next pull (within
 #: a second of the election) and a redelivery. At natserve's default (3 s) a request
 #: queued when the work queue's leader died cannot be answered in time; 10 s held in
 #: every run measured, 12 s leaves the worst election a margin.
@@ -116,10 +116,6 @@ def leaders(node: NatsNode) -> Dict[str, str]:
                 key = f"{stream['name']} > {consumer['name']}"
                 found[key] = (consumer.get("cluster") or {}).get("leader") or ""
     return found
-
-
-def stream_leader(node: NatsNode, name: str) -> Optional[str]:
-    return leaders(node).get(name) or None
 
 
 def move_leader(nodes: List[NatsNode], name: str, to: NatsNode) -> None:

@@ -12,6 +12,7 @@ pub mod drain;
 pub mod error;
 pub mod http;
 pub mod listen;
+pub mod liveness;
 pub mod metrics;
 pub mod openapi;
 pub mod postbox;

@@ -3,7 +3,10 @@
 //!
 //! The table is plain data updated by the KV watchers in [`crate::watch`]. Liveness uses
 //! the local [`Instant`] an agent record was received, never the writer's clock: an agent
-//! is live while its last record is younger than three of its heartbeats.
+//! is live while its last record is younger than three of its heartbeats, counted on the
+//! [`AgentClock`], which stands still while the agents bucket cannot be read or written
+//! (see [`crate::liveness`]). A record received again unchanged (the same revision, as a
+//! watch started anew replays it) is no new heartbeat.
 //!
 //! Route records are never deleted by agents (no agent knows it is a route's last), so a
 //! route renamed or retired stays in the bucket. A route no live agent serves and whose
@@ -17,6 +20,8 @@ use std::time::{Duration, Instant};
 use natserve_protocol::buckets::ROUTE_ABANDONED_AFTER;
 use natserve_protocol::{route_slug, AgentRecord, RouteRecord};
 
+use crate::liveness::AgentClock;
+
 /// Shared handle to the table: the watchers write, the handlers read.
 pub type SharedRoutes = Arc<RwLock<RouteTable>>;
 
@@ -26,10 +31,14 @@ pub const MISSED_HEARTBEATS: u32 = 3;
 #[derive(Debug, Clone)]
 struct SeenAgent {
     record: AgentRecord,
+    /// When it was received, on the [`AgentClock`].
     seen: Instant,
+    /// The bucket's revision of the record, when it came from the bucket.
+    revision: Option<u64>,
 }
 
 impl SeenAgent {
+    /// `now` is on the [`AgentClock`].
     fn is_live(&self, now: Instant) -> bool {
         let ttl = Duration::from_millis(self.record.heartbeat_ms) * MISSED_HEARTBEATS;
         now.saturating_duration_since(self.seen) < ttl
@@ -48,6 +57,7 @@ struct SeenRoute {
 pub struct RouteTable {
     routes: HashMap<String, SeenRoute>,
     agents: HashMap<String, SeenAgent>,
+    clock: AgentClock,
 }
 
 impl RouteTable {
@@ -65,9 +75,52 @@ impl RouteTable {
         self.routes.remove(slug);
     }
 
+    /// Records an agent heard at `seen`.
     pub fn put_agent(&mut self, id: &str, record: AgentRecord, seen: Instant) {
-        self.agents
-            .insert(id.to_owned(), SeenAgent { record, seen });
+        let seen = self.clock.at(seen);
+        self.agents.insert(
+            id.to_owned(),
+            SeenAgent {
+                record,
+                seen,
+                revision: None,
+            },
+        );
+    }
+
+    /// Records revision `revision` of an agent's record, received at `received`: a
+    /// heartbeat, unless it is the revision already held (a replay), which keeps the time
+    /// it was first heard.
+    pub fn put_agent_revision(
+        &mut self,
+        id: &str,
+        record: AgentRecord,
+        revision: u64,
+        received: Instant,
+    ) {
+        let seen = match self.agents.get(id) {
+            Some(held) if held.revision == Some(revision) => held.seen,
+            _ => self.clock.at(received),
+        };
+        self.agents.insert(
+            id.to_owned(),
+            SeenAgent {
+                record,
+                seen,
+                revision: Some(revision),
+            },
+        );
+    }
+
+    /// Marks proof, at `at`, that every agent record written so far was received and the
+    /// bucket could take new ones (see [`crate::liveness`]).
+    pub fn agents_caught_up(&mut self, at: Instant) {
+        self.clock.caught_up(at);
+    }
+
+    /// How long the agents bucket has gone without such proof, as of `now`.
+    pub fn agents_unproven_for(&self, now: Instant) -> Option<Duration> {
+        self.clock.unproven_for(now)
     }
 
     pub fn remove_agent(&mut self, id: &str) {
@@ -77,6 +130,7 @@ impl RouteTable {
     /// Forgets agents that have been gone for a long while, so a churning cluster does
     /// not grow the table forever. Liveness does not depend on this.
     pub fn forget_dead_agents(&mut self, now: Instant) {
+        let now = self.clock.at(now);
         self.agents.retain(|_, a| {
             let keep = Duration::from_millis(a.record.heartbeat_ms) * MISSED_HEARTBEATS * 10;
             now.saturating_duration_since(a.seen) < keep
@@ -119,6 +173,7 @@ impl RouteTable {
         now: Instant,
     ) -> impl Iterator<Item = &natserve_protocol::StageLoad> {
         let route = route.to_owned();
+        let now = self.clock.at(now);
         self.agents
             .values()
             .filter(move |a| a.is_live(now))
@@ -334,5 +389,34 @@ mod tests {
         t.forget_dead_agents(now + Duration::from_secs(3));
         assert!(!t.agents.contains_key("old"));
         assert!(t.agents.contains_key("new"));
+    }
+
+    #[test]
+    fn an_agent_is_not_counted_gone_while_its_bucket_proves_nothing() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut t = RouteTable::default();
+        t.agents_caught_up(t0);
+        t.put_agent_revision("a", agent("a", 1000, &[("/x", 0, 1)]), 1, t0);
+        // The bucket lost its leader right after: ten seconds without proof, far past
+        // three heartbeats, and the agent still counts.
+        assert!(t.is_served("/x", 0, t0 + 10 * s));
+        // Proof again from 10 s on: what was left of its three heartbeats runs from there.
+        for ms in (10_000..=12_000).step_by(500) {
+            t.agents_caught_up(t0 + Duration::from_millis(ms));
+        }
+        assert!(t.is_served("/x", 0, t0 + 11 * s));
+        assert!(
+            !t.is_served("/x", 0, t0 + 12 * s),
+            "gone 2 s after the proof"
+        );
+        // With proof coming all along, an agent that stops is gone after three beats.
+        let mut t = RouteTable::default();
+        t.put_agent_revision("b", agent("b", 1000, &[("/x", 0, 1)]), 1, t0);
+        for ms in (0..=4000).step_by(500) {
+            t.agents_caught_up(t0 + Duration::from_millis(ms));
+        }
+        assert!(t.is_served("/x", 0, t0 + Duration::from_millis(2900)));
+        assert!(!t.is_served("/x", 0, t0 + 3 * s));
     }
 }

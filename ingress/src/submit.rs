@@ -12,7 +12,7 @@
 //! (a claim check, [`natserve_protocol::payloads`]); one that fits pays nothing for it.
 //!
 //! A route whose queues outlive the broker (`RouteRecord::durable_replies`) gets durable
-//! replies: the agent records each reply in the results bucket before publishing it
+//! replies: the agent records each reply in the results bucket as well as publishing it
 //! (`X-Reply-Key`), and a request whose core-NATS reply was lost — this ingress
 //! reconnected meanwhile, or the deadline came — reads it there instead of answering 504.
 

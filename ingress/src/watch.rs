@@ -4,7 +4,15 @@
 //! get-or-create. Each watcher replays the last value of every key, then follows changes;
 //! if the watch fails or ends, the bucket is opened again — created, when a NATS server
 //! that keeps its store in memory came back empty — and watched again, so an outage or a
-//! broker restart heals by itself.
+//! broker restart heals by itself. Every question to the server is bounded by
+//! [`ASK_WITHIN`], so a watcher tries again soon after a JetStream cluster elected a new
+//! leader for the bucket, not a request timeout later.
+//!
+//! The agents watcher also proves, as often as [`PROBE_EVERY`], that it is caught up with
+//! a bucket that can take writes (see [`crate::liveness`]): an entry the server sent with
+//! nothing pending behind it, or a look at the bucket's stream that names a leader and no
+//! message past the last one delivered. A watch that stays behind a led bucket without
+//! moving for [`crate::liveness::STUCK_AFTER`] looks (its consumer died with a server) is started anew.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::liveness::{look, Look, Progress, PROBE_EVERY};
 use crate::routes::{RouteTable, SharedRoutes};
 
 /// Applies one entry of the routes bucket, written by an agent at `refreshed`. Returns
@@ -46,11 +55,12 @@ pub fn apply_route_entry(
     }
 }
 
-/// Applies one entry of the agents bucket, received at `now`.
+/// Applies revision `revision` of one entry of the agents bucket, received at `now`.
 pub fn apply_agent_entry(
     table: &mut RouteTable,
     key: &str,
     operation: kv::Operation,
+    revision: u64,
     value: &[u8],
     now: Instant,
 ) -> bool {
@@ -68,7 +78,7 @@ pub fn apply_agent_entry(
                         "agent record has heartbeat_ms 0; it never counts as live"
                     );
                 }
-                table.put_agent(key, record, now);
+                table.put_agent_revision(key, record, revision, now);
                 true
             }
             Err(e) => {
@@ -102,24 +112,11 @@ pub struct Followed {
 /// Pause before watching a bucket again after its watch failed or ended.
 const REWATCH_DELAY: Duration = Duration::from_secs(1);
 /// How often a watcher asks whether its bucket is still the one it watches.
-const BUCKET_CHECK: Duration = Duration::from_secs(2);
-
-/// When the server says the bucket's stream was made: `Ok(None)` when it does not exist,
-/// `Err` when the server could not be asked.
-async fn bucket_created(
-    js: &jetstream::Context,
-    bucket: &str,
-) -> Result<Option<time::OffsetDateTime>, ()> {
-    match js.get_stream(format!("KV_{bucket}")).await {
-        Ok(stream) => Ok(Some(stream.cached_info().created)),
-        Err(e) if natserve_protocol::streams::is_missing(&e) => Ok(None),
-        Err(e) => {
-            debug!(bucket, error = %e, "cannot ask for the kv bucket");
-            Err(())
-        }
-    }
-}
-
+pub(crate) const BUCKET_CHECK: Duration = Duration::from_secs(2);
+/// How long one question to the server about a bucket (open it, look at it, start a
+/// watch) may take. A stream without a leader answers no question: a short bound lets
+/// the watcher try again soon after one is elected, rather than a request timeout later.
+pub(crate) const ASK_WITHIN: Duration = Duration::from_secs(2);
 impl Watchers {
     /// Starts one watcher per bucket; they stop when `cancel` fires.
     pub fn spawn(
@@ -186,6 +183,8 @@ async fn follow(
     if store.status().await.map(|s| s.values()).unwrap_or(1) == 0 {
         let _ = loaded.take().map(|tx| tx.send(()));
     }
+    let agents = matches!(which, Bucket::Agents);
+    let mut progress = Progress::default();
     let mut first = true;
     loop {
         if !std::mem::take(&mut first) {
@@ -195,46 +194,79 @@ async fn follow(
             }
             // The bucket may be gone with the server that held it: make it again, so the
             // agents' next heartbeats have somewhere to land.
-            match open_bucket(&js, config.clone()).await {
-                Ok(reopened) => store = reopened,
-                Err(e) => {
+            match tokio::time::timeout(ASK_WITHIN, open_bucket(&js, config.clone())).await {
+                Ok(Ok(reopened)) => store = reopened,
+                Ok(Err(e)) => {
                     warn!(bucket, error = %e, "kv bucket cannot be opened, retrying");
+                    continue;
+                }
+                Err(_) => {
+                    warn!(bucket, "kv bucket cannot be opened in time, retrying");
                     continue;
                 }
             }
         }
         // A watch does not notice its bucket vanish (a broker restart with memory
         // storage) or come back made anew by an agent: the bucket's creation time does.
-        let watched = match bucket_created(&js, &bucket).await {
-            Ok(Some(created)) => created,
-            Ok(None) | Err(()) => continue,
+        let watched = match look(&js, &bucket, ASK_WITHIN).await {
+            Look::Found { created, .. } => created,
+            Look::Missing | Look::Unanswered => continue,
         };
         let watch = tokio::select! {
             _ = cancel.cancelled() => return,
-            w = store.watch_with_history(">") => w,
+            w = tokio::time::timeout(ASK_WITHIN, store.watch_with_history(">")) => w,
         };
         let mut watch = match watch {
-            Ok(w) => w,
-            Err(e) => {
+            Ok(Ok(w)) => w,
+            Ok(Err(e)) => {
                 warn!(bucket, error = %e, "kv watch failed to start, retrying");
                 continue;
             }
+            Err(_) => {
+                warn!(bucket, "kv watch did not start in time, retrying");
+                continue;
+            }
         };
-        let mut check =
-            tokio::time::interval_at(tokio::time::Instant::now() + BUCKET_CHECK, BUCKET_CHECK);
+        // A new watch replays from the start: what it delivered so far proves nothing.
+        progress.delivered = 0;
+        progress.behind = None;
+        let period = if agents { PROBE_EVERY } else { BUCKET_CHECK };
+        let mut check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut checked = Instant::now();
         debug!(bucket, "watching kv bucket");
         loop {
             let next = tokio::select! {
                 _ = cancel.cancelled() => return,
                 n = watch.next() => n,
-                _ = check.tick() => match bucket_created(&js, &bucket).await {
-                    Ok(Some(created)) if created == watched => continue,
-                    Ok(_) => {
-                        warn!(bucket, "kv bucket was lost or made anew, watching again");
+                _ = check.tick() => {
+                    let now = Instant::now();
+                    if agents {
+                        progress.note_outage(&table, &bucket, now);
+                        if !progress.look_due(now, checked, BUCKET_CHECK) {
+                            continue;
+                        }
+                    }
+                    let seen = look(&js, &bucket, ASK_WITHIN).await;
+                    match seen {
+                        Look::Found { created, .. } if created == watched => checked = now,
+                        Look::Found { .. } | Look::Missing => {
+                            warn!(bucket, "kv bucket was lost or made anew, watching again");
+                            break;
+                        }
+                        Look::Unanswered => continue, // unreachable now: nothing is proven
+                    }
+                    if !agents || !matches!(seen, Look::Found { led: true, .. }) {
+                        continue;
+                    }
+                    if seen.proves_caught_up(progress.delivered) {
+                        progress.prove(&table, &bucket, now);
+                    } else if progress.stuck() {
+                        warn!(bucket, delivered = progress.delivered, "kv watch is behind its bucket and delivers nothing, watching again");
                         break;
                     }
-                    Err(()) => continue, // unreachable now: the watch resumes with nats
-                },
+                    continue;
+                }
             };
             let entry = match next {
                 Some(Ok(entry)) => entry,
@@ -247,6 +279,7 @@ async fn follow(
                     break;
                 }
             };
+            let received = Instant::now();
             {
                 let mut table = table.write().unwrap_or_else(|p| p.into_inner());
                 match which {
@@ -261,10 +294,16 @@ async fn follow(
                         &mut table,
                         &entry.key,
                         entry.operation,
+                        entry.revision,
                         &entry.value,
-                        Instant::now(),
+                        received,
                     ),
                 };
+            }
+            progress.delivered = progress.delivered.max(entry.revision);
+            // The server had nothing more to send: caught up, as of its sending.
+            if agents && entry.delta == 0 {
+                progress.prove(&table, &bucket, received);
             }
             if entry.seen_current {
                 let _ = loaded.take().map(|tx| tx.send(()));
@@ -356,12 +395,49 @@ mod tests {
         let mut t = RouteTable::default();
         let record = br#"{"id": "a", "host": "h", "pid": 1, "heartbeat_ms": 1000,
             "stages": [{"route": "/x", "stage": 0, "name": "W", "workers": 2, "ready": 2, "free": 1}]}"#;
-        assert!(apply_agent_entry(&mut t, "a", Operation::Put, record, now));
+        assert!(apply_agent_entry(
+            &mut t,
+            "a",
+            Operation::Put,
+            1,
+            record,
+            now
+        ));
         assert_eq!(t.ready_workers("/x", 0, now), 2);
         assert_eq!(t.ready_workers("/x", 0, now + Duration::from_secs(3)), 0);
 
-        assert!(!apply_agent_entry(&mut t, "b", Operation::Put, b"[]", now));
-        assert!(apply_agent_entry(&mut t, "a", Operation::Delete, b"", now));
+        assert!(!apply_agent_entry(
+            &mut t,
+            "b",
+            Operation::Put,
+            2,
+            b"[]",
+            now
+        ));
+        assert!(apply_agent_entry(
+            &mut t,
+            "a",
+            Operation::Delete,
+            3,
+            b"",
+            now
+        ));
         assert_eq!(t.ready_workers("/x", 0, now), 0);
+    }
+
+    #[test]
+    fn a_replayed_agent_record_is_no_new_heartbeat() {
+        let t0 = Instant::now();
+        let mut t = RouteTable::default();
+        let record = br#"{"id": "a", "host": "h", "pid": 1, "heartbeat_ms": 1000,
+            "stages": [{"route": "/x", "stage": 0, "name": "W", "workers": 1, "ready": 1, "free": 1}]}"#;
+        apply_agent_entry(&mut t, "a", Operation::Put, 7, record, t0);
+        // A watch started anew replays revision 7 two seconds later: still seen at t0.
+        let replay = t0 + Duration::from_secs(2);
+        apply_agent_entry(&mut t, "a", Operation::Put, 7, record, replay);
+        assert_eq!(t.ready_workers("/x", 0, t0 + Duration::from_secs(3)), 0);
+        // A new revision is a heartbeat.
+        apply_agent_entry(&mut t, "a", Operation::Put, 8, record, replay);
+        assert_eq!(t.ready_workers("/x", 0, t0 + Duration::from_secs(3)), 1);
     }
 }

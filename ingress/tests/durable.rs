@@ -35,7 +35,7 @@ async fn next_work(consumer: &consumer::PullConsumer) -> jetstream::Message {
     batch.next().await.expect("work arrives").unwrap()
 }
 
-/// What an agent does before publishing a reply that must outlive the broker; the reply
+/// What an agent does for a reply that must outlive the broker; the reply
 /// itself is then "lost": never published.
 async fn record_without_replying(results: &Results, work: &jetstream::Message, body: &[u8]) {
     let key = headers::get(work.headers.as_ref(), headers::REPLY_KEY).expect("X-Reply-Key");

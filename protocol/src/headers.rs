@@ -32,9 +32,9 @@ pub const RESULT_KEY: &str = "X-Result-Key";
 /// Seconds the finished result is kept ([`RESULT_KEY`], [`REPLY_KEY`]); the default when absent.
 pub const RESULT_TTL: &str = "X-Result-Ttl";
 /// A synchronous request whose reply must outlive the broker: the agent that answers it
-/// first writes the reply under this key of the results bucket (`reply.<request id>`,
-/// the first answer stays), then publishes it to [`REPLY_TO`]. An ingress that lost
-/// replies (it reconnected, or the deadline came) reads them there. Unlike
+/// publishes the reply to [`REPLY_TO`], then writes it under this key of the results
+/// bucket (`reply.<request id>`, the first answer stays) before it acks the work. An
+/// ingress that lost replies (it reconnected, or the deadline came) reads them there. Unlike
 /// [`RESULT_KEY`], such a request is still cancelled when its client goes away.
 pub const REPLY_KEY: &str = "X-Reply-Key";
 /// The body is in the payloads object store under this object name (the message's own

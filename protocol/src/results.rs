@@ -8,8 +8,9 @@
 //! store in memory is made again by the next read or write that fails.
 //!
 //! A synchronous request's reply goes there too when its route's queues outlive the
-//! broker ([`crate::headers::REPLY_KEY`]): the agent writes it under [`reply_key`] before
-//! publishing it, and an ingress whose core-NATS reply was lost (it reconnected, or the
+//! broker ([`crate::headers::REPLY_KEY`]): the agent publishes it, then writes it under
+//! [`reply_key`] (trying again until the request's deadline while the bucket has no
+//! leader), and an ingress whose core-NATS reply was lost (it reconnected, or the
 //! deadline came) reads it instead. Those keys hold a `.`, which no result id does, so
 //! no `GET /results/<id>` can name one.
 
@@ -28,6 +29,11 @@ use crate::Names;
 
 /// Bytes of `max_payload` left for the headers of a KV write.
 pub const RECORD_HEADER_RESERVE: usize = 1024;
+/// How long making a failed bucket again may take. A bucket whose JetStream cluster is
+/// electing a leader fails every write the same way a lost one does, and asking the
+/// server for it then answers nothing: a short bound returns the write's error soon, for
+/// its caller to try again, instead of a request timeout later.
+pub const HEAL_WITHIN: Duration = Duration::from_secs(2);
 
 /// What creating a pending record found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +64,14 @@ pub enum ResultsError {
     Nats(String),
     #[error(transparent)]
     Record(#[from] RecordError),
+}
+
+impl ResultsError {
+    /// Whether the same write may succeed later: NATS did not take it now (no leader,
+    /// no connection, a bucket being made again), rather than it can never fit or parse.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ResultsError::Nats(_))
+    }
 }
 
 /// The results bucket, opened (made when missing).
@@ -105,12 +119,17 @@ impl Results {
         &self.config.bucket
     }
 
-    /// Makes the bucket again if it is gone; the store we hold names it, so it works again
-    /// once the bucket exists.
+    /// Makes the bucket again if it is gone, within [`HEAL_WITHIN`]; the store we hold
+    /// names it, so it works again once the bucket exists.
     async fn heal(&self, error: &str) {
         warn!(bucket = self.bucket(), error = %error, "results bucket failed; reopening it");
-        if let Err(e) = open_bucket(&self.js, self.config.clone()).await {
-            warn!(error = %e, "cannot reopen the results bucket");
+        match tokio::time::timeout(HEAL_WITHIN, open_bucket(&self.js, self.config.clone())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(error = %e, "cannot reopen the results bucket"),
+            Err(_) => warn!(
+                bucket = self.bucket(),
+                "results bucket not reopened in time (no leader yet?)"
+            ),
         }
     }
 

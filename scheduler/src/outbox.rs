@@ -15,6 +15,7 @@ mod replies;
 mod results;
 
 use handoffs::Handoff;
+use replies::Answer;
 
 use std::sync::Arc;
 
@@ -138,9 +139,11 @@ impl Outbox {
     ) {
         let size = msgs.len();
         let mut handoffs = Vec::new();
-        // The batch's replies go together (an envelope per requester that reads them),
-        // and their inputs are acked once they went.
-        let (mut replies, mut answered) = (Vec::new(), Vec::new());
+        // The batch's answers go together: their replies in an envelope per requester
+        // that reads them, and then, each on its own, a durable record and the ack, so
+        // one whose record waits for its bucket (a cluster electing a leader) holds back
+        // no batch-mate.
+        let mut answered = Vec::new();
         for (i, (msg, result)) in msgs.iter().zip(results).enumerate() {
             let sizes = append_batch_size(header(msg, headers::BATCH_SIZES), size);
             let way = self.places.of(&msg.subject);
@@ -149,11 +152,13 @@ impl Outbox {
                 (_, outcome) => {
                     self.metrics.count_item(outcome);
                     let sent = events.get(i).copied().unwrap_or(0);
-                    let reply = self
-                        .prepare_reply(msg, outcome, result.body, Some(&sizes), sent)
-                        .await;
-                    replies.extend(reply);
-                    answered.push(msg);
+                    answered.push(Answer {
+                        msg,
+                        outcome,
+                        body: result.body,
+                        sizes,
+                        events: sent,
+                    });
                     continue;
                 }
             };
@@ -191,11 +196,7 @@ impl Outbox {
                 claim,
             });
         }
-        self.send_replies(replies).await;
-        for msg in answered {
-            self.settle(msg, AckKind::Ack).await;
-        }
-        self.hand_off(handoffs).await;
+        futures::join!(self.answer(answered), self.hand_off(handoffs));
     }
 
     /// Stores a body over one NATS message for `msg`'s request; the object's name.

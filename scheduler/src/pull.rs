@@ -22,6 +22,9 @@ use crate::pool::WorkerPool;
 use crate::run::{run_batch, take_holding};
 use crate::stage::{StageContext, IDLE_POLL};
 
+/// How long checking (or recreating) the stage's queue after a failed pull may take.
+const QUEUE_CHECK_WITHIN: Duration = Duration::from_secs(1);
+
 /// One pull loop: take an idle worker, pull a batch for it, start it, repeat.
 ///
 /// What was pulled but not started yet (`held`: a prefetched batch, or the rest of one
@@ -138,6 +141,17 @@ pub(crate) async fn triage(
     for msg in cancelled {
         ctx.outbox.drop_unanswered(&msg).await;
     }
+    // Delivered before: an earlier run may have finished and recorded its answer, its
+    // ack lost (a JetStream cluster electing the consumer's leader): answer from the
+    // record rather than run it again, or count its delivery against it.
+    let mut unanswered = Vec::with_capacity(live.len());
+    for msg in live {
+        if delivered(&msg) > 1 && ctx.outbox.answer_from_record(&msg).await {
+            continue;
+        }
+        unanswered.push(msg);
+    }
+    let live = unanswered;
     // JetStream makes no delivery after this one: answer it rather than risk losing it
     // unanswered in the queue, since every earlier run of it failed.
     let (exhausted, live): (Vec<_>, Vec<_>) = live
@@ -204,10 +218,16 @@ async fn pull(
             Err(e) => {
                 warn!(route = %ctx.spec.route, stage = ctx.spec.stage, error = %e, "pull failed");
                 // A reconnect to a server that lost the queue heals here, at once; a
-                // pull nothing serves is retried after the pause.
-                let healed = e.may_have_lost_the_queue() && ctx.ensure_queue().await;
-                if healed && matches!(e, PullError::Reconnected) {
-                    continue;
+                // pull nothing serves is retried after the pause. A consumer whose
+                // JetStream cluster is electing its leader answers no pull and no
+                // question either: the check is bounded, and its wait is the pause, so
+                // pulls resume within about that bound of the election's end.
+                if e.may_have_lost_the_queue() {
+                    match tokio::time::timeout(QUEUE_CHECK_WITHIN, ctx.ensure_queue()).await {
+                        Ok(true) if matches!(e, PullError::Reconnected) => continue,
+                        Err(_) => continue,
+                        Ok(_) => {}
+                    }
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => {}

@@ -108,7 +108,12 @@ pub(crate) async fn run_batch(
                 // batch while this one's hand-offs and acks complete (each input is still
                 // acked only after its result is safe).
                 pool.sender().put(worker);
-                ctx.outbox.hand_on(&msgs, results, &events).await;
+                // Handing on can wait on JetStream (a stream or bucket electing a leader):
+                // the inputs are kept alive meanwhile, so no wait costs a delivery.
+                holding(ctx.outbox.hand_on(&msgs, results, &events), || {
+                    ctx.outbox.progress(&msgs)
+                })
+                .await;
                 return;
             }
             BatchEnd::Failed(e) if e.kind() == FailureKind::NotDelivered => {
@@ -235,7 +240,7 @@ pub(crate) async fn take_holding(
 /// first keep-alive is one period in: a timer due "now" is not free, tokio rounds its
 /// deadline up to the next millisecond, so an immediate first tick would make every
 /// batch wait about a millisecond for nothing.
-async fn holding<T, K: Future<Output = ()>>(
+pub(crate) async fn holding<T, K: Future<Output = ()>>(
     wait: impl Future<Output = T>,
     mut keep_alive: impl FnMut() -> K,
 ) -> T {

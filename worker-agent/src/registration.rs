@@ -11,7 +11,16 @@
 //! A NATS server with memory storage restarts empty: a heartbeat that fails reopens (so
 //! creates) both buckets and writes the routes again, and every heartbeat puts back a
 //! route record found missing, so ingresses see the routes again within one heartbeat.
+//!
+//! A heartbeat that does not land is tried again every [`BEAT_RETRY`] until one does, each
+//! try bounded by [`WRITE_WITHIN`]: while a JetStream cluster elects a new leader for the
+//! agents bucket no write lands and no question is answered, and the record must be
+//! written again as soon as one is elected, not a request timeout or a heartbeat later.
+//! (Ingresses do not count the silence of an outage against an agent; they do count what
+//! follows it.)
 
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,8 +34,59 @@ use natserve_protocol::{
 };
 use natserve_scheduler::WorkerStats;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
+
+/// How long one write to a bucket (a heartbeat, a route record), one read of it, or one
+/// reopening of it may take before it counts as failed.
+pub const WRITE_WITHIN: Duration = Duration::from_secs(1);
+/// Pause between tries of a heartbeat that did not land.
+pub const BEAT_RETRY: Duration = Duration::from_millis(250);
+/// Least time between two reopenings of the buckets while heartbeats keep failing: a
+/// bucket without a leader is not gone, and asking for it again answers nothing.
+const REOPEN_EVERY: Duration = Duration::from_secs(2);
+
+/// Awaits `op` for at most [`WRITE_WITHIN`]; its error, or the timeout, as text.
+async fn within<T, E: std::fmt::Display>(
+    op: impl Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(WRITE_WITHIN, op).await {
+        Ok(done) => done.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {} ms", WRITE_WITHIN.as_millis())),
+    }
+}
+
+/// Runs `attempt` until one try succeeds, pausing [`BEAT_RETRY`] after each failure;
+/// `attempt` is told how many tries failed before it, and bounds each of its steps.
+/// The number of failed tries once one succeeded; `None` when `cancel` fired first.
+async fn until_landed<Fut>(
+    cancel: &CancellationToken,
+    mut attempt: impl FnMut(u32) -> Fut,
+) -> Option<u32>
+where
+    Fut: Future<Output = Result<(), String>>,
+{
+    let mut failed = 0u32;
+    loop {
+        if cancel.is_cancelled() {
+            return None;
+        }
+        let Err(error) = attempt(failed).await else {
+            return Some(failed);
+        };
+        failed += 1;
+        if failed == 1 {
+            warn!(error = %error, retry_ms = BEAT_RETRY.as_millis() as u64, "heartbeat failed; trying again until it lands");
+        } else {
+            tracing::debug!(error = %error, tries = failed, "heartbeat failed again");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(BEAT_RETRY) => {}
+        }
+    }
+}
 
 /// How many heartbeats apart the routes are rewritten: about every [`ROUTE_REFRESH`]
 /// whatever the heartbeat, so an ingress's abandoned-route clock means the same everywhere.
@@ -220,13 +280,17 @@ impl Registration {
         Ok(None)
     }
 
-    async fn put_routes(&self) {
+    /// Writes every route record; false if one did not land.
+    async fn put_routes(&self) -> bool {
+        let mut all = true;
         for (slug, record) in &self.route_records {
             let value = serde_json::to_vec(record).expect("route record serializes");
-            if let Err(e) = self.routes.put(slug, value.into()).await {
+            if let Err(e) = within(self.routes.put(slug, value.into())).await {
                 warn!(route = %record.route, error = %e, "route registration failed");
+                all = false;
             }
         }
+        all
     }
 
     async fn beat(&self) -> Result<(), kv::PutError> {
@@ -238,7 +302,7 @@ impl Registration {
     /// delete). A read that fails counts as gone: the put that follows says why.
     async fn routes_missing(&self) -> bool {
         for (slug, _) in &self.route_records {
-            match self.routes.entry(slug).await {
+            match within(self.routes.entry(slug)).await {
                 Ok(Some(entry)) if entry.operation == kv::Operation::Put => {}
                 _ => return true,
             }
@@ -253,7 +317,7 @@ impl Registration {
             agents_bucket_config(&self.names, self.replicas),
             routes_bucket_config(&self.names, self.replicas),
         ] {
-            if let Err(e) = open_bucket(&self.js, config).await {
+            if let Err(e) = within(open_bucket(&self.js, config)).await {
                 warn!(error = %e, "cannot reopen a kv bucket");
             }
         }
@@ -263,8 +327,7 @@ impl Registration {
     /// until `cancel` fires, then deletes it.
     pub async fn heartbeat_until(&self, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(self.heartbeat);
-        // A beat that waited out an outage (each NATS call times out) is not followed by
-        // a burst of catch-up beats.
+        // A beat that waited out an outage is not followed by a burst of catch-up beats.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut beats = 0u32;
         loop {
@@ -273,21 +336,55 @@ impl Registration {
                 _ = tick.tick() => {}
                 _ = self.workers_changed.notified() => {}
             }
-            if beats.is_multiple_of(routes_every(self.heartbeat)) || self.routes_missing().await {
-                self.put_routes().await;
-            }
+            let routes_due = beats.is_multiple_of(routes_every(self.heartbeat));
             beats = beats.wrapping_add(1);
-            if let Err(e) = self.beat().await {
-                warn!(error = %e, "heartbeat failed; reopening the buckets");
-                self.reopen_buckets().await;
-                self.put_routes().await;
-                if let Err(e) = self.beat().await {
-                    warn!(error = %e, "heartbeat failed again");
-                }
+            if !self.beat_until_landed(routes_due, &cancel).await {
+                break;
             }
         }
         if let Err(e) = self.agents.delete(&self.key).await {
             warn!(error = %e, "deregistration failed; the record expires on its own");
+        }
+    }
+
+    /// One heartbeat, tried again every [`BEAT_RETRY`] until it lands; the routes go
+    /// first when `routes_due`, when one is missing, or after the buckets were reopened.
+    /// False when `cancel` fired first.
+    async fn beat_until_landed(&self, routes_due: bool, cancel: &CancellationToken) -> bool {
+        let started = Instant::now();
+        let routes_due = AtomicBool::new(routes_due);
+        let mut reopened: Option<Instant> = None;
+        let attempt = |failed: u32| {
+            // A bucket lost with a server that kept its store in memory must be made
+            // again; one whose cluster is electing a leader only needs time, and asking
+            // for it answers nothing: reopen after the first failure, then now and then.
+            let now = Instant::now();
+            let reopen = failed > 0 && reopened.is_none_or(|at| now - at >= REOPEN_EVERY);
+            if reopen {
+                reopened = Some(now);
+            }
+            let routes_due = &routes_due;
+            async move {
+                if reopen {
+                    self.reopen_buckets().await;
+                }
+                if reopen || routes_due.load(Relaxed) || self.routes_missing().await {
+                    routes_due.store(!self.put_routes().await, Relaxed);
+                }
+                within(self.beat()).await
+            }
+        };
+        match until_landed(cancel, attempt).await {
+            None => false,
+            Some(0) => true,
+            Some(failed) => {
+                info!(
+                    tries = failed + 1,
+                    outage_ms = started.elapsed().as_millis() as u64,
+                    "heartbeat landed again"
+                );
+                true
+            }
         }
     }
 }
@@ -314,6 +411,43 @@ fn sanitize(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_that_fails_is_tried_again_promptly_each_try_bounded() {
+        let cancel = CancellationToken::new();
+        let start = Instant::now();
+        let told = std::sync::Mutex::new(Vec::new());
+        // Two writes nobody answers (a bucket without a leader), one refused at once,
+        // then one that lands.
+        let failed = until_landed(&cancel, |failed| {
+            told.lock().unwrap().push(failed);
+            async move {
+                match failed {
+                    0 | 1 => within(std::future::pending::<Result<(), String>>()).await,
+                    2 => Err("no responders".to_owned()),
+                    _ => Ok(()),
+                }
+            }
+        })
+        .await;
+        assert_eq!(failed, Some(3));
+        assert_eq!(*told.lock().unwrap(), vec![0, 1, 2, 3]);
+        assert_eq!(start.elapsed(), 2 * WRITE_WITHIN + 3 * BEAT_RETRY);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tries_stop_when_cancelled() {
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        let failed = until_landed(&cancel, |failed| {
+            if failed == 3 {
+                stop.cancel();
+            }
+            async { Err::<(), _>("down".to_owned()) }
+        })
+        .await;
+        assert_eq!(failed, None);
+    }
 
     #[test]
     fn routes_are_rewritten_about_every_route_refresh_whatever_the_heartbeat() {

@@ -1,11 +1,14 @@
-//! A request's reply: its durable record where it asks for one, then its core NATS
-//! message. The replies one ingress gets from one batch go as one envelope
-//! ([`natserve_protocol::envelope`]) when the ingress said it reads them
-//! (`X-Reply-Envelope`): one broker message for the batch instead of one per request.
+//! A request's reply: an asynchronous job's record first (it is the answer), then the
+//! core NATS message, then the durable record of a request whose reply must outlive the
+//! broker (`X-Reply-Key`): a connected requester has its answer without waiting for the
+//! record, which is for an ingress that lost the reply and reads it after reconnecting.
+//! The replies one requester gets from one batch go as one envelope
+//! ([`natserve_protocol::envelope`]) when it said it reads them (`X-Reply-Envelope`): one
+//! broker message for the batch instead of one per request.
 
 use std::collections::BTreeMap;
 
-use async_nats::jetstream;
+use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use natserve_protocol::envelope::{self, Letter};
@@ -14,6 +17,16 @@ use natserve_protocol::{headers, Outcome};
 use tracing::warn;
 
 use super::{header, Outbox};
+
+/// A request of a batch answered here (not handed on): what its reply says.
+pub(super) struct Answer<'m> {
+    pub msg: &'m jetstream::Message,
+    pub outcome: Outcome,
+    pub body: Bytes,
+    pub sizes: String,
+    /// Stream events it sent before this, its last word.
+    pub events: u32,
+}
 
 /// One reply, ready to go.
 pub(super) struct Reply {
@@ -36,7 +49,36 @@ pub(super) fn undeliverable(why: &str) -> Bytes {
 }
 
 impl Outbox {
-    /// Publishes the one reply a request gets: see [`Outbox::prepare_reply`].
+    /// Answers a batch's requests: records of asynchronous jobs, then the replies (an
+    /// envelope per requester that reads them), then each request's durable reply record
+    /// and its ack, all at once, so a record waiting for its bucket holds no other back.
+    pub(super) async fn answer(&self, answered: Vec<Answer<'_>>) {
+        let replies = futures::future::join_all(answered.iter().map(|a| async move {
+            self.store_job_result(a.msg, a.outcome, &a.body, Some(&a.sizes))
+                .await;
+            self.make_reply(
+                a.msg,
+                a.outcome,
+                a.body.clone(),
+                Some(&a.sizes),
+                a.events,
+                &self.mime,
+            )
+            .await
+        }))
+        .await;
+        self.send_replies(replies.into_iter().flatten().collect())
+            .await;
+        futures::future::join_all(answered.iter().map(|a| async move {
+            self.record_reply_of(a.msg, a.outcome, &a.body, Some(&a.sizes))
+                .await;
+            self.settle(a.msg, AckKind::Ack).await;
+        }))
+        .await;
+    }
+
+    /// Publishes the one reply a request gets, with its records (see the module's
+    /// documentation).
     pub(super) async fn reply(
         &self,
         msg: &jetstream::Message,
@@ -45,34 +87,80 @@ impl Outbox {
         batch_sizes: Option<&str>,
         events: u32,
     ) {
+        self.store_job_result(msg, outcome, &body, batch_sizes)
+            .await;
         if let Some(reply) = self
-            .prepare_reply(msg, outcome, body, batch_sizes, events)
+            .make_reply(msg, outcome, body.clone(), batch_sizes, events, &self.mime)
             .await
         {
             self.send_one(reply).await;
         }
+        self.record_reply_of(msg, outcome, &body, batch_sizes).await;
     }
 
-    /// Writes a request's durable record, for an asynchronous job or a request whose
-    /// reply must outlive the broker, and makes its core NATS reply. Messages without a
-    /// reply subject were submitted fire-and-forget and get none. A body over one NATS
-    /// message goes as a claim check; one that cannot be stored is answered
-    /// `server_error` with the reason, so the requester never waits out its deadline.
-    pub(super) async fn prepare_reply(
+    /// Publishes a reply over core NATS only, no record written; `mime` is the media type
+    /// of an `ok` body.
+    pub(super) async fn publish_reply(
         &self,
         msg: &jetstream::Message,
         outcome: Outcome,
         body: Bytes,
         batch_sizes: Option<&str>,
         events: u32,
-    ) -> Option<Reply> {
+        mime: &str,
+    ) {
+        if let Some(reply) = self
+            .make_reply(msg, outcome, body, batch_sizes, events, mime)
+            .await
+        {
+            self.send_one(reply).await;
+        }
+    }
+
+    /// An asynchronous job's final record (`X-Result-Key`), if `msg` is one.
+    async fn store_job_result(
+        &self,
+        msg: &jetstream::Message,
+        outcome: Outcome,
+        body: &[u8],
+        batch_sizes: Option<&str>,
+    ) {
         if let Some(key) = header(msg, headers::RESULT_KEY) {
-            self.store_result(msg, key, outcome, &body, batch_sizes)
-                .await;
-        } else if let Some(key) = header(msg, headers::REPLY_KEY) {
-            self.record_reply(msg, key, outcome, &body, batch_sizes)
+            self.store_result(msg, key, outcome, body, batch_sizes)
                 .await;
         }
+    }
+
+    /// The durable record of a synchronous reply (`X-Reply-Key`), if `msg` asks for one.
+    async fn record_reply_of(
+        &self,
+        msg: &jetstream::Message,
+        outcome: Outcome,
+        body: &[u8],
+        batch_sizes: Option<&str>,
+    ) {
+        if header(msg, headers::RESULT_KEY).is_some() {
+            return;
+        }
+        if let Some(key) = header(msg, headers::REPLY_KEY) {
+            self.record_reply(msg, key, outcome, body, batch_sizes)
+                .await;
+        }
+    }
+
+    /// The core NATS reply to `msg`'s requester, if it has one this agent may publish to
+    /// (a message without a reply subject was submitted fire-and-forget). A body over one
+    /// NATS message goes as a claim check; one that cannot be stored is answered
+    /// `server_error` with the reason, so the requester never waits out its deadline.
+    async fn make_reply(
+        &self,
+        msg: &jetstream::Message,
+        outcome: Outcome,
+        body: Bytes,
+        batch_sizes: Option<&str>,
+        events: u32,
+        mime: &str,
+    ) -> Option<Reply> {
         let to = self.trusted_reply_subject(msg)?;
         let (mut outcome, mut body, mut claim) = (outcome, body, None);
         if !payloads::fits_inline(&self.client, body.len()) {
@@ -98,7 +186,7 @@ impl Outbox {
                 h.insert(headers::BATCH_SIZES, sizes);
             }
             if outcome == Outcome::Ok {
-                h.insert(headers::CONTENT_TYPE, self.mime.as_str());
+                h.insert(headers::CONTENT_TYPE, mime);
             }
             if let Some(name) = claim {
                 h.insert(headers::PAYLOAD_OBJECT, name);

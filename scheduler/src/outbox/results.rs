@@ -1,18 +1,45 @@
 //! An asynchronous job's way out: its final record in the results bucket, written before
 //! its input is acked (`X-Result-Key`, see [`natserve_protocol::results`]); and the same
 //! record of a synchronous reply that must outlive the broker (`X-Reply-Key`), written
-//! before the reply is published.
+//! after the reply is published and before its input is acked.
+//!
+//! A record that does not land (its bucket has no leader while a JetStream cluster elects
+//! one, the connection is down) is tried again every [`WRITE_RETRY`] until the request's
+//! deadline, each try bounded by [`WRITE_WITHIN`], its message kept alive meanwhile with
+//! `Progress` acks, so the wait costs no delivery. And a message delivered again whose
+//! request already has its record (its ack was lost, or its agent died after writing it)
+//! is answered from the record, not run again.
 
+use std::future::Future;
 use std::time::Duration;
 
-use async_nats::jetstream;
+use async_nats::jetstream::{self, AckKind};
 use natserve_protocol::buckets::DEFAULT_RESULT_TTL;
 use natserve_protocol::records::is_result_id;
 use natserve_protocol::results::{is_reply_key, Finished, ResultsError};
-use natserve_protocol::{headers, JobState, Outcome, ResultRecord};
-use tracing::{debug, warn};
+use natserve_protocol::{headers, unix_ms, JobState, Outcome, ResultRecord};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
 
 use super::{header, Outbox};
+
+/// How long one write or read of a record may take before it counts as failed.
+pub const WRITE_WITHIN: Duration = Duration::from_secs(2);
+/// Pause between tries of a record that did not land.
+pub const WRITE_RETRY: Duration = Duration::from_millis(250);
+/// How long a record is tried at most, whatever its request's deadline.
+pub const WRITE_FOR_AT_MOST: Duration = Duration::from_secs(30);
+
+/// Until when a record of `msg` is worth trying: the ingress reads it until the
+/// request's deadline; at most [`WRITE_FOR_AT_MOST`], and that long without a deadline.
+fn worth_trying_until(msg: &jetstream::Message) -> Instant {
+    let now = Instant::now();
+    let cap = now + WRITE_FOR_AT_MOST;
+    match headers::deadline_ms(msg.headers.as_ref()) {
+        Some(deadline) => cap.min(now + Duration::from_millis(deadline.saturating_sub(unix_ms()))),
+        None => cap,
+    }
+}
 
 impl Outbox {
     /// Writes a synchronous reply's record under its `X-Reply-Key`. Best effort: the core
@@ -35,9 +62,9 @@ impl Outbox {
             return;
         }
         let record = self.done_record(msg, outcome, batch_sizes);
+        let ttl = ttl(msg);
         match self
-            .results
-            .record_reply(key, &record, body, ttl(msg))
+            .write_until_landed(msg, || self.results.record_reply(key, &record, body, ttl))
             .await
         {
             Ok(Finished::Written) => self.metrics.count_result("reply_written"),
@@ -92,7 +119,10 @@ impl Outbox {
         }
         let ttl = ttl(msg);
         let mut record = self.done_record(msg, outcome, batch_sizes);
-        let written = match self.results.finish(key, &record, body, ttl).await {
+        let written = self
+            .write_until_landed(msg, || self.results.finish(key, &record, body, ttl))
+            .await;
+        let written = match written {
             Err(too_large @ ResultsError::TooLarge { .. }) => {
                 warn!(route = %self.route, key, error = %too_large, "result too large for the results bucket");
                 self.metrics.count_result("too_large");
@@ -101,9 +131,10 @@ impl Outbox {
                 let text = format!(
                     "internal error: {too_large}; results that large are not supported yet"
                 );
-                self.results
-                    .finish(key, &record, text.as_bytes(), ttl)
-                    .await
+                self.write_until_landed(msg, || {
+                    self.results.finish(key, &record, text.as_bytes(), ttl)
+                })
+                .await
             }
             other => other,
         };
@@ -115,6 +146,85 @@ impl Outbox {
                 self.metrics.count_result("failed");
             }
         }
+    }
+}
+
+impl Outbox {
+    /// Runs `write` until it lands, fails for good, or [`worth_trying_until`] passes,
+    /// keeping `msg` alive meanwhile (see the module's documentation).
+    async fn write_until_landed<T, Fut>(
+        &self,
+        msg: &jetstream::Message,
+        mut write: impl FnMut() -> Fut,
+    ) -> Result<T, ResultsError>
+    where
+        Fut: Future<Output = Result<T, ResultsError>>,
+    {
+        let until = worth_trying_until(msg);
+        let started = Instant::now();
+        let tries = async {
+            let mut failed = 0u32;
+            loop {
+                let error = match tokio::time::timeout(WRITE_WITHIN, write()).await {
+                    Ok(Ok(done)) => {
+                        if failed > 0 {
+                            info!(route = %self.route, tries = failed + 1, waited_ms = started.elapsed().as_millis() as u64, "record landed after the results bucket came back");
+                        }
+                        return Ok(done);
+                    }
+                    Ok(Err(e)) if !e.is_transient() => return Err(e),
+                    Ok(Err(e)) => e,
+                    Err(_) => ResultsError::Nats(format!(
+                        "no answer within {} ms",
+                        WRITE_WITHIN.as_millis()
+                    )),
+                };
+                failed += 1;
+                if Instant::now() + WRITE_RETRY >= until {
+                    return Err(error);
+                }
+                debug!(route = %self.route, error = %error, tries = failed, "record not written yet; trying again");
+                tokio::time::sleep(WRITE_RETRY).await;
+            }
+        };
+        crate::run::holding(tries, || self.progress(std::slice::from_ref(msg))).await
+    }
+
+    /// Answers a message delivered again from the record an earlier run of its request
+    /// left (its reply under `X-Reply-Key`, or its job's final record under
+    /// `X-Result-Key`), and acks it: that run finished, only its ack was lost (a
+    /// JetStream cluster electing the consumer's leader), or its agent died after writing
+    /// the record. True when answered so; false when there is no finished record, or it
+    /// cannot be read now: then the message runs.
+    pub async fn answer_from_record(&self, msg: &jetstream::Message) -> bool {
+        let key = match (
+            header(msg, headers::RESULT_KEY),
+            header(msg, headers::REPLY_KEY),
+        ) {
+            (Some(key), _) if is_result_id(key) => key,
+            (None, Some(key)) if is_reply_key(key) => key,
+            _ => return false,
+        };
+        let found = tokio::time::timeout(WRITE_WITHIN, self.results.read(key)).await;
+        let (record, body) = match found {
+            Ok(Ok(Some(found))) => found,
+            Ok(Ok(None)) => return false,
+            Ok(Err(e)) => {
+                debug!(route = %self.route, key, error = %e, "cannot read the record of a redelivered request; running it");
+                return false;
+            }
+            Err(_) => return false,
+        };
+        let (JobState::Done, Some(outcome)) = (record.state, record.status) else {
+            return false; // a job still pending: it never finished
+        };
+        debug!(route = %self.route, stage = self.stage, key, "redelivered request already answered; answering it from its record");
+        let mime = record.content_type.as_deref().unwrap_or(&self.mime);
+        self.publish_reply(msg, outcome, body, record.batch_sizes.as_deref(), 0, mime)
+            .await;
+        self.metrics.count_result("answered_from_record");
+        self.settle(msg, AckKind::Ack).await;
+        true
     }
 }
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from procs import REPO, Procs, free_port, log_tail, wait_serving
 
@@ -112,17 +112,19 @@ def ensure(peer: Peer) -> str:
     return have
 
 
-def select(keys: List[str]) -> Dict[str, str]:
+def select(keys: List[str]) -> Tuple[Dict[str, str], Dict[str, str]]:
     """The peers among ``keys`` that are installed (installing those missing), with
-    their versions; each one that is not says why on stderr."""
+    their versions, and those that would not install, with why (also on stderr)."""
     ready: Dict[str, str] = {}
+    failed: Dict[str, str] = {}
     for key in keys:
         peer = PEERS[key]
         try:
             ready[key] = ensure(peer)
         except (PeerError, OSError) as err:
             print(f"{peer.title} left out: {err}", file=sys.stderr, flush=True)
-    return ready
+            failed[key] = f"did not install: {err}"
+    return ready, failed
 
 
 def start(procs: Procs, key: str, workload: str, ready: Callable[..., None] = wait_serving) -> str:

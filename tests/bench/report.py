@@ -106,7 +106,8 @@ def table(summaries: List[Dict[str, Any]], titles: Dict[str, str]) -> str:
             title = titles.get(f, f)
             head = f"| {s['workload']} | {s['concurrency']} | {title} "
             if "missing" in d:
-                lines.append(head + "| — " * 8 + f"| - | {d['missing']} |")
+                why = d["missing"].replace("|", "/")
+                lines.append(head + "| — " * 8 + f"| - | {why} |")
                 continue
             msgs = "-" if d["msgs_per_request"] is None else f"{d['msgs_per_request']:.1f}"
             lines.append(

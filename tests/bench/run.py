@@ -72,12 +72,16 @@ AGAINST_SRC: Optional[Path] = None
 NATSERVE_ENV: Dict[str, str] = {}
 #: The peers that installed, with their versions (set in main from --peers).
 PEER_VERSIONS: Dict[str, str] = {}
+#: Those that would not install, with why: a line in each of their rows says so.
+PEER_FAILED: Dict[str, str] = {}
 #: Whose non-2xx responses fail the run: natserve's, and the reference it is tuned against.
 STRICT = ("natserve", "baseline", "mosec")
 
 
 def frameworks() -> List[str]:
-    return ["natserve"] + (["baseline"] if AGAINST_BIN else list(PEER_VERSIONS))
+    if AGAINST_BIN:
+        return ["natserve", "baseline"]
+    return ["natserve"] + [k for k in peers.PEERS if k in PEER_VERSIONS or k in PEER_FAILED]
 
 
 def titles() -> Dict[str, str]:
@@ -118,6 +122,8 @@ def start_sides(
     sides = [start_natserve(procs, tmp, key, workload) for key in own]
     for side in sides:
         ready(side.base)
+    for row in rows:
+        row.missing.update({k: why[:160] for k, why in PEER_FAILED.items()})
     for key in PEER_VERSIONS if AGAINST_BIN is None else []:
         try:
             sides.append(Side(key, peers.start(procs, key, workload, ready)))
@@ -433,7 +439,9 @@ def main() -> int:
         print("wrk not found: run `make bench` (apt-get install wrk)", file=sys.stderr)
         return 2
     if AGAINST_BIN is None and only & {"W1", "W2", "W3", "W6"}:
-        PEER_VERSIONS.update(peers.select(keys))
+        ready, failed = peers.select(keys)
+        PEER_VERSIONS.update(ready)
+        PEER_FAILED.update(failed)
     RESULTS.mkdir(exist_ok=True)
     logs = RESULTS / "logs"
     logs.mkdir(exist_ok=True)

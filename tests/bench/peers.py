@@ -43,7 +43,7 @@ class Peer:
         return REPO / self.venv / "bin" / "python"
 
 
-STREAMING = "not measured here: W6 compares natserve with Mosec only"
+STREAMING = "not ported (it has streaming): W6 runs natserve and Mosec only"
 PEERS: Dict[str, Peer] = {
     p.key: p
     for p in (

@@ -363,6 +363,17 @@ def machine() -> Dict[str, str]:
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout
     wrk_version = wrk_version.split("\n")[0]
     nats = subprocess.run([str(NATS_SERVER), "--version"], capture_output=True, text=True)
+    # The build that ran (NATSERVE_BIN_DIR, else the one installed beside .venv's natserve).
+    probe = "from natserve._binaries import find; print(find('natserve-ingress'))"
+    ingress = subprocess.run(
+        [str(NATSERVE_PY), "-c", probe],
+        capture_output=True, text=True, env={**os.environ, **NATSERVE_ENV},
+    ).stdout.strip()  # fmt: skip
+    built = (
+        datetime.datetime.fromtimestamp(os.stat(ingress).st_mtime, datetime.timezone.utc)
+        if ingress
+        else None
+    )
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
     ).stdout.strip()
@@ -375,6 +386,7 @@ def machine() -> Dict[str, str]:
         "nats-server": nats.stdout.strip(),
         **{peers.PEERS[k].dist: v for k, v in PEER_VERSIONS.items()},
         "natserve commit": commit,
+        "natserve binaries": f"{ingress} (built {built:%Y-%m-%d %H:%M} UTC)" if built else "?",
     }
 
 

@@ -5,9 +5,11 @@ wait) for W2, the 1 ms a blocking sleep in the inference process. LitServe has o
 ``LitAPI`` per route and no multi-stage pipeline, so there is no W3 here.
 
 One inference worker (``workers_per_device=1``, as the other servers have for these
-workloads), LitServe's default of one API server per worker, ZeroMQ between them
-(``fast_queue``, LitServe's advice above 100 requests/s), logging at warning and no
-access log. ``BENCH_WORKLOAD`` picks the workload.
+workloads), one API server per core (LitServe's default is one per worker; its HTTP
+front is Python, where natserve's and Mosec's are multi-threaded Rust, and two served
+W1 and W2 faster than one here), ZeroMQ between them (``fast_queue``, LitServe's advice
+above 100 requests/s), logging at warning and no access log. ``BENCH_WORKLOAD`` picks
+the workload.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def main() -> None:
         port=args.port,
         log_level="warning",
         generate_client_file=False,
+        num_api_servers=os.cpu_count() or 1,
         access_log=False,
     )
 

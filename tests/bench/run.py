@@ -383,7 +383,7 @@ def machine() -> Dict[str, str]:
         "os": platform.platform(),
         "python": platform.python_version(),
         "load generator": f"{wrk_version.strip()}, -t{WRK_THREADS}, keep-alive, check.lua",
-        "nats-server": nats.stdout.strip(),
+        "nats-server": nats.stdout.strip().removeprefix("nats-server: "),
         **{peers.PEERS[k].dist: v for k, v in PEER_VERSIONS.items()},
         "natserve commit": commit,
         "natserve binaries": f"{ingress} (built {built:%Y-%m-%d %H:%M} UTC)" if built else "?",
@@ -485,7 +485,11 @@ def main() -> int:
     summaries = [summary(r, frameworks()) for r in rows]
     md_table = table(summaries, titles())
     info = machine()
-    command = "make bench" + (f"  # run.py {' '.join(sys.argv[1:])}" if sys.argv[1:] else "")
+    args_line = " ".join(sys.argv[1:])
+    if os.environ.get("MAKELEVEL"):  # under make
+        command = "make bench" + (f"  # run.py {args_line}" if args_line else "")
+    else:
+        command = f"tests/bench/run.py {args_line}".strip()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     report = {"date": when, "command": command, "machine": info, "rows": summaries}
     (RESULTS / "bench.json").write_text(json.dumps(report, indent=2))

@@ -2,7 +2,7 @@
 #   make run    serve examples/exp.py on 127.0.0.1:8000
 #   make test   format, lint, type-check, Rust tests, Python unit and integration tests,
 #               and the docker compose test (skipped without a Docker engine)
-#   make bench  natserve against Mosec on loopback (tests/bench/, docs/benchmarks.md)
+#   make bench  natserve against Mosec, Ray Serve and LitServe on loopback (tests/bench/)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -76,14 +76,14 @@ fuzz: install
 
 test: lint rust-test py-test fuzz-smoke compose-test
 
-# natserve vs Mosec 0.9.8, same worker code, wrk as the load generator (~8 minutes).
-# Installs what it needs: wrk (apt), Mosec (into .bench-venv), the JetStream floor.
-BENCH_VENV ?= .bench-venv
+# natserve vs Mosec 0.9.8, Ray Serve 2.60.0 and LitServe 0.2.19, same worker logic, wrk as
+# the load generator (~12 minutes; 2 more the first time). Installs wrk (apt), the floor;
+# run.py installs each peer into its own virtualenv (.bench-venv, .bench-ray,
+# .bench-litserve) the first time, and leaves out, saying why, one that will not install.
+# BENCH_ARGS="--peers mosec" measures against Mosec alone.
 BENCH_ARGS ?=
 bench: install
 	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
-	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/python -c 'import mosec' 2>/dev/null || $(BENCH_VENV)/bin/pip install --quiet mosec==0.9.8
 	cargo build --release --locked -p natserve-scheduler --example floor
 	$(PY) tests/bench/run.py $(BENCH_ARGS)
 

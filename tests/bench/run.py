@@ -1,16 +1,19 @@
-"""natserve against Mosec, side by side, on loopback: the driver behind `make bench`.
+"""natserve against its peers, side by side, on loopback: the driver behind `make bench`.
 
-Runs the workloads of ``apps.py`` under both frameworks (natserve from ``.venv``, Mosec
-from ``.bench-venv``), loads each with wrk (``check.lua`` checks every response), runs
-the bare JetStream floor (``scheduler/examples/floor.rs``) and natserve's scale-out
-across agent processes, then prints one table and writes it as JSON
-(``bench-results/bench.json``) and into ``docs/benchmarks.md`` between its markers.
+Runs the workloads of ``apps.py`` under natserve (from ``.venv``) and its peers (``--peers``:
+Mosec, Ray Serve, LitServe, each in its own virtualenv, see ``peers.py``), loads each with
+wrk (``check.lua`` checks every response), runs the bare JetStream floor
+(``scheduler/examples/floor.rs``) and natserve's scale-out across agent processes, then
+prints one table and writes it as JSON (``bench-results/bench.json``) and into
+``docs/benchmarks.md`` between its markers.
 
-Each workload starts both servers once, warms both up, then alternates natserve and
-Mosec (A B A B) per concurrency, so drift on a noisy machine hits both alike. Exits 1 if
-any response was not a 200 with the right body.
+Each workload starts every server once, warms each up, then alternates them per
+concurrency, the order flipping every round, so drift on a noisy machine hits all alike.
+natserve runs against a nats-server the bench starts with monitoring on: its ``/varz``
+before and after each run gives the broker messages per request. Exits 1 if any response
+of natserve or Mosec was not a 200 with the right body (a peer's are only reported).
 
-    .venv/bin/python tests/bench/run.py [--duration 10] [--only W1,W4] [--no-docs]
+    .venv/bin/python tests/bench/run.py [--duration 10] [--only W1,W4] [--peers mosec] [--no-docs]
 
 ``--against-bin DIR`` replaces Mosec with natserve running the binaries in DIR (a copy of
 an earlier ``natserve-ingress``/``natserve-agent``): the same alternation then measures an
@@ -23,155 +26,146 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import http.client
 import json
 import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, List, Optional
 
+import peers
+from procs import (
+    NATS_SERVER,
+    REPO,
+    Procs,
+    Side,
+    broker_count,
+    cpu_ticks,
+    free_port,
+    nats_server,
+    processes,
+    wait_serving,
+)
 from report import Row, Run, summary, table
+from sse import SSE_EVENTS, sse_clients, wait_streaming
 
-REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 APPS = HERE / "apps.py"
 LUA = HERE / "check.lua"
 NATSERVE_PY = REPO / ".venv" / "bin" / "python"
-MOSEC_PY = REPO / ".bench-venv" / "bin" / "python"
-NATS_SERVER = REPO / ".venv" / "bin" / "nats-server"
 FLOOR = REPO / "target" / "release" / "examples" / "floor"
 RESULTS = REPO / "bench-results"
 DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 WRK_THREADS = 1
-#: Events of each W6 stream (`apps.EVENTS`).
-SSE_EVENTS = 8
 REPS = 2
-#: Set by --against-bin: the "mosec" side runs natserve with these binaries instead.
+#: Set by --against-bin: a "baseline" side runs natserve with these binaries, no peers.
 AGAINST_BIN: Optional[Path] = None
 #: Set by --against-src: that checkout's Python package too, not only its binaries.
 AGAINST_SRC: Optional[Path] = None
 NATSERVE_ENV: Dict[str, str] = {}
+#: The peers that installed, with their versions (set in main from --peers).
+PEER_VERSIONS: Dict[str, str] = {}
+#: Those that would not install, with why: a line in each of their rows says so.
+PEER_FAILED: Dict[str, str] = {}
+#: Whose non-2xx responses fail the run: natserve's, and the reference it is tuned against.
+STRICT = ("natserve", "baseline", "mosec")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def frameworks() -> List[str]:
+    if AGAINST_BIN:
+        return ["natserve", "baseline"]
+    return ["natserve"] + [k for k in peers.PEERS if k in PEER_VERSIONS or k in PEER_FAILED]
 
 
-def cpu_ticks() -> tuple[int, int]:
-    """(busy, total) jiffies of all cores, from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
-
-
-class Procs:
-    """Processes started for one workload; stopped (SIGTERM, then SIGKILL) in reverse."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.procs: List[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, args: List[str], env: Optional[Dict[str, str]] = None) -> None:
-        log = open(self.logs / f"{name}.log", "wb")
-        full_env = {**os.environ, **(env or {})}
-        self.procs.append(
-            subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
-                start_new_session=True,
-            )
-        )  # fmt: skip
-
-    def stop(self, proc: Optional[subprocess.Popen[bytes]] = None) -> None:
-        for p in [proc] if proc else list(reversed(self.procs)):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(40)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
-            self.procs.remove(p)
-
-
-@contextmanager
-def processes(logs: Path) -> Iterator[Procs]:
-    procs = Procs(logs)
-    try:
-        yield procs
-    finally:
-        procs.stop()
-
-
-def post(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=b'{"x": 1, "y": 3}', method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
-
-
-def wait_serving(base: str, timeout: float = 90.0) -> None:
-    """Until a real request gets a right answer (readiness endpoints differ)."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = post(base + "/inference")
-            if last[0] == 200 and b'"y": 3' in last[1]:
-                return
-        except OSError as err:
-            last = err
-        time.sleep(0.2)
-    raise TimeoutError(f"{base} never served: {last}")
+def titles() -> Dict[str, str]:
+    return {
+        "natserve": "natserve",
+        "baseline": "natserve, --against-bin",
+        **{k: peers.PEERS[k].title for k in peers.PEERS},
+    }
 
 
 def app_env(framework: str, workload: str) -> Dict[str, str]:
     return {"BENCH_FRAMEWORK": framework, "BENCH_WORKLOAD": workload, "PYTHONUNBUFFERED": "1"}
 
 
-def start_app(procs: Procs, framework: str, workload: str, *flags: str) -> str:
+def start_natserve(procs: Procs, tmp: Path, key: str, workload: str) -> Side:
+    """natserve (or, as ``baseline``, the --against-bin build) serving ``workload``
+    through a nats-server of its own, started here with monitoring on."""
+    (tmp / key).mkdir()
+    nats = nats_server(procs, tmp / key, f"nats-server-{workload}-{key}")
     port = free_port()
-    env = app_env(framework, workload)
-    python = NATSERVE_PY if framework == "natserve" else MOSEC_PY
-    if framework == "natserve":
-        env.update(NATSERVE_ENV)
-    if framework == "mosec" and AGAINST_BIN is not None:
-        python = NATSERVE_PY
-        env.update(BENCH_FRAMEWORK="natserve", NATSERVE_BIN_DIR=str(AGAINST_BIN))
+    env = {**app_env("natserve", workload), **NATSERVE_ENV}
+    if key == "baseline" and AGAINST_BIN is not None:
+        env["NATSERVE_BIN_DIR"] = str(AGAINST_BIN)
         if AGAINST_SRC is not None:
             env["PYTHONPATH"] = str(AGAINST_SRC / "python-worker")
-    args = [str(python), str(APPS), "--port", str(port), "--address", "127.0.0.1", *flags]
-    procs.start(f"{workload}-{framework}", args, env)
-    return f"http://127.0.0.1:{port}"
+    args = [str(NATSERVE_PY), str(APPS), "--port", str(port), "--address", "127.0.0.1",
+            "--nats", nats.url]  # fmt: skip
+    procs.start(f"{workload}-{key}", args, env)
+    return Side(key, f"http://127.0.0.1:{port}", nats.varz)
 
 
-def wrk(framework: str, base: str, concurrency: int, seconds: float) -> Run:
+def start_sides(
+    procs: Procs, tmp: Path, workload: str, rows: List[Row], ready: Callable[..., None]
+) -> List[Side]:
+    """natserve (and the baseline) must come up; each peer that does not is left out of
+    ``rows`` with why."""
+    own = ["natserve"] + (["baseline"] if AGAINST_BIN else [])
+    sides = [start_natserve(procs, tmp, key, workload) for key in own]
+    for side in sides:
+        ready(side.base)
+    for row in rows:
+        row.missing.update({k: why[:160] for k, why in PEER_FAILED.items()})
+    for key in PEER_VERSIONS if AGAINST_BIN is None else []:
+        try:
+            sides.append(Side(key, peers.start(procs, key, workload, ready)))
+        except peers.PeerError as err:
+            print(f"  {peers.PEERS[key].title}: {err}", flush=True)
+            for row in rows:
+                row.missing[key] = str(err).split(";")[0]
+    # Idle servers still cost something (Ray's controller and raylet poll): what the
+    # machine spends with all of them up and none loaded is in each row's note.
     busy0, total0 = cpu_ticks()
-    out = subprocess.run(
-        [
-            "wrk", f"-t{min(WRK_THREADS, concurrency)}", f"-c{concurrency}", f"-d{seconds:g}s",
-            "--timeout", "10s", "-s", str(LUA), base + "/inference",
-        ],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+    time.sleep(2.0)
     busy1, total1 = cpu_ticks()
-    return parse_run(framework, out, (busy1 - busy0) / max(1, total1 - total0))
+    idle = f"machine {(busy1 - busy0) / max(1, total1 - total0):.0%} busy with all servers idle"
+    for row in rows:
+        row.note = "; ".join(x for x in (row.note, idle) if x)
+    return sides
+
+
+def measured(side: Side, run: Callable[[], Run]) -> Run:
+    """``run()`` with the broker messages it cost (``/varz`` before and after)."""
+    before = broker_count(side)
+    result = run()
+    after = broker_count(side)
+    if before is not None and after is not None:
+        result.broker_msgs = after - before
+    return result
+
+
+def wrk(side: Side, concurrency: int, seconds: float) -> Run:
+    def once() -> Run:
+        busy0, total0 = cpu_ticks()
+        out = subprocess.run(
+            [
+                "wrk", f"-t{min(WRK_THREADS, concurrency)}", f"-c{concurrency}",
+                f"-d{seconds:g}s", "--timeout", "10s", "-s", str(LUA), side.base + "/inference",
+            ],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        busy1, total1 = cpu_ticks()
+        return parse_run(side.key, out, (busy1 - busy0) / max(1, total1 - total0))
+
+    return measured(side, once)
 
 
 def parse_run(framework: str, out: str, cpu_busy: float) -> Run:
@@ -192,22 +186,21 @@ def parse_run(framework: str, out: str, cpu_busy: float) -> Run:
 
 def alternate(
     rows: List[Row],
-    bases: Dict[str, str],
-    measure: Callable[[str, str, int, float], Run],
+    sides: List[Side],
+    measure: Callable[[Side, int, float], Run],
     seconds: float,
     warm_up: float,
 ) -> None:
-    """Warms every framework up at the highest concurrency (not recorded), then measures
-    each row REPS times, the frameworks alternating, so drift hits them alike; the order
-    flips every round (A B, B A), because going first is not neutral: the same build
+    """Warms every server up at the highest concurrency (not recorded), then measures
+    each row REPS times, the servers alternating, so drift hits them alike; the order
+    flips every round (A B C, C B A), because going first is not neutral: the same build
     measured first read 0.77-0.86x of itself measured second on a loaded machine."""
-    for f, base in bases.items():
-        measure(f, base, max(row.concurrency for row in rows), warm_up)
+    for side in sides:
+        measure(side, max(row.concurrency for row in rows), warm_up)
     for row in rows:
         for rep in range(REPS):
-            order = list(bases.items())
-            for f, base in order if rep % 2 == 0 else reversed(order):
-                run = measure(f, base, row.concurrency, seconds)
+            for side in sides if rep % 2 == 0 else list(reversed(sides)):
+                run = measure(side, row.concurrency, seconds)
                 row.runs.append(run)
                 log_run(row, run)
 
@@ -216,99 +209,20 @@ def side_by_side(
     name: str, workload: str, concurrencies: List[int], seconds: float, logs: Path
 ) -> List[Row]:
     rows = [Row(name, c) for c in concurrencies]
-    with processes(logs) as procs:
-        bases = {f: start_app(procs, f, workload) for f in ("natserve", "mosec")}
-        for base in bases.values():
-            wait_serving(base)
-        alternate(rows, bases, wrk, seconds, warm_up=min(3.0, seconds))
+    with tempfile.TemporaryDirectory() as tmp, processes(logs) as procs:
+        sides = start_sides(procs, Path(tmp), workload, rows, wait_serving)
+        alternate(rows, sides, wrk, seconds, warm_up=min(3.0, seconds))
     return rows
 
 
-def sse_once(base: str) -> tuple[float, float, int]:
-    """One streamed request: seconds to its first event, to its end, and its events."""
-    host, port = base.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    try:
-        started = time.perf_counter()
-        conn.request("POST", "/inference", body=b'{"x": 1, "y": 3}')
-        resp = conn.getresponse()
-        first, events = 0.0, 0
-        for line in resp:
-            if line.startswith(b"data:"):
-                events += 1
-                first = first or time.perf_counter() - started
-            elif line.startswith(b"event: error"):
-                return first, time.perf_counter() - started, -1
-        return first, time.perf_counter() - started, events
-    finally:
-        conn.close()
-
-
-def sse_clients(framework: str, base: str, concurrency: int, seconds: float) -> Run:
-    """``concurrency`` clients streaming one request after another for ``seconds``; p50 and
-    p99 are of the time to the first event, errors count streams without all events."""
-    firsts: List[float] = []
-    errors = [0]
-    stop = time.monotonic() + seconds
-
-    def client() -> None:
-        while time.monotonic() < stop:
-            try:
-                first, _, events = sse_once(base)
-            except OSError:
-                errors[0] += 1
-                continue
-            if events != SSE_EVENTS:
-                errors[0] += 1
-            else:
-                firsts.append(first)
-
-    busy0, total0 = cpu_ticks()
-    started = time.monotonic()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    took = time.monotonic() - started
-    busy1, total1 = cpu_ticks()
-    firsts.sort()
-    pick = lambda q: firsts[min(len(firsts) - 1, int(q * len(firsts)))] * 1e3 if firsts else 0.0  # noqa: E731
-    return Run(
-        framework=framework,
-        requests=len(firsts),
-        seconds=took,
-        p50_ms=pick(0.5),
-        p99_ms=pick(0.99),
-        errors=errors[0],
-        cpu_busy=(busy1 - busy0) / max(1, total1 - total0),
-    )
-
-
-def wait_streaming(base: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = sse_once(base)
-            if last[2] == SSE_EVENTS:
-                return
-        except OSError as err:
-            last = err
-        time.sleep(0.2)
-    raise TimeoutError(f"{base} never streamed: {last}")
-
-
 def time_to_first_event(concurrencies: List[int], seconds: float, logs: Path) -> List[Row]:
-    """W6: the same SSEWorker under both frameworks; p50/p99 are time to first event."""
+    """W6: the same SSEWorker under natserve and Mosec; p50/p99 are time to first event."""
     rows = [Row("W6 SSE time to first event", c) for c in concurrencies]
     for row in rows:
         row.note = f"p50/p99: time to the first of {SSE_EVENTS} events (1 ms apart)"
-    with processes(logs) as procs:
-        bases = {f: start_app(procs, f, "sse") for f in ("natserve", "mosec")}
-        for base in bases.values():
-            wait_streaming(base)
-        alternate(rows, bases, sse_clients, seconds, warm_up=min(2.0, seconds))
+    with tempfile.TemporaryDirectory() as tmp, processes(logs) as procs:
+        sides = start_sides(procs, Path(tmp), "sse", rows, wait_streaming)
+        alternate(rows, sides, sse_clients, seconds, warm_up=min(2.0, seconds))
     return rows
 
 
@@ -316,41 +230,37 @@ def log_run(row: Row, run: Run) -> None:
     print(
         f"  {row.workload} c={row.concurrency} {run.framework:8} {run.rps:8.0f} req/s  "
         f"p50 {run.p50_ms:7.2f} ms  p99 {run.p99_ms:7.2f} ms  errors {run.errors}  "
-        f"cpu {run.cpu_busy:.0%}",
+        f"cpu {run.cpu_busy:.0%}"
+        + (
+            ""
+            if run.broker_msgs is None
+            else f"  msgs/req {run.broker_msgs / max(1, run.requests):.1f}"
+        ),
         flush=True,
     )
-
-
-def nats_server(procs: Procs, tmp: Path) -> str:
-    """Starts a nats-server with JetStream on a free loopback port; its URL."""
-    port = free_port()
-    conf = tmp / "nats.conf"
-    conf.write_text(f'listen: "127.0.0.1:{port}"\njetstream {{ store_dir: "{tmp / "js"}" }}\n')
-    procs.start("nats-server", [str(NATS_SERVER), "-c", str(conf)])
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return f"nats://127.0.0.1:{port}"
 
 
 def floor(concurrencies: List[int], seconds: float, logs: Path) -> List[Row]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp, processes(logs) as procs:
-        url = nats_server(procs, Path(tmp))
+        nats = nats_server(procs, Path(tmp))
+        side = Side("natserve", "", nats.varz)
         for c in concurrencies:
             row = Row("floor: JetStream publish-pull-reply-ack", c)
-            busy0, total0 = cpu_ticks()
-            out = subprocess.run(
-                [str(FLOOR), "--nats", url, "--concurrency", str(c),
-                 "--duration-s", f"{seconds:g}", "--warmup-s", "2"],
-                capture_output=True, text=True, check=True,
-            ).stdout  # fmt: skip
-            busy1, total1 = cpu_ticks()
-            run = parse_run("natserve", out, (busy1 - busy0) / max(1, total1 - total0))
+
+            def once(c: int = c) -> Run:
+                busy0, total0 = cpu_ticks()
+                out = subprocess.run(
+                    [str(FLOOR), "--nats", nats.url, "--concurrency", str(c),
+                     "--duration-s", f"{seconds:g}", "--warmup-s", "2"],
+                    capture_output=True, text=True, check=True,
+                ).stdout  # fmt: skip
+                busy1, total1 = cpu_ticks()
+                return parse_run("natserve", out, (busy1 - busy0) / max(1, total1 - total0))
+
+            # The floor's warm-up runs inside the count: its messages per round trip
+            # read high by the warm-up's share.
+            run = measured(side, once)
             row.runs.append(run)
             log_run(row, run)
             rows.append(row)
@@ -368,7 +278,8 @@ def scale_out(agent_counts: List[int], concurrency: int, seconds: float, logs: P
     """One ingress, then 1, 2, 4 agents as separate processes, all sharing one nats-server."""
     rows: List[Row] = []
     with tempfile.TemporaryDirectory() as tmp, processes(logs) as procs:
-        url = nats_server(procs, Path(tmp))
+        nats = nats_server(procs, Path(tmp))
+        url = nats.url
         env = {**app_env("natserve", "scaleout"), **NATSERVE_ENV}
         port = free_port()
         procs.start(
@@ -378,6 +289,7 @@ def scale_out(agent_counts: List[int], concurrency: int, seconds: float, logs: P
             env,
         )  # fmt: skip
         base = f"http://127.0.0.1:{port}"
+        side = Side("natserve", base, nats.varz)
         agents = 0
         for target in agent_counts:
             while agents < target:
@@ -391,9 +303,9 @@ def scale_out(agent_counts: List[int], concurrency: int, seconds: float, logs: P
             deadline = time.monotonic() + 60
             while stage_workers(base) < agents and time.monotonic() < deadline:
                 time.sleep(0.2)
-            wrk("natserve", base, concurrency, min(3.0, seconds))  # warm-up
+            wrk(side, concurrency, min(3.0, seconds))  # warm-up
             row = Row(f"W4 scale-out, {agents} agent{'s' if agents > 1 else ''}", concurrency)
-            run = wrk("natserve", base, concurrency, seconds)
+            run = wrk(side, concurrency, seconds)
             row.runs.append(run)
             log_run(row, run)
             rows.append(row)
@@ -410,7 +322,8 @@ def uneven(concurrency: int, seconds: float, logs: Path) -> List[Row]:
     rows: List[Row] = []
     for prefetch in ("off", "on", "auto"):
         with tempfile.TemporaryDirectory() as tmp, processes(logs) as procs:
-            url = nats_server(procs, Path(tmp))
+            nats = nats_server(procs, Path(tmp))
+            url = nats.url
             env = {**app_env("natserve", "scaleout"), **NATSERVE_ENV}
             env["NATSERVE_PREFETCH"] = prefetch
             port = free_port()
@@ -427,13 +340,14 @@ def uneven(concurrency: int, seconds: float, logs: Path) -> List[Row]:
                     {**env, "BENCH_SLEEP_MS": ms},
                 )
             base = f"http://127.0.0.1:{port}"
+            side = Side("natserve", base, nats.varz)
             wait_serving(base)
             deadline = time.monotonic() + 60
             while stage_workers(base) < 2 and time.monotonic() < deadline:
                 time.sleep(0.2)
-            wrk("natserve", base, concurrency, min(3.0, seconds))  # warm-up
+            wrk(side, concurrency, min(3.0, seconds))  # warm-up
             row = Row(f"W5 uneven agents (20 + 2 ms/batch), prefetch {prefetch}", concurrency)
-            run = wrk("natserve", base, concurrency, seconds)
+            run = wrk(side, concurrency, seconds)
             row.runs.append(run)
             log_run(row, run)
             rows.append(row)
@@ -448,10 +362,18 @@ def machine() -> Dict[str, str]:
     mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout
     wrk_version = wrk_version.split("\n")[0]
-    mosec = subprocess.run(
-        [str(MOSEC_PY), "-c", "import importlib.metadata as m; print(m.version('mosec'))"],
-        capture_output=True, text=True,
+    nats = subprocess.run([str(NATS_SERVER), "--version"], capture_output=True, text=True)
+    # The build that ran (NATSERVE_BIN_DIR, else the one installed beside .venv's natserve).
+    probe = "from natserve._binaries import find; print(find('natserve-ingress'))"
+    ingress = subprocess.run(
+        [str(NATSERVE_PY), "-c", probe],
+        capture_output=True, text=True, env={**os.environ, **NATSERVE_ENV},
     ).stdout.strip()  # fmt: skip
+    built = (
+        datetime.datetime.fromtimestamp(os.stat(ingress).st_mtime, datetime.timezone.utc)
+        if ingress
+        else None
+    )
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
     ).stdout.strip()
@@ -461,8 +383,10 @@ def machine() -> Dict[str, str]:
         "os": platform.platform(),
         "python": platform.python_version(),
         "load generator": f"{wrk_version.strip()}, -t{WRK_THREADS}, keep-alive, check.lua",
-        "mosec": mosec,
+        "nats-server": nats.stdout.strip().removeprefix("nats-server: "),
+        **{peers.PEERS[k].dist: v for k, v in PEER_VERSIONS.items()},
         "natserve commit": commit,
+        "natserve binaries": f"{ingress} (built {built:%Y-%m-%d %H:%M} UTC)" if built else "?",
     }
 
 
@@ -493,7 +417,19 @@ def main() -> int:
         metavar="NAME=VALUE",
         help="environment for natserve's processes, e.g. NATSERVE_PREFETCH=1 (repeatable)",
     )
+    parser.add_argument(
+        "--peers",
+        default=",".join(peers.PEERS),
+        help="comma-separated servers to measure natserve against, of "
+        f"{', '.join(peers.PEERS)} ('none': natserve alone); each is installed into its "
+        "own virtualenv when missing, and left out (saying why) if it will not install",
+    )
     args = parser.parse_args()
+    keys = [k for k in args.peers.split(",") if k and k != "none"]
+    unknown = [k for k in keys if k not in peers.PEERS]
+    if unknown:
+        parser.error(f"--peers {args.peers}: unknown {', '.join(unknown)}; "
+                     f"expected some of {', '.join(peers.PEERS)} or none")  # fmt: skip
     for item in args.natserve_env:
         name, _, value = item.partition("=")
         NATSERVE_ENV[name] = value
@@ -501,19 +437,23 @@ def main() -> int:
         global AGAINST_BIN
         AGAINST_BIN = args.against_bin.resolve()
         args.no_docs = True
-        print(f"the Mosec columns are natserve with the binaries in {AGAINST_BIN}")
+        print(f"the baseline lines are natserve with the binaries in {AGAINST_BIN} (no peers)")
     if args.against_src:
         global AGAINST_SRC
         AGAINST_SRC = args.against_src.resolve()
         print(f"... and the Python package of {AGAINST_SRC}")
     only = set(args.only.split(","))
-    for need in (NATSERVE_PY, MOSEC_PY, NATS_SERVER) + ((FLOOR,) if "floor" in only else ()):
+    for need in (NATSERVE_PY, NATS_SERVER) + ((FLOOR,) if "floor" in only else ()):
         if not need.exists():
             print(f"missing {need}: run `make bench`, which installs everything", file=sys.stderr)
             return 2
     if shutil.which("wrk") is None:
         print("wrk not found: run `make bench` (apt-get install wrk)", file=sys.stderr)
         return 2
+    if AGAINST_BIN is None and only & {"W1", "W2", "W3", "W6"}:
+        ready, failed = peers.select(keys)
+        PEER_VERSIONS.update(ready)
+        PEER_FAILED.update(failed)
     RESULTS.mkdir(exist_ok=True)
     logs = RESULTS / "logs"
     logs.mkdir(exist_ok=True)
@@ -542,10 +482,14 @@ def main() -> int:
         print("W6 SSE time to first event (8 events, 1 ms apart)", flush=True)
         rows += time_to_first_event([1, 8], d, logs)
 
-    summaries = [summary(r) for r in rows]
-    md_table = table(summaries)
+    summaries = [summary(r, frameworks()) for r in rows]
+    md_table = table(summaries, titles())
     info = machine()
-    command = "make bench" + (f"  # run.py {' '.join(sys.argv[1:])}" if sys.argv[1:] else "")
+    args_line = " ".join(sys.argv[1:])
+    if os.environ.get("MAKELEVEL"):  # under make
+        command = "make bench" + (f"  # run.py {args_line}" if args_line else "")
+    else:
+        command = f"tests/bench/run.py {args_line}".strip()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     report = {"date": when, "command": command, "machine": info, "rows": summaries}
     (RESULTS / "bench.json").write_text(json.dumps(report, indent=2))
@@ -555,12 +499,21 @@ def main() -> int:
     if not args.no_docs:
         md = "\n".join(
             [f"Run {when} with `{command}` ({d:g} s per measurement, "
-             f"{REPS} alternating runs per framework, means shown).", ""]
+             f"{REPS} alternating runs per server, means shown).", ""]
             + [f"- {k}: {v}" for k, v in info.items()]
             + ["", md_table]
         )  # fmt: skip
         write_docs(md)
-    errors = sum((s[f] or {}).get("errors", 0) for s in summaries for f in ("natserve", "mosec"))
+
+    def errors_of(keys: tuple[str, ...]) -> int:
+        return sum(
+            d.get("errors", 0) for s in summaries for f, d in s["servers"].items() if f in keys
+        )
+
+    others = tuple(k for k in PEER_VERSIONS if k not in STRICT)
+    if errors_of(others):
+        print(f"note: {errors_of(others)} responses of {', '.join(others)} were not right")
+    errors = errors_of(STRICT)
     if errors:
         print(f"{errors} responses were not a 200 with the right body", file=sys.stderr)
         return 1

@@ -12,8 +12,10 @@
 //! first reply; a recorded reply or result is written once). `Progress` acks pass
 //! through: any held letter keeps the whole envelope alive.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+
+use tokio::sync::Notify;
 
 use async_nats::jetstream::{self, AckKind};
 use natserve_protocol::envelope::{self, EnvelopeError};
@@ -27,10 +29,15 @@ struct Open {
     all_terminated: bool,
 }
 
-/// The envelopes of one stage whose letters are not all settled, by ack subject.
+/// The envelopes of one stage whose letters are not all settled, by ack subject, and the
+/// letters pulled beyond a batch, which the stage's next free worker takes first (any
+/// of its pull loops: one envelope's letters spread over the agent's workers).
 #[derive(Debug, Default)]
 pub struct Envelopes {
     open: Mutex<HashMap<String, Open>>,
+    waiting: Mutex<VecDeque<jetstream::Message>>,
+    /// Told when letters start waiting, so a pull loop idling on the server looks.
+    spilled: Notify,
 }
 
 /// Whether `msg` carries an envelope of work.
@@ -113,6 +120,32 @@ impl Envelopes {
     /// Envelopes with letters still out.
     pub fn open_count(&self) -> usize {
         self.lock().len()
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, VecDeque<jetstream::Message>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Leaves `letters` for the stage's next free worker.
+    pub fn spill(&self, letters: impl IntoIterator<Item = jetstream::Message>) {
+        self.waiting().extend(letters);
+        self.spilled.notify_waiters();
+    }
+
+    /// Up to `max` waiting letters, oldest first.
+    pub fn take(&self, max: usize) -> Vec<jetstream::Message> {
+        let mut waiting = self.waiting();
+        let n = max.min(waiting.len());
+        waiting.drain(..n).collect()
+    }
+
+    pub fn has_waiting(&self) -> bool {
+        !self.waiting().is_empty()
+    }
+
+    /// Resolves when letters are spilled after this was called.
+    pub async fn spilled(&self) {
+        self.spilled.notified().await
     }
 }
 

@@ -22,7 +22,6 @@ use async_nats::jetstream::{self, consumer::pull::BatchConfig};
 use async_nats::{StatusCode, Subscriber};
 use futures::StreamExt;
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use tracing::warn;
@@ -102,10 +101,9 @@ pub struct PullInbox {
     subscriber: Subscriber,
     requests: u64,
     statistics: std::sync::Arc<async_nats::Statistics>,
-    /// Work that came as envelopes is opened into one message per letter here.
+    /// Work that came as envelopes is opened into one message per letter here, and the
+    /// letters beyond the batch they came for wait there for the stage's next pull.
     envelopes: Arc<Envelopes>,
-    /// Letters of an envelope beyond the batch they came for: the next pull's first.
-    overflow: VecDeque<jetstream::Message>,
 }
 
 impl PullInbox {
@@ -124,19 +122,18 @@ impl PullInbox {
             requests: 0,
             statistics: client.statistics(),
             envelopes: Arc::default(),
-            overflow: VecDeque::new(),
         })
     }
 
     /// Whether letters of an envelope wait for the next pull, which then takes them
     /// without asking the server.
     pub fn has_overflow(&self) -> bool {
-        !self.overflow.is_empty()
+        self.envelopes.has_waiting()
     }
 
     /// The letters waiting for the next pull, which will not come (the loop stops).
     pub fn take_overflow(&mut self) -> Vec<jetstream::Message> {
-        self.overflow.drain(..).collect()
+        self.envelopes.take(usize::MAX)
     }
 
     /// Opens envelopes with `envelopes`, the stage's, so its outbox settles their letters.
@@ -175,9 +172,9 @@ impl Source for PullInbox {
     type Error = PullError;
 
     async fn pull(&mut self, max: usize, wait: Duration) -> Result<Vec<Self::Item>, Self::Error> {
-        if !self.overflow.is_empty() {
-            let n = max.min(self.overflow.len());
-            return Ok(self.overflow.drain(..n).collect());
+        let waiting = self.envelopes.take(max);
+        if !waiting.is_empty() {
+            return Ok(waiting);
         }
         self.requests += 1;
         let connects = self.connects();
@@ -206,6 +203,16 @@ impl Source for PullInbox {
         while received < max {
             let next = tokio::select! {
                 next = tokio::time::timeout_at(give_up, self.subscriber.next()) => next,
+                // Another loop of the stage pulled more letters than it runs: take them
+                // now rather than idle here. The request in flight stays ours; what it
+                // still brings arrives on this inbox and the next pull takes it.
+                _ = self.envelopes.spilled(), if received == 0 => {
+                    let waiting = self.envelopes.take(max);
+                    if waiting.is_empty() {
+                        continue;
+                    }
+                    return Ok(waiting);
+                }
                 _ = check.tick() => {
                     if self.connects() == connects {
                         continue;
@@ -239,7 +246,7 @@ impl Source for PullInbox {
             }
         }
         if out.len() > max {
-            self.overflow.extend(out.drain(max..));
+            self.envelopes.spill(out.drain(max..));
         }
         Ok(out)
     }

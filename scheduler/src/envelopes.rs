@@ -143,9 +143,24 @@ impl Envelopes {
         !self.waiting().is_empty()
     }
 
-    /// Resolves when letters are spilled after this was called.
-    pub async fn spilled(&self) {
-        self.spilled.notified().await
+    /// Resolves when letters are spilled after it was enabled (or first polled).
+    pub fn spilled(&self) -> tokio::sync::futures::Notified<'_> {
+        self.spilled.notified()
+    }
+
+    /// A `Progress` ack for each message whose letters wait to run: waiting for a free
+    /// worker costs them no redelivery.
+    pub async fn keep_waiting_alive(&self) {
+        let mut seen = std::collections::HashSet::new();
+        let firsts: Vec<jetstream::Message> = self
+            .waiting()
+            .iter()
+            .filter(|m| seen.insert(m.reply.as_ref().map(|r| r.to_string())))
+            .cloned()
+            .collect();
+        for msg in firsts {
+            let _ = msg.ack_with(AckKind::Progress).await;
+        }
     }
 }
 

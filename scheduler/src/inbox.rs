@@ -21,6 +21,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull::BatchConfig};
 use async_nats::{StatusCode, Subscriber};
 use futures::StreamExt;
+use tokio::sync::mpsc;
 
 use std::sync::Arc;
 
@@ -94,75 +95,111 @@ pub fn classify(msg: &async_nats::Message, current: &str) -> Delivery {
 }
 
 /// A stage's pull consumer, as one pull loop pulls it: through one inbox subscription.
+///
+/// A reader task takes everything that arrives on the inbox: work goes into the stage's
+/// queue of letters ready to run ([`Envelopes::spill`]; an envelope opened into one
+/// message per letter), where any pull loop of the stage takes it and where it is kept
+/// alive until taken; the server's statuses go to this loop. So work a pull request
+/// brings after its loop stopped waiting (the loop had what it needed from an envelope)
+/// is neither lost nor left unacknowledged behind a long batch.
 pub struct PullInbox {
     consumer: jetstream::consumer::PullConsumer,
-    context: jetstream::Context,
     prefix: String,
-    subscriber: Subscriber,
+    statuses: mpsc::UnboundedReceiver<async_nats::Message>,
+    reader: tokio::task::JoinHandle<()>,
     requests: u64,
     statistics: std::sync::Arc<async_nats::Statistics>,
-    /// Work that came as envelopes is opened into one message per letter here, and the
-    /// letters beyond the batch they came for wait there for the stage's next pull.
     envelopes: Arc<Envelopes>,
 }
 
+impl Drop for PullInbox {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
 impl PullInbox {
+    /// The pull inbox of one loop of the stage whose letters `envelopes` holds.
     pub async fn new(
         client: &async_nats::Client,
         context: jetstream::Context,
         consumer: jetstream::consumer::PullConsumer,
+        envelopes: Arc<Envelopes>,
     ) -> Result<Self, PullError> {
         let prefix = client.new_inbox();
         let subscriber = client.subscribe(format!("{prefix}.*")).await?;
+        let (status_tx, statuses) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(read(subscriber, context, envelopes.clone(), status_tx));
         Ok(Self {
             consumer,
-            context,
             prefix,
-            subscriber,
+            statuses,
+            reader,
             requests: 0,
             statistics: client.statistics(),
-            envelopes: Arc::default(),
+            envelopes,
         })
     }
 
-    /// Whether letters of an envelope wait for the next pull, which then takes them
-    /// without asking the server.
+    /// Whether letters wait to run, which the next pull then takes without asking the
+    /// server.
     pub fn has_overflow(&self) -> bool {
         self.envelopes.has_waiting()
     }
 
-    /// The letters waiting for the next pull, which will not come (the loop stops).
+    /// The letters waiting to run, which this loop will not run (it stops).
     pub fn take_overflow(&mut self) -> Vec<jetstream::Message> {
         self.envelopes.take(usize::MAX)
     }
+}
 
-    /// Opens envelopes with `envelopes`, the stage's, so its outbox settles their letters.
-    pub fn with_envelopes(mut self, envelopes: Arc<Envelopes>) -> Self {
-        self.envelopes = envelopes;
-        self
-    }
-
-    /// Work message `msg` as the messages it carries: itself, or one per letter of an
-    /// envelope. A malformed envelope carries none: it is terminated, since no letter of
-    /// it can be answered.
-    async fn open(&self, msg: async_nats::Message) -> Vec<jetstream::Message> {
-        if !is_envelope(&msg) {
-            return vec![jetstream::Message {
-                message: msg,
-                context: self.context.clone(),
-            }];
-        }
-        match self.envelopes.open(msg.clone(), &self.context) {
-            Ok(letters) => letters,
-            Err(e) => {
-                warn!(subject = %msg.subject, error = %e, "malformed work envelope terminated unanswered");
-                let msg = jetstream::Message {
-                    message: msg,
-                    context: self.context.clone(),
-                };
-                let _ = msg.ack_with(jetstream::AckKind::Term).await;
-                Vec::new()
+/// The reader task of one pull inbox (see [`PullInbox`]).
+async fn read(
+    mut subscriber: Subscriber,
+    context: jetstream::Context,
+    envelopes: Arc<Envelopes>,
+    statuses: mpsc::UnboundedSender<async_nats::Message>,
+) {
+    while let Some(msg) = subscriber.next().await {
+        match msg.status {
+            None | Some(StatusCode::OK) => {
+                let letters = open(&envelopes, &context, msg).await;
+                envelopes.spill(letters);
             }
+            Some(StatusCode::IDLE_HEARTBEAT) => {}
+            Some(_) => {
+                if statuses.send(msg).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Work message `msg` as the messages it carries: itself, or one per letter of an
+/// envelope. A malformed envelope carries none: it is terminated, since no letter of it
+/// can be answered.
+async fn open(
+    envelopes: &Envelopes,
+    context: &jetstream::Context,
+    msg: async_nats::Message,
+) -> Vec<jetstream::Message> {
+    if !is_envelope(&msg) {
+        return vec![jetstream::Message {
+            message: msg,
+            context: context.clone(),
+        }];
+    }
+    match envelopes.open(msg.clone(), context) {
+        Ok(letters) => letters,
+        Err(e) => {
+            warn!(subject = %msg.subject, error = %e, "malformed work envelope terminated unanswered");
+            let msg = jetstream::Message {
+                message: msg,
+                context: context.clone(),
+            };
+            let _ = msg.ack_with(jetstream::AckKind::Term).await;
+            Vec::new()
         }
     }
 }
@@ -191,63 +228,56 @@ impl Source for PullInbox {
             .request_batch(request, reply.clone().into())
             .await?;
         let give_up = tokio::time::Instant::now() + wait + STATUS_GRACE;
-        let mut out = Vec::with_capacity(max);
         // Not `interval`: its first tick is due at once, an extra wake-up per pull.
         let mut check = tokio::time::interval_at(
             tokio::time::Instant::now() + RECONNECT_CHECK,
             RECONNECT_CHECK,
         );
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Counted in messages, as the pull request is: an envelope brings several items.
-        let mut received = 0;
-        while received < max {
-            let next = tokio::select! {
-                next = tokio::time::timeout_at(give_up, self.subscriber.next()) => next,
-                // Another loop of the stage pulled more letters than it runs: take them
-                // now rather than idle here. The request in flight stays ours; what it
-                // still brings arrives on this inbox and the next pull takes it.
-                _ = self.envelopes.spilled(), if received == 0 => {
-                    let waiting = self.envelopes.take(max);
-                    if waiting.is_empty() {
-                        continue;
+        let mut out: Vec<jetstream::Message> = Vec::new();
+        loop {
+            // Registered before looking, so letters spilled after the look wake us.
+            let spilled = self.envelopes.spilled();
+            tokio::pin!(spilled);
+            spilled.as_mut().enable();
+            out.extend(self.envelopes.take(max - out.len()));
+            if out.len() == max {
+                return Ok(out);
+            }
+            tokio::select! {
+                _ = &mut spilled => {}
+                status = tokio::time::timeout_at(give_up, self.statuses.recv()) => {
+                    let msg = match status {
+                        Err(_) => break,
+                        Ok(None) => return Err(PullError::Closed),
+                        Ok(Some(msg)) => msg,
+                    };
+                    match classify(&msg, &reply) {
+                        Delivery::Work | Delivery::Ignore => {}
+                        Delivery::Done => break,
+                        Delivery::Failed if out.is_empty() => {
+                            return Err(PullError::Status {
+                                status: msg.status.unwrap_or(StatusCode::OK),
+                                description: msg.description.unwrap_or_default(),
+                            })
+                        }
+                        // Keep what was delivered: those messages are ours to run and ack.
+                        Delivery::Failed => break,
                     }
-                    return Ok(waiting);
                 }
                 _ = check.tick() => {
                     if self.connects() == connects {
                         continue;
                     }
-                    if received == 0 {
+                    if out.is_empty() && !self.envelopes.has_waiting() {
                         return Err(PullError::Reconnected);
                     }
                     break; // keep what was delivered: ours to run and ack
                 }
-            };
-            let msg = match next {
-                Err(_) => break,
-                Ok(None) => return Err(PullError::Closed),
-                Ok(Some(msg)) => msg,
-            };
-            match classify(&msg, &reply) {
-                Delivery::Work => {
-                    received += 1;
-                    out.extend(self.open(msg).await);
-                }
-                Delivery::Done => break,
-                Delivery::Ignore => {}
-                Delivery::Failed if received == 0 => {
-                    return Err(PullError::Status {
-                        status: msg.status.unwrap_or(StatusCode::OK),
-                        description: msg.description.unwrap_or_default(),
-                    })
-                }
-                // Keep what was delivered: those messages are ours to run and ack.
-                Delivery::Failed => break,
             }
         }
-        if out.len() > max {
-            self.envelopes.spill(out.drain(max..));
-        }
+        // What arrived with the status that ended the request.
+        out.extend(self.envelopes.take(max - out.len()));
         Ok(out)
     }
 

@@ -44,11 +44,13 @@ pub(crate) async fn pull_loop(
         keep_alive: PROGRESS_EVERY,
     };
     let mut source = loop {
-        let inbox = PullInbox::new(&ctx.client, ctx.js.clone(), consumer.clone());
-        match inbox
-            .await
-            .map(|inbox| inbox.with_envelopes(ctx.envelopes.clone()))
-        {
+        let inbox = PullInbox::new(
+            &ctx.client,
+            ctx.js.clone(),
+            consumer.clone(),
+            ctx.envelopes.clone(),
+        );
+        match inbox.await {
             Ok(source) => break source,
             Err(e) => {
                 warn!(route = %ctx.spec.route, stage = ctx.spec.stage, error = %e, "cannot subscribe a pull inbox");

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use natserve_protocol::streams::{work_consumer_config, work_stream_config, QueueConfig};
+use natserve_protocol::streams::{
+    work_consumer_config, work_stream_config, QueueConfig, PROGRESS_EVERY,
+};
 use natserve_protocol::{replicas, Names, Results, StageSpec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -188,6 +190,20 @@ pub async fn run_stage(
             tracker.clone(),
         )
     });
-    futures::future::join_all(loops).await;
+    // Letters that wait for a free worker stay theirs: `Progress` acks meanwhile.
+    let keep_alive = {
+        let ctx = ctx.clone();
+        let cancel = cancel.clone();
+        async move {
+            let mut tick = tokio::time::interval(PROGRESS_EVERY);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => ctx.envelopes.keep_waiting_alive().await,
+                }
+            }
+        }
+    };
+    futures::future::join(futures::future::join_all(loops), keep_alive).await;
     debug!(route = %ctx.spec.route, stage = ctx.spec.stage, "stopped pulling");
 }

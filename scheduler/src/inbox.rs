@@ -23,7 +23,7 @@ use async_nats::{StatusCode, Subscriber};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tracing::warn;
 
@@ -96,16 +96,19 @@ pub fn classify(msg: &async_nats::Message, current: &str) -> Delivery {
 
 /// A stage's pull consumer, as one pull loop pulls it: through one inbox subscription.
 ///
-/// A reader task takes everything that arrives on the inbox: work goes into the stage's
-/// queue of letters ready to run ([`Envelopes::spill`]; an envelope opened into one
-/// message per letter), where any pull loop of the stage takes it and where it is kept
-/// alive until taken; the server's statuses go to this loop. So work a pull request
-/// brings after its loop stopped waiting (the loop had what it needed from an envelope)
-/// is neither lost nor left unacknowledged behind a long batch.
+/// A reader task takes everything that arrives on the inbox (an envelope opened into one
+/// message per letter). While the loop waits on its pull, its work and the server's
+/// statuses go to it, and letters beyond its batch go to the stage's queue of letters
+/// ready to run ([`Envelopes::spill`]), which any pull loop of the stage takes first and
+/// where they are kept alive until taken. Work that arrives while the loop does not
+/// wait (its request brought more after the loop had its batch from an envelope) goes to
+/// that queue too: it is neither lost nor left unacknowledged behind a long batch.
 pub struct PullInbox {
     consumer: jetstream::consumer::PullConsumer,
     prefix: String,
-    statuses: mpsc::UnboundedReceiver<async_nats::Message>,
+    arrivals: mpsc::UnboundedReceiver<Arrival>,
+    /// Whether the loop waits on a pull: the reader hands it its work only then.
+    listening: Arc<Mutex<bool>>,
     reader: tokio::task::JoinHandle<()>,
     requests: u64,
     statistics: std::sync::Arc<async_nats::Statistics>,
@@ -128,12 +131,20 @@ impl PullInbox {
     ) -> Result<Self, PullError> {
         let prefix = client.new_inbox();
         let subscriber = client.subscribe(format!("{prefix}.*")).await?;
-        let (status_tx, statuses) = mpsc::unbounded_channel();
-        let reader = tokio::spawn(read(subscriber, context, envelopes.clone(), status_tx));
+        let (arrived, arrivals) = mpsc::unbounded_channel();
+        let listening = Arc::new(Mutex::new(false));
+        let reader = tokio::spawn(read(
+            subscriber,
+            context,
+            envelopes.clone(),
+            listening.clone(),
+            arrived,
+        ));
         Ok(Self {
             consumer,
             prefix,
-            statuses,
+            arrivals,
+            listening,
             reader,
             requests: 0,
             statistics: client.statistics(),
@@ -153,22 +164,37 @@ impl PullInbox {
     }
 }
 
+fn lock(flag: &Mutex<bool>) -> std::sync::MutexGuard<'_, bool> {
+    flag.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the reader hands its loop.
+enum Arrival {
+    /// One work message's letters (itself, unless it was an envelope).
+    Work(Vec<jetstream::Message>),
+    /// A status of the server (the end of a request, an error).
+    Status(async_nats::Message),
+}
+
 /// The reader task of one pull inbox (see [`PullInbox`]).
 async fn read(
     mut subscriber: Subscriber,
     context: jetstream::Context,
     envelopes: Arc<Envelopes>,
-    statuses: mpsc::UnboundedSender<async_nats::Message>,
+    listening: Arc<Mutex<bool>>,
+    arrived: mpsc::UnboundedSender<Arrival>,
 ) {
     while let Some(msg) = subscriber.next().await {
-        match msg.status {
-            None | Some(StatusCode::OK) => {
-                let letters = open(&envelopes, &context, msg).await;
-                envelopes.spill(letters);
-            }
-            Some(StatusCode::IDLE_HEARTBEAT) => {}
-            Some(_) => {
-                if statuses.send(msg).is_err() {
+        let arrival = match msg.status {
+            None | Some(StatusCode::OK) => Arrival::Work(open(&envelopes, &context, msg).await),
+            Some(StatusCode::IDLE_HEARTBEAT) => continue,
+            Some(_) => Arrival::Status(msg),
+        };
+        let listening = lock(&listening);
+        match arrival {
+            Arrival::Work(letters) if !*listening => envelopes.spill(letters),
+            arrival => {
+                if arrived.send(arrival).is_err() {
                     return;
                 }
             }
@@ -224,8 +250,54 @@ impl Source for PullInbox {
             no_wait: wait.is_zero(),
             ..Default::default()
         };
+        *lock(&self.listening) = true;
+        let waited = self.wait(request, &reply, connects, max, wait).await;
+        // From here the reader leaves new work to the stage's queue; what it handed us
+        // meanwhile is taken now, and what does not fit the batch goes there too.
+        let listening_flag = self.listening.clone();
+        let mut listening = lock(&listening_flag);
+        *listening = false;
+        let mut out = match waited {
+            Ok(out) => out,
+            Err(e) => {
+                drop(listening);
+                return Err(e);
+            }
+        };
+        while let Ok(arrival) = self.arrivals.try_recv() {
+            if let Arrival::Work(letters) = arrival {
+                out.extend(letters);
+            }
+        }
+        drop(listening);
+        if out.len() > max {
+            self.envelopes.spill(out.drain(max..));
+        }
+        Ok(out)
+    }
+
+    async fn keep_alive(&mut self, held: &[Self::Item]) {
+        for msg in held {
+            // Fire and forget: a lost one is covered by the next.
+            let _ = msg.ack_with(jetstream::AckKind::Progress).await;
+        }
+    }
+}
+
+impl PullInbox {
+    /// Sends pull `request` (reply subject `reply`) and collects what it brings: at least
+    /// `max` letters, or what came when the server ended it or `wait` ran out. Letters
+    /// another loop spilled count too.
+    async fn wait(
+        &mut self,
+        request: BatchConfig,
+        reply: &str,
+        connects: u64,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<jetstream::Message>, PullError> {
         self.consumer
-            .request_batch(request, reply.clone().into())
+            .request_batch(request, reply.to_owned().into())
             .await?;
         let give_up = tokio::time::Instant::now() + wait + STATUS_GRACE;
         // Not `interval`: its first tick is due at once, an extra wake-up per pull.
@@ -235,24 +307,31 @@ impl Source for PullInbox {
         );
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut out: Vec<jetstream::Message> = Vec::new();
-        loop {
+        // Counted in messages, as the pull request is: an envelope brings several letters.
+        let mut received = 0;
+        while received < max && out.len() < max {
             // Registered before looking, so letters spilled after the look wake us.
             let spilled = self.envelopes.spilled();
             tokio::pin!(spilled);
             spilled.as_mut().enable();
             out.extend(self.envelopes.take(max - out.len()));
-            if out.len() == max {
-                return Ok(out);
+            if out.len() >= max {
+                break;
             }
             tokio::select! {
                 _ = &mut spilled => {}
-                status = tokio::time::timeout_at(give_up, self.statuses.recv()) => {
-                    let msg = match status {
+                arrival = tokio::time::timeout_at(give_up, self.arrivals.recv()) => {
+                    let msg = match arrival {
                         Err(_) => break,
                         Ok(None) => return Err(PullError::Closed),
-                        Ok(Some(msg)) => msg,
+                        Ok(Some(Arrival::Work(letters))) => {
+                            received += 1;
+                            out.extend(letters);
+                            continue;
+                        }
+                        Ok(Some(Arrival::Status(msg))) => msg,
                     };
-                    match classify(&msg, &reply) {
+                    match classify(&msg, reply) {
                         Delivery::Work | Delivery::Ignore => {}
                         Delivery::Done => break,
                         Delivery::Failed if out.is_empty() => {
@@ -269,27 +348,16 @@ impl Source for PullInbox {
                     if self.connects() == connects {
                         continue;
                     }
-                    if out.is_empty() && !self.envelopes.has_waiting() {
+                    if out.is_empty() {
                         return Err(PullError::Reconnected);
                     }
                     break; // keep what was delivered: ours to run and ack
                 }
             }
         }
-        // What arrived with the status that ended the request.
-        out.extend(self.envelopes.take(max - out.len()));
         Ok(out)
     }
 
-    async fn keep_alive(&mut self, held: &[Self::Item]) {
-        for msg in held {
-            // Fire and forget: a lost one is covered by the next.
-            let _ = msg.ack_with(jetstream::AckKind::Progress).await;
-        }
-    }
-}
-
-impl PullInbox {
     fn connects(&self) -> u64 {
         self.statistics
             .connects

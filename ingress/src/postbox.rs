@@ -49,17 +49,7 @@ struct Post {
 impl Post {
     /// Bytes it adds to an envelope.
     fn size(&self) -> usize {
-        6 + self.body.len()
-            + self
-                .headers
-                .iter()
-                .map(|(name, values)| {
-                    values
-                        .iter()
-                        .map(|v| 4 + AsRef::<str>::as_ref(name).len() + v.as_str().len())
-                        .sum::<usize>()
-                })
-                .sum::<usize>()
+        envelope::letter_size(&self.headers, self.body.len())
     }
 }
 
@@ -144,11 +134,12 @@ async fn publisher(
         let mut group = vec![first];
         while group.len() < MAX_LETTERS {
             let Ok(post) = rx.try_recv() else { break };
-            if !payloads::fits_inline(&client, size + post.size()) {
+            let adds = post.size();
+            if !payloads::fits_inline(&client, size + adds) {
                 carried = Some(post);
                 break;
             }
-            size += post.size();
+            size += adds;
             group.push(post);
         }
         let result = send(&js, &subject, &mut group).await;

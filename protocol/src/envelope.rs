@@ -80,6 +80,21 @@ impl Letter {
     }
 }
 
+/// Bytes a message with `headers` and a body of `body` bytes adds to an envelope as a
+/// letter, so a sender can stop before an envelope outgrows one NATS message.
+pub fn letter_size(headers: &HeaderMap, body: usize) -> usize {
+    6 + body
+        + headers
+            .iter()
+            .map(|(name, values)| {
+                values
+                    .iter()
+                    .map(|v| 4 + AsRef::<str>::as_ref(name).len() + v.as_str().len())
+                    .sum::<usize>()
+            })
+            .sum::<usize>()
+}
+
 /// The envelope carrying `letters` (at least one, at most 65535; headers and names
 /// under 64 KiB each, as NATS headers are).
 pub fn encode(letters: &[Letter]) -> Result<Bytes, EnvelopeError> {

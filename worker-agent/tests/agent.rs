@@ -339,29 +339,12 @@ async fn an_envelope_of_work_runs_each_letter_in_batches_no_larger_than_the_stag
     let mut sub = client.subscribe("t.reply.box.*").await.unwrap();
     // Six requests in one message, for a stage whose batches hold at most four.
     let ids = ["w0", "w1", "w2", "w3", "w4", "w5"];
-    let letters: Vec<envelope::Letter> = ids
-        .iter()
-        .map(|id| {
-            let h = work_headers(id, &format!("t.reply.box.{id}"));
-            envelope::Letter::new(&h, Bytes::from(format!("\"{id}\"")))
-        })
-        .collect();
-    let mut h = HeaderMap::new();
-    h.insert(headers::ENVELOPE, letters.len().to_string());
-    let js = async_nats::jetstream::new(client.clone());
-    let subject = Names::new(NS).unwrap().work_subject("echo", 0);
-    js.publish_with_headers(subject, h, envelope::encode(&letters).unwrap())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let mut got = replies(&mut sub, ids.len(), Duration::from_secs(15)).await;
-    got.sort();
-    let want: Vec<(String, String)> = ids
-        .iter()
-        .map(|id| ("ok".to_owned(), format!("\"{id}\"")))
-        .collect();
-    assert_eq!(got, want);
+    let js = submit_envelope(&client, "echo", "t.reply.box", &ids).await;
+    assert_eq!(
+        echoed_replies(&mut sub, &ids).await,
+        echoes(&ids),
+        "every letter answered once, with its own body"
+    );
     let batches = std::fs::read_to_string(&log).unwrap();
     let sizes: Vec<usize> = batches.lines().map(|l| l.split(' ').count()).collect();
     assert_eq!(sizes.iter().sum::<usize>(), ids.len(), "{batches}");
@@ -392,31 +375,55 @@ async fn a_batchs_results_go_to_the_next_stage_as_one_envelope() {
     let mut sub = client.subscribe("t.reply.two.*").await.unwrap();
     // Four requests in one message: stage 0 runs them as one batch of four.
     let ids = ["h0", "h1", "h2", "h3"];
+    let js = submit_envelope(&client, "two", "t.reply.two", &ids).await;
+    assert_eq!(
+        echoed_replies(&mut sub, &ids).await,
+        echoes(&ids),
+        "every letter answered once, with its own body"
+    );
+    // Stage 1's stream took one message for the four: their hand-off envelope.
+    let mut stream = js.get_stream(format!("{NS}_work_two_1")).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.last_sequence, 1);
+    agent.stop().await.unwrap();
+}
+
+/// Publishes one work message to stage 0 of `slug` holding a request per id (body: the
+/// id as a JSON string, replies to `<reply_prefix>.<id>`); the JetStream context used.
+async fn submit_envelope(
+    client: &async_nats::Client,
+    slug: &str,
+    reply_prefix: &str,
+    ids: &[&str],
+) -> async_nats::jetstream::Context {
     let letters: Vec<envelope::Letter> = ids
         .iter()
         .map(|id| {
-            let h = work_headers(id, &format!("t.reply.two.{id}"));
+            let h = work_headers(id, &format!("{reply_prefix}.{id}"));
             envelope::Letter::new(&h, Bytes::from(format!("\"{id}\"")))
         })
         .collect();
     let mut h = HeaderMap::new();
     h.insert(headers::ENVELOPE, letters.len().to_string());
     let js = async_nats::jetstream::new(client.clone());
-    let subject = Names::new(NS).unwrap().work_subject("two", 0);
+    let subject = Names::new(NS).unwrap().work_subject(slug, 0);
     js.publish_with_headers(subject, h, envelope::encode(&letters).unwrap())
         .await
         .unwrap()
         .await
         .unwrap();
-    let mut got = replies(&mut sub, ids.len(), Duration::from_secs(15)).await;
+    js
+}
+
+/// The replies to `ids`, sorted, within 15 s.
+async fn echoed_replies(sub: &mut async_nats::Subscriber, ids: &[&str]) -> Vec<(String, String)> {
+    let mut got = replies(sub, ids.len(), Duration::from_secs(15)).await;
     got.sort();
-    let want: Vec<(String, String)> = ids
-        .iter()
+    got
+}
+
+/// What the fake worker answers each id: `ok` and its body back.
+fn echoes(ids: &[&str]) -> Vec<(String, String)> {
+    ids.iter()
         .map(|id| ("ok".to_owned(), format!("\"{id}\"")))
-        .collect();
-    assert_eq!(got, want);
-    // Stage 1's stream took one message for the four: their hand-off envelope.
-    let mut stream = js.get_stream(format!("{NS}_work_two_1")).await.unwrap();
-    assert_eq!(stream.info().await.unwrap().state.last_sequence, 1);
-    agent.stop().await.unwrap();
+        .collect()
 }

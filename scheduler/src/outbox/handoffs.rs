@@ -93,7 +93,7 @@ impl Outbox {
         let mut chunks: Vec<Vec<Handoff<'m>>> = Vec::new();
         let mut size = 2;
         for handoff in group {
-            let adds = letter_size(&handoff.headers, handoff.body.len());
+            let adds = envelope::letter_size(&handoff.headers, handoff.body.len());
             let full = chunks.last().is_none_or(|c| {
                 c.len() >= 255 || !payloads::fits_inline(&self.client, size + adds)
             });
@@ -106,18 +106,4 @@ impl Outbox {
         }
         chunks
     }
-}
-
-/// Bytes a message with `headers` and a body of `body` bytes takes as a letter.
-fn letter_size(headers: &HeaderMap, body: usize) -> usize {
-    6 + body
-        + headers
-            .iter()
-            .map(|(name, values)| {
-                values
-                    .iter()
-                    .map(|v| 4 + AsRef::<str>::as_ref(name).len() + v.as_str().len())
-                    .sum::<usize>()
-            })
-            .sum::<usize>()
 }

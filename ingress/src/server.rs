@@ -20,7 +20,11 @@ use crate::replies::{self, Replies};
 use crate::routes::RouteTable;
 use crate::submit::{Submitter, REPLY_GRACE};
 use crate::watch::{Followed, Watchers};
-use natserve_protocol::buckets::{agents_bucket_config, open_bucket, routes_bucket_config};
+use async_nats::jetstream::kv;
+use natserve_protocol::buckets::{
+    agents_bucket_config, open_bucket, routes_bucket_config, BucketError,
+};
+use natserve_protocol::nats::settled;
 use natserve_protocol::payloads::Payloads;
 
 /// How long the NATS client gets to flush and close at the end.
@@ -98,15 +102,30 @@ pub async fn run(
     let submitter = Submitter::new(client.clone(), names.clone(), replies, payloads);
     let js = submitter.jetstream().clone();
     let replicas = config.replicas;
+    // Every bucket error at start is one a JetStream cluster still settling may give (a
+    // peer not yet known, a bucket just made without a leader yet): retried a while.
+    let open = |config: kv::Config| {
+        let js = &js;
+        settled(
+            "kv bucket",
+            |_: &BucketError| true,
+            move || open_bucket(js, config.clone()),
+        )
+    };
     let routes = Followed {
-        store: open_bucket(&js, routes_bucket_config(&names, replicas)).await?,
+        store: open(routes_bucket_config(&names, replicas)).await?,
         config: routes_bucket_config(&names, replicas),
     };
     let agents = Followed {
-        store: open_bucket(&js, agents_bucket_config(&names, replicas)).await?,
+        store: open(agents_bucket_config(&names, replicas)).await?,
         config: agents_bucket_config(&names, replicas),
     };
-    let results = natserve_protocol::Results::open(&js, &names, replicas).await?;
+    let results = settled(
+        "results bucket",
+        |_: &BucketError| true,
+        || natserve_protocol::Results::open(&js, &names, replicas),
+    )
+    .await?;
     let table = RouteTable::shared();
     let watching = CancellationToken::new();
     let mut watchers = Watchers::spawn(js, routes, agents, table.clone(), watching.clone());

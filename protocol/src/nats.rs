@@ -324,6 +324,37 @@ fn log_event(event: Event) {
     }
 }
 
+/// How long start-up retries the answers a JetStream cluster gives while it settles: a
+/// cluster just formed may not know all its peers yet ("no suitable peers for placement"),
+/// and a stream or bucket another process has just made may have no leader for a moment
+/// (its reads answer "no responders", its requests time out).
+pub const SETTLE_WITHIN: Duration = Duration::from_secs(20);
+
+/// Runs start-up `step` again while it fails with an error `may_pass` says NATS may get
+/// over, for up to [`SETTLE_WITHIN`]; every process's start-up steps go through it, so
+/// natserve and a JetStream cluster can be started together.
+pub async fn settled<T, E, F, Fut>(
+    step_name: &str,
+    may_pass: impl Fn(&E) -> bool,
+    mut step: F,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let started = Instant::now();
+    loop {
+        match step().await {
+            Err(e) if may_pass(&e) && started.elapsed() < SETTLE_WITHIN => {
+                warn!(step = step_name, error = %e, "jetstream not settled yet, retrying");
+                tokio::time::sleep(RETRY_DELAY).await;
+            }
+            done => return done,
+        }
+    }
+}
+
 /// Connects to `urls` as `identity`, retrying the first connection for up to `within`.
 ///
 /// Fails at once on a bad URL, unreadable credential or certificate files, or two ways
@@ -381,6 +412,43 @@ mod tests {
             name: "t".to_owned(),
             inbox_prefix: "natserve.inbox.t".to_owned(),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn start_up_retries_what_may_pass_and_not_the_rest() {
+        let tries = std::cell::Cell::new(0);
+        let passing = settled(
+            "t",
+            |e: &&str| *e == "settling",
+            || {
+                tries.set(tries.get() + 1);
+                let n = tries.get();
+                async move {
+                    if n < 3 {
+                        Err("settling")
+                    } else {
+                        Ok(n)
+                    }
+                }
+            },
+        );
+        assert_eq!(passing.await, Ok(3));
+        tries.set(0);
+        let refused = settled(
+            "t",
+            |e: &&str| *e == "settling",
+            || {
+                tries.set(tries.get() + 1);
+                async { Err::<(), _>("bad setting") }
+            },
+        );
+        assert_eq!((refused.await, tries.get()), (Err("bad setting"), 1));
+        // A cluster that never settles is given up on after SETTLE_WITHIN.
+        let started = Instant::now();
+        let never = settled("t", |_: &&str| true, || async { Err::<(), _>("settling") });
+        assert_eq!(never.await, Err("settling"));
+        assert!(started.elapsed() >= SETTLE_WITHIN);
+        assert!(started.elapsed() < SETTLE_WITHIN + 2 * RETRY_DELAY);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::jetstream::stream::StorageType;
+use natserve_protocol::nats::settled;
 use natserve_protocol::{AgentConfig, Names, Results, StageSpec};
 use natserve_scheduler::places::Places;
 use natserve_scheduler::stage::StageContext;
@@ -36,10 +37,6 @@ use supervisor::{supervise, Slot};
 
 /// In a fresh cluster the NATS server may still be starting: the first connect retries.
 const CONNECT_WITHIN: Duration = Duration::from_secs(10);
-/// How long start-up retries the answers a JetStream cluster gives while it settles:
-/// a stream or bucket another agent has just made may have no leader for a moment (its
-/// reads answer "no responders", its requests time out).
-const SETTLE_WITHIN: Duration = Duration::from_secs(20);
 /// Deleting the agent's record at shutdown; past it, the record expires on its own.
 const DEREGISTER_WITHIN: Duration = Duration::from_millis(800);
 /// Pull loops finish the pull in flight (at most one idle poll) and stop; past it,
@@ -55,25 +52,6 @@ pub const DRAIN_MARGIN: Duration = Duration::from_millis(
     (DEREGISTER_WITHIN.as_millis() + PULLS_STOP_WITHIN.as_millis() + FLUSH_WITHIN.as_millis())
         as u64,
 );
-
-/// Runs start-up `step` again while it fails with an error NATS may get over
-/// ([`AgentError::may_pass`]), for up to [`SETTLE_WITHIN`].
-async fn settled<T, F, Fut>(step_name: &str, mut step: F) -> Result<T, AgentError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, AgentError>>,
-{
-    let started = tokio::time::Instant::now();
-    loop {
-        match step().await {
-            Err(e) if e.may_pass() && started.elapsed() < SETTLE_WITHIN => {
-                warn!(step = step_name, error = %e, "jetstream not settled yet, retrying");
-                tokio::time::sleep(natserve_protocol::nats::RETRY_DELAY).await;
-            }
-            done => return done,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -193,7 +171,7 @@ pub async fn run(
     let replicas = settings.queue.replicas;
     // Queues that outlive the broker ask for replies that do too (the results bucket).
     let durable_replies = settings.queue.storage == StorageType::File || replicas > 1;
-    let registration = settled("registration", || async {
+    let registration = settled("registration", AgentError::may_pass, || async {
         let registration = Registration::open(
             &js,
             &names,
@@ -209,7 +187,7 @@ pub async fn run(
     })
     .await?;
 
-    let results = settled("results bucket", || async {
+    let results = settled("results bucket", AgentError::may_pass, || async {
         Ok(Results::open(&js, &names, replicas).await?)
     })
     .await?;
@@ -227,7 +205,7 @@ pub async fn run(
     let worker_cmd = Arc::new(config.worker_cmd.clone());
     for (spec, pool) in config.stages.iter().zip(pools) {
         let places = Places::new(&names, &config.places(spec))?;
-        let consumer = settled("stage queue", || async {
+        let consumer = settled("stage queue", AgentError::may_pass, || async {
             Ok(ensure_stage(&js, &names, spec, &places, &settings.queue).await?)
         })
         .await?;

@@ -139,6 +139,25 @@ impl Envelopes {
         waiting.drain(..n).collect()
     }
 
+    /// The newest waiting letters beyond the oldest `keep`, taken out to go back to the
+    /// stage's stream ([`crate::outbox::Outbox::hand_back`]); a letter delivered before
+    /// stays, since a copy would start its delivery count again and it may be what
+    /// killed a worker (it must run alone, and be answered if it does so twice).
+    pub fn take_beyond(
+        &self,
+        keep: usize,
+        delivered: impl Fn(&jetstream::Message) -> i64,
+    ) -> Vec<jetstream::Message> {
+        let mut waiting = self.waiting();
+        if waiting.len() <= keep {
+            return Vec::new();
+        }
+        let beyond: Vec<jetstream::Message> = waiting.drain(keep..).collect();
+        let (stay, out): (Vec<_>, Vec<_>) = beyond.into_iter().partition(|m| delivered(m) > 1);
+        waiting.extend(stay);
+        out
+    }
+
     pub fn has_waiting(&self) -> bool {
         !self.waiting().is_empty()
     }

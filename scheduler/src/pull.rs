@@ -65,7 +65,7 @@ pub(crate) async fn pull_loop(
     let mut held: Vec<jetstream::Message> = Vec::new();
     loop {
         if held.is_empty() && ctx.lookahead.ahead() {
-            let Some(batch) = pull(&ctx, &mut source, limits, &cancel).await else {
+            let Some(batch) = pull(&ctx, &pool, &mut source, limits, &cancel).await else {
                 break;
             };
             held = batch;
@@ -75,7 +75,7 @@ pub(crate) async fn pull_loop(
             break;
         };
         if held.is_empty() {
-            let Some(batch) = pull(&ctx, &mut source, limits, &cancel).await else {
+            let Some(batch) = pull(&ctx, &pool, &mut source, limits, &cancel).await else {
                 returns.put(worker);
                 break;
             };
@@ -202,6 +202,7 @@ fn drop_cancelled(
 /// `cancel` fires. A poll in flight is finished, not dropped, so no message is stranded.
 async fn pull(
     ctx: &StageContext,
+    pool: &WorkerPool,
     source: &mut PullInbox,
     limits: Limits,
     cancel: &CancellationToken,
@@ -215,7 +216,10 @@ async fn pull(
             lookahead: &ctx.lookahead,
         };
         match collect_batch(&mut timed, limits).await {
-            Ok(Some(batch)) => return Some(batch),
+            Ok(Some(batch)) => {
+                hand_back_surplus(ctx, pool, limits.max_batch).await;
+                return Some(batch);
+            }
             Ok(None) => continue,
             Err(e) => {
                 warn!(route = %ctx.spec.route, stage = ctx.spec.stage, error = %e, "pull failed");
@@ -237,6 +241,31 @@ async fn pull(
                 }
             }
         }
+    }
+}
+
+/// Gives back the letters waiting on this agent beyond what its workers will start
+/// soon: an envelope can bring more than one batch, and what a slow agent keeps waits
+/// behind its batches while a faster agent idles. Kept: what the stage's other free
+/// workers can take now, a batch each, and where the stage pulls ahead
+/// ([`crate::lookahead`]), a batch per worker. The rest goes back to the stage's stream
+/// ([`crate::outbox::Outbox::hand_back`]), for whichever agent pulls next.
+async fn hand_back_surplus(ctx: &StageContext, pool: &WorkerPool, max_batch: usize) {
+    if !ctx.envelopes.has_waiting() {
+        return;
+    }
+    let stats = pool.stats();
+    // This loop's own worker is free until its batch starts: not one of the others.
+    let workers = if ctx.lookahead.ahead() {
+        stats.ready()
+    } else {
+        stats.free().saturating_sub(1)
+    };
+    let surplus = ctx
+        .envelopes
+        .take_beyond(workers as usize * max_batch, delivered);
+    if !surplus.is_empty() {
+        ctx.outbox.hand_back(&surplus).await;
     }
 }
 

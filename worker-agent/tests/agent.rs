@@ -387,6 +387,70 @@ async fn a_batchs_results_go_to_the_next_stage_as_one_envelope() {
     agent.stop().await.unwrap();
 }
 
+#[tokio::test]
+async fn a_slow_agent_gives_back_the_letters_it_will_not_start_soon() {
+    let nats = NatsServer::start();
+    let logs = TempDir::new("hand-back");
+    let config = |log: &str, sleep_ms: &str| {
+        let mut config = pipeline("/echo", 1, 1, None);
+        config.stages[0].env = Some(vec![BTreeMap::from([
+            (
+                "FAKE_BATCH_LOG".to_owned(),
+                logs.0.join(log).to_str().unwrap().to_owned(),
+            ),
+            ("FAKE_SLEEP_MS".to_owned(), sleep_ms.to_owned()),
+        ])]);
+        config
+    };
+    // One worker, batches of at most four, each taking 1.5 s: it pulls the envelope of
+    // twelve, starts four and keeps none ahead.
+    let slow = Agent::start_with(&nats, config("slow.log", "1500"), Prefetch::Off);
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    wait_ready(&client, 1).await;
+    let mut sub = client.subscribe("t.reply.back.*").await.unwrap();
+    let ids: Vec<String> = (0..12).map(|i| format!("b{i}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let js = submit_envelope(&client, "echo", "t.reply.back", &ids).await;
+    let slow_log = logs.0.join("slow.log");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !slow_log.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow agent never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // An agent that joins now finds the other eight in the stream, not held by the slow one.
+    let fast = Agent::start_with(&nats, config("fast.log", "0"), Prefetch::Off);
+    assert_eq!(
+        echoed_replies(&mut sub, &ids).await,
+        echoes(&ids),
+        "every letter answered once, with its own body"
+    );
+    let ran = |log: &str| -> Vec<String> {
+        let text = std::fs::read_to_string(logs.0.join(log)).unwrap_or_default();
+        text.split_whitespace().map(str::to_owned).collect()
+    };
+    let (on_slow, on_fast) = (ran("slow.log"), ran("fast.log"));
+    assert_eq!(
+        on_slow.len(),
+        4,
+        "the slow agent ran one batch: {on_slow:?}"
+    );
+    assert_eq!(
+        on_fast.len(),
+        8,
+        "the joining agent ran the rest: {on_fast:?}"
+    );
+    // What each gave back went as one message: the envelope of twelve, the slow
+    // agent's eight, and the four the joining agent (one worker, no look-ahead) did not
+    // start with its first batch.
+    let mut stream = js.get_stream(format!("{NS}_work_echo_0")).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.last_sequence, 3);
+    fast.stop().await.unwrap();
+    slow.stop().await.unwrap();
+}
+
 /// Publishes one work message to stage 0 of `slug` holding a request per id (body: the
 /// id as a JSON string, replies to `<reply_prefix>.<id>`); the JetStream context used.
 async fn submit_envelope(
@@ -422,8 +486,12 @@ async fn echoed_replies(sub: &mut async_nats::Subscriber, ids: &[&str]) -> Vec<(
 }
 
 /// What the fake worker answers each id: `ok` and its body back.
+/// What [`echoed_replies`] reads when each of `ids` is echoed once, sorted as it sorts.
 fn echoes(ids: &[&str]) -> Vec<(String, String)> {
-    ids.iter()
+    let mut out: Vec<(String, String)> = ids
+        .iter()
         .map(|id| ("ok".to_owned(), format!("\"{id}\"")))
-        .collect()
+        .collect();
+    out.sort();
+    out
 }

@@ -5,6 +5,9 @@
 //! `Nats-Msg-Id`, so JetStream drops the copy a rerun would hand on; letters of an
 //! envelope have none, and a rerun's copies run again at the next stage and are
 //! answered once (the first reply wins).
+//!
+//! Hand-backs: work an agent pulled but will not start soon goes to its own stage's
+//! stream again ([`Outbox::hand_back`]), the same way.
 
 use std::collections::BTreeMap;
 
@@ -42,21 +45,7 @@ impl Outbox {
         let mut sent = Vec::new();
         for (next, group) in by_next {
             for chunk in self.fitting(group) {
-                let publish = if let [one] = chunk.as_slice() {
-                    self.js
-                        .publish_with_headers(next.clone(), one.headers.clone(), one.body.clone())
-                        .await
-                } else {
-                    let letters: Vec<Letter> = chunk
-                        .iter()
-                        .map(|h| Letter::new(&h.headers, h.body.clone()))
-                        .collect();
-                    let body = envelope::encode(&letters).expect("a chunk holds 2 to 255 letters");
-                    let mut h = HeaderMap::new();
-                    h.insert(headers::ENVELOPE, letters.len().to_string());
-                    self.js.publish_with_headers(next.clone(), h, body).await
-                };
-                match publish {
+                match self.publish_chunk(&next, &chunk).await {
                     Ok(ack) => sent.push((chunk, ack)),
                     Err(e) => {
                         for h in chunk {
@@ -87,6 +76,81 @@ impl Outbox {
         }
     }
 
+    /// Gives back work this agent will not start soon, so an idle agent takes it now:
+    /// `msgs` go to their stage's stream again (one envelope per subject where several
+    /// fit), and each is acked here once JetStream holds its copy. Each copy is the work
+    /// as it came, without the `Nats-Msg-Id` that would make JetStream drop it as the
+    /// original's duplicate. Ack only, never [`Outbox::settle`]: the copy still reads the
+    /// object a claim-checked body went to. One that cannot be published again is given
+    /// back the ordinary way (`Nak`), which gives back its whole envelope.
+    pub async fn hand_back(&self, msgs: &[jetstream::Message]) {
+        let copies: Vec<Handoff<'_>> = msgs
+            .iter()
+            .map(|msg| Handoff {
+                msg,
+                next: msg.subject.to_string(),
+                headers: without_msg_id(msg.headers.as_ref()),
+                body: msg.payload.clone(),
+                sizes: String::new(),
+                claim: None,
+            })
+            .collect();
+        let mut by_subject: BTreeMap<String, Vec<Handoff<'_>>> = BTreeMap::new();
+        for copy in copies {
+            by_subject.entry(copy.next.clone()).or_default().push(copy);
+        }
+        let mut sent = Vec::new();
+        for (subject, group) in by_subject {
+            for chunk in self.fitting(group) {
+                match self.publish_chunk(&subject, &chunk).await {
+                    Ok(ack) => sent.push((chunk, ack)),
+                    Err(_) => self.give_back(&chunk).await,
+                }
+            }
+        }
+        for (chunk, pub_ack) in sent {
+            match pub_ack.await {
+                Ok(_) => {
+                    for copy in &chunk {
+                        self.ack(copy.msg, AckKind::Ack).await;
+                    }
+                }
+                Err(_) => self.give_back(&chunk).await,
+            }
+        }
+    }
+
+    async fn give_back(&self, chunk: &[Handoff<'_>]) {
+        for copy in chunk {
+            self.ack(copy.msg, AckKind::Nak(None)).await;
+        }
+    }
+
+    /// Publishes `chunk` to `subject`: a message of its own when it is one, else one
+    /// envelope.
+    async fn publish_chunk(
+        &self,
+        subject: &str,
+        chunk: &[Handoff<'_>],
+    ) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
+        if let [one] = chunk {
+            return self
+                .js
+                .publish_with_headers(subject.to_owned(), one.headers.clone(), one.body.clone())
+                .await;
+        }
+        let letters: Vec<Letter> = chunk
+            .iter()
+            .map(|h| Letter::new(&h.headers, h.body.clone()))
+            .collect();
+        let body = envelope::encode(&letters).expect("a chunk holds 2 to 255 letters");
+        let mut h = HeaderMap::new();
+        h.insert(headers::ENVELOPE, letters.len().to_string());
+        self.js
+            .publish_with_headers(subject.to_owned(), h, body)
+            .await
+    }
+
     /// `group` cut into envelopes that each fit one NATS message (and hold at most 255
     /// letters); a hand-off is never split.
     fn fitting<'m>(&self, group: Vec<Handoff<'m>>) -> Vec<Vec<Handoff<'m>>> {
@@ -106,4 +170,17 @@ impl Outbox {
         }
         chunks
     }
+}
+
+/// `headers` less `Nats-Msg-Id`.
+fn without_msg_id(headers: Option<&HeaderMap>) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, values) in headers.into_iter().flat_map(HeaderMap::iter) {
+        if AsRef::<str>::as_ref(name) != headers::MSG_ID {
+            for value in values {
+                out.append(name.clone(), value.clone());
+            }
+        }
+    }
+    out
 }

@@ -16,6 +16,9 @@ use std::time::Duration;
 /// `Auto` prefetches while a batch's service time is at most this many pull round trips.
 pub const PAYS_WITHIN: u64 = 10;
 
+/// The most batches per worker an agent keeps waiting ([`Lookahead::rounds_kept`]).
+pub const MAX_ROUNDS_KEPT: usize = 4;
+
 /// How a stage decides to pull ahead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Prefetch {
@@ -82,6 +85,26 @@ impl Lookahead {
         }
     }
 
+    /// How many batches per worker may wait on this agent beyond what its workers run:
+    /// those that start within [`PAYS_WITHIN`] round trips (the rest would wait longer
+    /// here than going back to the stream and to another agent costs), at most
+    /// [`MAX_ROUNDS_KEPT`]. `Off` keeps none, `On` at least one; while nothing is
+    /// measured yet, one.
+    pub fn rounds_kept(&self) -> usize {
+        let round_trip = self.round_trip_us.load(Ordering::Relaxed);
+        let service = self.service_us.load(Ordering::Relaxed);
+        let measured = if round_trip == 0 || service == 0 {
+            1
+        } else {
+            (PAYS_WITHIN * round_trip / service).min(MAX_ROUNDS_KEPT as u64) as usize
+        };
+        match self.mode {
+            Prefetch::Off => 0,
+            Prefetch::On => measured.max(1),
+            Prefetch::Auto => measured,
+        }
+    }
+
     /// The current estimates (round trip, service time), for logs and tests.
     pub fn estimates(&self) -> (Duration, Duration) {
         let get = |a: &AtomicU64| Duration::from_micros(a.load(Ordering::Relaxed));
@@ -124,6 +147,27 @@ mod tests {
         assert!(with(MS * 3 / 10, MS).ahead());
         // A 20 ms batch next to a 0.3 ms round trip holds nothing ahead.
         assert!(!with(MS * 3 / 10, MS * 20).ahead());
+    }
+
+    #[test]
+    fn a_fast_stage_keeps_what_it_starts_soon_and_a_slow_one_nothing_ahead() {
+        // 1 ms batches next to a 0.3 ms round trip: three rounds start within ten.
+        assert_eq!(with(MS * 3 / 10, MS).rounds_kept(), 3);
+        // An echo stage: bounded all the same.
+        assert_eq!(with(MS * 3 / 10, MS / 100).rounds_kept(), MAX_ROUNDS_KEPT);
+        // 20 ms batches: what its workers do not start now goes back.
+        assert_eq!(with(MS * 3 / 10, MS * 20).rounds_kept(), 0);
+        assert_eq!(
+            Lookahead::new(Prefetch::Auto).rounds_kept(),
+            1,
+            "unmeasured"
+        );
+        let (off, on) = (Lookahead::new(Prefetch::Off), Lookahead::new(Prefetch::On));
+        for l in [&off, &on] {
+            l.observe_pull(MS);
+            l.observe_batch(MS * 100);
+        }
+        assert_eq!((off.rounds_kept(), on.rounds_kept()), (0, 1));
     }
 
     #[test]

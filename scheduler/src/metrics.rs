@@ -11,6 +11,7 @@ pub struct StageMetrics {
     pub batch_seconds: Histogram,
     pub queue_wait_seconds: Histogram,
     pub worker_failures: IntCounter,
+    pub handed_back: IntCounter,
     items: IntCounterVec,
     results: IntCounterVec,
     route: String,
@@ -42,6 +43,7 @@ pub struct AgentMetrics {
     items: IntCounterVec,
     results: IntCounterVec,
     worker_failures: IntCounterVec,
+    handed_back: IntCounterVec,
 }
 
 impl AgentMetrics {
@@ -89,6 +91,14 @@ impl AgentMetrics {
             ),
             &["route", "stage"],
         )?;
+        let handed_back = IntCounterVec::new(
+            opts!(
+                "natserve_agent_handed_back_total",
+                "Requests pulled in an envelope and given back to the stage's stream unrun, \
+                 since this agent would not start them soon"
+            ),
+            &["route", "stage"],
+        )?;
         let build_info = IntGaugeVec::new(
             opts!(
                 "natserve_build_info",
@@ -106,6 +116,7 @@ impl AgentMetrics {
         registry.register(Box::new(items.clone()))?;
         registry.register(Box::new(results.clone()))?;
         registry.register(Box::new(worker_failures.clone()))?;
+        registry.register(Box::new(handed_back.clone()))?;
         Ok(Self {
             batch_size,
             batch_seconds,
@@ -113,6 +124,7 @@ impl AgentMetrics {
             items,
             results,
             worker_failures,
+            handed_back,
         })
     }
 
@@ -124,6 +136,7 @@ impl AgentMetrics {
             batch_seconds: self.batch_seconds.with_label_values(&labels),
             queue_wait_seconds: self.queue_wait_seconds.with_label_values(&labels),
             worker_failures: self.worker_failures.with_label_values(&labels),
+            handed_back: self.handed_back.with_label_values(&labels),
             items: self.items.clone(),
             results: self.results.clone(),
             route: route.to_owned(),

@@ -246,9 +246,10 @@ async fn pull(
 
 /// Gives back the letters waiting on this agent beyond what its workers will start
 /// soon: an envelope can bring more than one batch, and what a slow agent keeps waits
-/// behind its batches while a faster agent idles. Kept: what the stage's other free
-/// workers can take now, a batch each, and where the stage pulls ahead
-/// ([`crate::lookahead`]), a batch per worker. The rest goes back to the stage's stream
+/// behind its batches while a faster agent idles. Kept: a batch for each of the stage's
+/// other free workers, and a batch per worker for each round that starts within a few
+/// pull round trips ([`Lookahead::rounds_kept`]): a fast stage keeps what it is about to
+/// run, a slow one only what it starts now. The rest goes back to the stage's stream
 /// ([`crate::outbox::Outbox::hand_back`]), for whichever agent pulls next.
 async fn hand_back_surplus(ctx: &StageContext, pool: &WorkerPool, max_batch: usize) {
     if !ctx.envelopes.has_waiting() {
@@ -256,15 +257,13 @@ async fn hand_back_surplus(ctx: &StageContext, pool: &WorkerPool, max_batch: usi
     }
     let stats = pool.stats();
     // This loop's own worker is free until its batch starts: not one of the others.
-    let workers = if ctx.lookahead.ahead() {
-        stats.ready()
-    } else {
-        stats.free().saturating_sub(1)
-    };
+    let others = stats.free().saturating_sub(1) as usize;
+    let ahead = ctx.lookahead.rounds_kept() * stats.ready() as usize;
     let surplus = ctx
         .envelopes
-        .take_beyond(workers as usize * max_batch, delivered);
+        .take_beyond((others + ahead) * max_batch, delivered);
     if !surplus.is_empty() {
+        ctx.metrics.handed_back.inc_by(surplus.len() as u64);
         ctx.outbox.hand_back(&surplus).await;
     }
 }

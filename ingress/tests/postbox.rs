@@ -7,7 +7,7 @@ mod common;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use common::*;
-use natserve_ingress::postbox::Postbox;
+use natserve_protocol::postbox::Postbox;
 use natserve_protocol::{envelope, headers, Names, Rejection};
 
 fn work(id: &str) -> HeaderMap {

@@ -1,23 +1,25 @@
 //! Work publishes by group commit: while JetStream acks one publish to a stage, the
 //! requests that arrive for it wait, and go together in the next one, as an envelope
-//! ([`natserve_protocol::envelope`]). With nothing in flight a request goes at once, as
-//! a message of its own: concurrency 1 pays no added delay, and under load the broker
-//! sees one message (and one ack) per group instead of one per request.
+//! ([`crate::envelope`]). With nothing in flight a request goes at once, as a message of
+//! its own (with the headers it came with, its `Nats-Msg-Id` too): concurrency 1 pays no
+//! added delay, and under load the broker sees one message (and one ack) per group
+//! instead of one per request. The ingress publishes its requests' work through one, an
+//! agent its hand-offs to next stages and its hand-backs.
 //!
 //! One task per work subject does the publishing; each request waits for its group's
 //! ack. An envelope has no `Nats-Msg-Id`: a group is made once, so a retry after an
 //! error is a new group, and a request that landed twice runs twice and is answered
 //! once (the first reply wins).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::envelope::{self, Letter};
+use crate::{headers, payloads, Rejection};
 use async_nats::jetstream::{self, context::PublishError};
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use natserve_protocol::envelope::{self, Letter};
-use natserve_protocol::{headers, payloads, Rejection};
 use tokio::sync::{mpsc, oneshot};
 
 /// Most requests in one envelope. A stage's queue bound (`--max-queue`) counts messages,
@@ -40,10 +42,17 @@ impl Refusal {
     }
 }
 
+/// How a publish landed: `duplicate` when JetStream dropped it as a copy of one it has
+/// (a message of its own whose `Nats-Msg-Id` it saw within its window; never an envelope).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Landed {
+    pub duplicate: bool,
+}
+
 struct Post {
     headers: HeaderMap,
     body: Bytes,
-    landed: oneshot::Sender<Result<(), Refusal>>,
+    landed: oneshot::Sender<Result<Landed, Refusal>>,
 }
 
 impl Post {
@@ -53,12 +62,19 @@ impl Post {
     }
 }
 
-/// The ingress's way to its stages' work subjects.
+/// A process's way to its stages' work subjects.
 #[derive(Debug)]
 pub struct Postbox {
     client: async_nats::Client,
     jetstream: jetstream::Context,
-    queues: Mutex<HashMap<String, mpsc::UnboundedSender<Post>>>,
+    queues: Mutex<HashMap<String, mpsc::UnboundedSender<Vec<Post>>>>,
+}
+
+fn stopped() -> Refusal {
+    Refusal {
+        rejection: Rejection::Unreachable,
+        text: "the publisher of this stage stopped".to_owned(),
+    }
 }
 
 impl Postbox {
@@ -77,26 +93,40 @@ impl Postbox {
         subject: &str,
         headers: HeaderMap,
         body: Bytes,
-    ) -> Result<(), Refusal> {
-        let (landed, ack) = oneshot::channel();
-        let post = Post {
-            headers,
-            body,
-            landed,
-        };
-        self.queue(subject).send(post).map_err(|_| Refusal {
-            rejection: Rejection::Unreachable,
-            text: "the publisher of this stage stopped".to_owned(),
-        })?;
-        ack.await.unwrap_or_else(|_| {
-            Err(Refusal {
-                rejection: Rejection::Unreachable,
-                text: "the publisher of this stage stopped".to_owned(),
-            })
-        })
+    ) -> Result<Landed, Refusal> {
+        let mut landed = self.publish_all(subject, vec![(headers, body)]).await;
+        landed.pop().unwrap_or_else(|| Err(stopped()))
     }
 
-    fn queue(&self, subject: &str) -> mpsc::UnboundedSender<Post> {
+    /// Publishes several requests' work to `subject` at once (they go in one group
+    /// where they fit, with what else waits) and waits for each one's ack, in order.
+    pub async fn publish_all(
+        &self,
+        subject: &str,
+        work: Vec<(HeaderMap, Bytes)>,
+    ) -> Vec<Result<Landed, Refusal>> {
+        let (posts, acks): (Vec<Post>, Vec<_>) = work
+            .into_iter()
+            .map(|(headers, body)| {
+                let (landed, ack) = oneshot::channel();
+                let post = Post {
+                    headers,
+                    body,
+                    landed,
+                };
+                (post, ack)
+            })
+            .unzip();
+        // A failed send drops the posts, and with them their senders: each ack says so.
+        let _ = self.queue(subject).send(posts);
+        let mut out = Vec::with_capacity(acks.len());
+        for ack in acks {
+            out.push(ack.await.unwrap_or_else(|_| Err(stopped())));
+        }
+        out
+    }
+
+    fn queue(&self, subject: &str) -> mpsc::UnboundedSender<Vec<Post>> {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = queues.get(subject).filter(|tx| !tx.is_closed()) {
             return tx.clone();
@@ -117,30 +147,33 @@ impl Postbox {
 /// publish was in flight, up to [`MAX_LETTERS`] and one NATS message.
 async fn publisher(
     subject: String,
-    mut rx: mpsc::UnboundedReceiver<Post>,
+    mut rx: mpsc::UnboundedReceiver<Vec<Post>>,
     client: async_nats::Client,
     js: jetstream::Context,
 ) {
-    let mut carried: Option<Post> = None;
+    let mut waiting: VecDeque<Post> = VecDeque::new();
     loop {
-        let first = match carried.take() {
-            Some(post) => post,
-            None => match rx.recv().await {
-                Some(post) => post,
+        if waiting.is_empty() {
+            match rx.recv().await {
+                Some(posts) => waiting.extend(posts),
                 None => return,
-            },
-        };
+            }
+        }
+        while let Ok(posts) = rx.try_recv() {
+            waiting.extend(posts);
+        }
+        let first = waiting.pop_front().expect("not empty");
         let mut size = 2 + first.size();
         let mut group = vec![first];
         while group.len() < MAX_LETTERS {
-            let Ok(post) = rx.try_recv() else { break };
-            let adds = post.size();
+            let Some(adds) = waiting.front().map(Post::size) else {
+                break;
+            };
             if !payloads::fits_inline(&client, size + adds) {
-                carried = Some(post);
                 break;
             }
             size += adds;
-            group.push(post);
+            group.push(waiting.pop_front().expect("looked at"));
         }
         let result = send(&js, &subject, &mut group).await;
         for post in group {
@@ -155,7 +188,11 @@ async fn publisher(
 const ACK_WITHIN: Duration = Duration::from_secs(1);
 
 /// One publish for `group`: its one request as it is, or all of them in an envelope.
-async fn send(js: &jetstream::Context, subject: &str, group: &mut [Post]) -> Result<(), Refusal> {
+async fn send(
+    js: &jetstream::Context,
+    subject: &str,
+    group: &mut [Post],
+) -> Result<Landed, Refusal> {
     let (headers, body) = if let [one] = group {
         (
             std::mem::take(&mut one.headers),
@@ -179,7 +216,11 @@ async fn send(js: &jetstream::Context, subject: &str, group: &mut [Post]) -> Res
         .await
         .map_err(|e| Refusal::of(&e))?;
     match tokio::time::timeout(ACK_WITHIN, ack).await {
-        Ok(acked) => acked.map(|_| ()).map_err(|e| Refusal::of(&e)),
+        Ok(acked) => acked
+            .map(|ack| Landed {
+                duplicate: ack.duplicate,
+            })
+            .map_err(|e| Refusal::of(&e)),
         Err(_) => Err(Refusal {
             rejection: Rejection::Unreachable,
             text: "no publish ack within 1 s".to_owned(),

@@ -20,6 +20,7 @@ use crate::{headers, payloads, Rejection};
 use async_nats::jetstream::{self, context::PublishError};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
 /// Most requests in one envelope. A stage's queue bound (`--max-queue`) counts messages,
@@ -67,6 +68,8 @@ impl Post {
 pub struct Postbox {
     client: async_nats::Client,
     jetstream: jetstream::Context,
+    /// Publishes a subject may have in flight before what comes waits for the next group.
+    in_flight: usize,
     queues: Mutex<HashMap<String, mpsc::UnboundedSender<Vec<Post>>>>,
 }
 
@@ -82,8 +85,15 @@ impl Postbox {
         Self {
             client,
             jetstream,
+            in_flight: 1,
             queues: Mutex::default(),
         }
+    }
+
+    /// Lets `n` publishes per subject be in flight at once: less waiting, smaller groups.
+    pub fn with_in_flight(mut self, n: usize) -> Self {
+        self.in_flight = n.max(1);
+        self
     }
 
     /// Publishes one request's work to `subject` and waits until JetStream acked it, alone
@@ -137,49 +147,69 @@ impl Postbox {
             rx,
             self.client.clone(),
             self.jetstream.clone(),
+            self.in_flight,
         ));
         queues.insert(subject.to_owned(), tx.clone());
         tx
     }
 }
 
-/// Publishes what comes for `subject`, a group at a time: what waited while the last
-/// publish was in flight, up to [`MAX_LETTERS`] and one NATS message.
+/// Publishes what comes for `subject`, a group at a time: what waited while `in_flight`
+/// publishes were in flight, up to [`MAX_LETTERS`] and one NATS message.
 async fn publisher(
     subject: String,
     mut rx: mpsc::UnboundedReceiver<Vec<Post>>,
     client: async_nats::Client,
     js: jetstream::Context,
+    in_flight: usize,
 ) {
     let mut waiting: VecDeque<Post> = VecDeque::new();
+    let mut sending = FuturesUnordered::new();
+    let mut open = true;
     loop {
-        if waiting.is_empty() {
-            match rx.recv().await {
-                Some(posts) => waiting.extend(posts),
-                None => return,
-            }
-        }
         while let Ok(posts) = rx.try_recv() {
             waiting.extend(posts);
         }
-        let first = waiting.pop_front().expect("not empty");
-        let mut size = 2 + first.size();
-        let mut group = vec![first];
-        while group.len() < MAX_LETTERS {
-            let Some(adds) = waiting.front().map(Post::size) else {
-                break;
-            };
-            if !payloads::fits_inline(&client, size + adds) {
-                break;
-            }
-            size += adds;
-            group.push(waiting.pop_front().expect("looked at"));
+        while sending.len() < in_flight && !waiting.is_empty() {
+            let mut group = take_group(&client, &mut waiting);
+            let (js, subject) = (&js, &subject);
+            sending.push(async move {
+                let result = send(js, subject, &mut group).await;
+                for post in group {
+                    let _ = post.landed.send(result.clone());
+                }
+            });
         }
-        let result = send(&js, &subject, &mut group).await;
-        for post in group {
-            let _ = post.landed.send(result.clone());
+        if !open && sending.is_empty() && waiting.is_empty() {
+            return;
+        }
+        tokio::select! {
+            posts = rx.recv(), if open && sending.len() < in_flight => match posts {
+                Some(posts) => waiting.extend(posts),
+                None => open = false,
+            },
+            Some(()) = sending.next(), if !sending.is_empty() => {}
         }
     }
+}
+
+/// The next group from the front of `waiting` (not empty): one post at least, then what
+/// fits [`MAX_LETTERS`] and one NATS message.
+fn take_group(client: &async_nats::Client, waiting: &mut VecDeque<Post>) -> Vec<Post> {
+    let first = waiting.pop_front().expect("not empty");
+    let mut size = 2 + first.size();
+    let mut group = vec![first];
+    while group.len() < MAX_LETTERS {
+        let Some(adds) = waiting.front().map(Post::size) else {
+            break;
+        };
+        if !payloads::fits_inline(client, size + adds) {
+            break;
+        }
+        size += adds;
+        group.push(waiting.pop_front().expect("looked at"));
+    }
+    group
 }
 
 /// Longest one group waits for JetStream's ack before its requests hear it did not come

@@ -139,23 +139,30 @@ impl Envelopes {
         waiting.drain(..n).collect()
     }
 
-    /// The newest waiting letters beyond the oldest `keep`, taken out to go back to the
-    /// stage's stream ([`crate::outbox::Outbox::hand_back`]); a letter delivered before
-    /// stays, since a copy would start its delivery count again and it may be what
-    /// killed a worker (it must run alone, and be answered if it does so twice).
+    /// Up to `most` of the newest waiting letters beyond the oldest `keep`, taken out to
+    /// go back to the stage's stream ([`crate::outbox::Outbox::hand_back`]); a letter
+    /// delivered before stays, since a copy would start its delivery count again and it
+    /// may be what killed a worker (it must run alone, and be answered if it does so
+    /// twice).
     pub fn take_beyond(
         &self,
         keep: usize,
+        most: usize,
         delivered: impl Fn(&jetstream::Message) -> i64,
     ) -> Vec<jetstream::Message> {
         let mut waiting = self.waiting();
-        if waiting.len() <= keep {
+        let from = waiting.len().saturating_sub(most).max(keep);
+        if from >= waiting.len() {
             return Vec::new();
         }
-        let beyond: Vec<jetstream::Message> = waiting.drain(keep..).collect();
+        let beyond: Vec<jetstream::Message> = waiting.drain(from..).collect();
         let (stay, out): (Vec<_>, Vec<_>) = beyond.into_iter().partition(|m| delivered(m) > 1);
         waiting.extend(stay);
         out
+    }
+
+    pub fn waiting_count(&self) -> usize {
+        self.waiting().len()
     }
 
     pub fn has_waiting(&self) -> bool {

@@ -27,6 +27,9 @@ use std::sync::{Arc, Mutex};
 
 use tracing::warn;
 
+/// How long a question to the server about the stage's consumer may take.
+const ASK_WITHIN: std::time::Duration = std::time::Duration::from_millis(250);
+
 use crate::batcher::Source;
 use crate::envelopes::{is_envelope, Envelopes};
 
@@ -150,6 +153,15 @@ impl PullInbox {
             statistics: client.statistics(),
             envelopes,
         })
+    }
+
+    /// How many pull requests wait at the server for the stage's work now (every agent's,
+    /// this one's too); `None` when the server did not say within [`ASK_WITHIN`].
+    pub async fn waiting_pulls(&self) -> Option<usize> {
+        match tokio::time::timeout(ASK_WITHIN, self.consumer.get_info()).await {
+            Ok(Ok(info)) => Some(info.num_waiting),
+            _ => None,
+        }
     }
 
     /// Whether letters wait to run, which the next pull then takes without asking the

@@ -217,7 +217,7 @@ async fn pull(
         };
         match collect_batch(&mut timed, limits).await {
             Ok(Some(batch)) => {
-                hand_back_surplus(ctx, pool, limits.max_batch).await;
+                hand_back_surplus(ctx, pool, source, limits.max_batch).await;
                 return Some(batch);
             }
             Ok(None) => continue,
@@ -245,23 +245,39 @@ async fn pull(
 }
 
 /// Gives back the letters waiting on this agent beyond what its workers will start
-/// soon: an envelope can bring more than one batch, and what a slow agent keeps waits
-/// behind its batches while a faster agent idles. Kept: a batch for each of the stage's
-/// other free workers, and a batch per worker for each round that starts within a few
-/// pull round trips ([`Lookahead::rounds_kept`]): a fast stage keeps what it is about to
-/// run, a slow one only what it starts now. The rest goes back to the stage's stream
-/// ([`crate::outbox::Outbox::hand_back`]), for whichever agent pulls next.
-async fn hand_back_surplus(ctx: &StageContext, pool: &WorkerPool, max_batch: usize) {
-    if !ctx.envelopes.has_waiting() {
-        return;
-    }
+/// soon, while another agent asks for work: an envelope can bring more than one batch,
+/// and what a slow agent keeps waits behind its batches while a faster one idles. Kept:
+/// a batch for each of the stage's other free workers, and a batch per worker for each
+/// round that starts within a few pull round trips ([`Lookahead::rounds_kept`]): a fast
+/// stage keeps what it is about to run, a slow one only what it starts now. The rest,
+/// up to a batch per pull request of another agent waiting at the server (asked only
+/// when there is a rest: a lone agent keeps what it has), goes back to the stage's
+/// stream ([`crate::outbox::Outbox::hand_back`]).
+async fn hand_back_surplus(
+    ctx: &StageContext,
+    pool: &WorkerPool,
+    source: &PullInbox,
+    max_batch: usize,
+) {
     let stats = pool.stats();
     // This loop's own worker is free until its batch starts: not one of the others.
     let others = stats.free().saturating_sub(1) as usize;
     let ahead = ctx.lookahead.rounds_kept() * stats.ready() as usize;
+    let keep = (others + ahead) * max_batch;
+    if ctx.envelopes.waiting_count() <= keep {
+        return;
+    }
+    // The other free workers' loops are pulling too: theirs are not another agent's.
+    let Some(foreign) = source
+        .waiting_pulls()
+        .await
+        .map(|n| n.saturating_sub(others))
+    else {
+        return;
+    };
     let surplus = ctx
         .envelopes
-        .take_beyond((others + ahead) * max_batch, delivered);
+        .take_beyond(keep, foreign * max_batch, delivered);
     if !surplus.is_empty() {
         ctx.metrics.handed_back.inc_by(surplus.len() as u64);
         ctx.outbox.hand_back(&surplus).await;

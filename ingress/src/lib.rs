@@ -15,6 +15,7 @@ pub mod listen;
 pub mod liveness;
 pub mod metrics;
 pub mod openapi;
+pub mod postbox;
 pub mod replies;
 pub mod request_id;
 pub mod routes;

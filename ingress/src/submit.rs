@@ -30,9 +30,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info};
 
 use crate::error::RequestError;
+use crate::postbox::{Postbox, Refusal};
 use crate::replies::{PendingReply, PendingStream, Replies};
 use crate::stream::ReplyStream;
-use natserve_protocol::postbox::{Postbox, Refusal};
 
 /// How long fetching a reply that came as a claim check may take, whatever the deadline:
 /// the pipeline answered in time, and its answer is better than our own 504.
@@ -413,7 +413,7 @@ impl Submitter {
                 "no publish ack before the deadline".into(),
             )),
             Ok(Err(e)) => Err(classify_refusal(&e, s.route)),
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(())) => Ok(()),
         }
     }
 

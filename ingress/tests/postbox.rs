@@ -7,7 +7,7 @@ mod common;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use common::*;
-use natserve_protocol::postbox::Postbox;
+use natserve_ingress::postbox::Postbox;
 use natserve_protocol::{envelope, headers, Names, Rejection};
 
 fn work(id: &str) -> HeaderMap {
@@ -87,34 +87,4 @@ async fn a_refusal_reaches_every_request_of_its_group() {
     for result in futures::future::join_all(posts).await {
         assert_eq!(result.unwrap_err().rejection, Rejection::NoStream);
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn work_given_at_once_goes_together_whatever_the_runtime() {
-    let nats = NatsServer::start();
-    let agent = Agent::connect(&nats.url).await;
-    agent.create_stage("/all", 0, 1000).await;
-    let client = async_nats::connect(&nats.url).await.unwrap();
-    let postbox = Postbox::new(client.clone(), async_nats::jetstream::new(client));
-    let subject = Names::new(NS).unwrap().work_subject("all", 0);
-    // A batch's hand-offs: given as one, they are one group however the publisher's
-    // task is scheduled; a rerun's duplicate of a lone one is reported as such.
-    let work_of = |i: usize| (work(&format!("a{i}")), Bytes::from(format!("a{i}")));
-    let landed = postbox
-        .publish_all(&subject, (0..8).map(work_of).collect())
-        .await;
-    assert!(landed
-        .iter()
-        .all(|l| l.as_ref().is_ok_and(|l| !l.duplicate)));
-    assert_eq!(agent.queued("/all", 0).await, 1);
-    let mut once = work("dup");
-    once.insert(headers::MSG_ID, "dup-1");
-    for duplicate in [false, true] {
-        let landed = postbox
-            .publish(&subject, once.clone(), Bytes::new())
-            .await
-            .unwrap();
-        assert_eq!(landed.duplicate, duplicate);
-    }
-    assert_eq!(agent.queued("/all", 0).await, 2);
 }

@@ -21,7 +21,6 @@ pub mod names;
 pub mod nats;
 pub mod outcome;
 pub mod payloads;
-pub mod postbox;
 pub mod records;
 pub mod replicas;
 pub mod results;

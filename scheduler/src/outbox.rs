@@ -23,7 +23,6 @@ use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use natserve_protocol::payloads::{self, Hop, PayloadError, Payloads};
-use natserve_protocol::postbox::{Postbox, Refusal};
 use natserve_protocol::streams::MAX_DELIVER;
 use natserve_protocol::{headers, ItemResult, Names, Outcome, Rejection, Results};
 use tracing::warn;
@@ -39,6 +38,7 @@ pub const MISSING_REQUEST_ID: &str =
 /// One stage's way out.
 pub struct Outbox {
     client: async_nats::Client,
+    js: jetstream::Context,
     /// Where each item goes next, by the place it came from ([`Places`]).
     places: Places,
     /// The stage's home, for its log lines.
@@ -54,8 +54,6 @@ pub struct Outbox {
     payloads: Payloads,
     /// Work that came as envelopes: a letter's ack waits for its batch-mates in it.
     envelopes: Arc<Envelopes>,
-    /// Hand-offs and hand-backs, by group commit ([`handoffs`]).
-    postbox: Postbox,
 }
 
 impl Outbox {
@@ -72,8 +70,8 @@ impl Outbox {
         let js = jetstream::new(client.clone());
         Self {
             envelopes: Arc::default(),
-            postbox: Postbox::new(client.clone(), js.clone()),
-            payloads: Payloads::new(js, &names).with_replicas(replicas),
+            payloads: Payloads::new(js.clone(), &names).with_replicas(replicas),
+            js,
             client,
             places,
             route: spec.route.clone(),
@@ -257,16 +255,16 @@ impl Outbox {
     async fn fail_handoff(
         &self,
         msg: &jetstream::Message,
-        refusal: &Refusal,
+        err: &jetstream::context::PublishError,
         sizes: &str,
         claim: Option<String>,
     ) {
         if let Some(name) = claim {
             self.payloads.delete(&name).await;
         }
-        let rejection = refusal.rejection;
+        let rejection = Rejection::from_publish_error(err);
         let (outcome, text) = handoff_failure(rejection);
-        warn!(route = %self.route, stage = self.stage, request_id = header(msg, headers::REQUEST_ID).unwrap_or(""), trace_id = headers::trace_id_of(msg.headers.as_ref()), ?rejection, error = %refusal.text, "hand-off failed");
+        warn!(route = %self.route, stage = self.stage, request_id = header(msg, headers::REQUEST_ID).unwrap_or(""), trace_id = headers::trace_id_of(msg.headers.as_ref()), ?rejection, error = %err, "hand-off failed");
         self.finish(
             msg,
             outcome,

@@ -1,9 +1,7 @@
 //! Hand-offs: a batch's results for the next stage of their routes, published to its
-//! work stream through the stage's [`natserve_protocol::postbox::Postbox`] (group commit): those for one next stage
-//! go as one envelope ([`natserve_protocol::envelope`]) with whatever else waits for it
-//! while a publish there is in flight, one JetStream message and one ack for them all
-//! instead of one per item, so an unbatched stage's results travel together under load
-//! as a batched one's do. A result alone goes as a message of its own, with its
+//! work stream. Those for one next stage go as one envelope
+//! ([`natserve_protocol::envelope`]): one JetStream message and one ack for the batch
+//! instead of one per item. A result alone goes as a message of its own, with its
 //! `Nats-Msg-Id`, so JetStream drops the copy a rerun would hand on; letters of an
 //! envelope have none, and a rerun's copies run again at the next stage and are
 //! answered once (the first reply wins).
@@ -16,8 +14,8 @@ use std::collections::BTreeMap;
 use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use natserve_protocol::headers;
-use natserve_protocol::postbox::{Landed, Refusal};
+use natserve_protocol::envelope::{self, Letter};
+use natserve_protocol::{headers, payloads};
 
 use super::Outbox;
 
@@ -37,28 +35,54 @@ impl Outbox {
     /// Publishes `handoffs`, grouped by next stage, and acks each input once JetStream
     /// acked its hand-off; one that cannot be handed on is answered now.
     pub(super) async fn hand_off(&self, handoffs: Vec<Handoff<'_>>) {
-        for (h, landed) in self.publish_by_subject(handoffs).await {
-            match landed {
-                Ok(landed) => {
-                    // A rerun's hand-off that JetStream de-duplicated: the object the
-                    // first run handed on is the one the next stage reads.
-                    if let (true, Some(name)) = (landed.duplicate, &h.claim) {
-                        self.payloads.delete(name).await;
+        let mut by_next: BTreeMap<String, Vec<Handoff<'_>>> = BTreeMap::new();
+        for handoff in handoffs {
+            by_next
+                .entry(handoff.next.clone())
+                .or_default()
+                .push(handoff);
+        }
+        let mut sent = Vec::new();
+        for (next, group) in by_next {
+            for chunk in self.fitting(group) {
+                match self.publish_chunk(&next, &chunk).await {
+                    Ok(ack) => sent.push((chunk, ack)),
+                    Err(e) => {
+                        for h in chunk {
+                            self.fail_handoff(h.msg, &e, &h.sizes, h.claim).await;
+                        }
                     }
-                    self.settle(h.msg, AckKind::Ack).await;
                 }
-                Err(refusal) => self.fail_handoff(h.msg, &refusal, &h.sizes, h.claim).await,
+            }
+        }
+        for (chunk, pub_ack) in sent {
+            match pub_ack.await {
+                Ok(ack) => {
+                    for h in chunk {
+                        // A rerun's hand-off that JetStream de-duplicated: the object the
+                        // first run handed on is the one the next stage reads.
+                        if let (true, Some(name)) = (ack.duplicate, &h.claim) {
+                            self.payloads.delete(name).await;
+                        }
+                        self.settle(h.msg, AckKind::Ack).await;
+                    }
+                }
+                Err(e) => {
+                    for h in chunk {
+                        self.fail_handoff(h.msg, &e, &h.sizes, h.claim).await;
+                    }
+                }
             }
         }
     }
 
     /// Gives back work this agent will not start soon, so an idle agent takes it now:
-    /// `msgs` go to their stage's stream again (together where they fit), and each is
-    /// acked here once JetStream holds its copy. Each copy is the work as it came,
-    /// without the `Nats-Msg-Id` that would make JetStream drop it as the original's
-    /// duplicate. Ack only, never [`Outbox::settle`]: the copy still reads the object a
-    /// claim-checked body went to. One that cannot be published again is given back the
-    /// ordinary way (`Nak`), which gives back its whole envelope.
+    /// `msgs` go to their stage's stream again (one envelope per subject where several
+    /// fit), and each is acked here once JetStream holds its copy. Each copy is the work
+    /// as it came, without the `Nats-Msg-Id` that would make JetStream drop it as the
+    /// original's duplicate. Ack only, never [`Outbox::settle`]: the copy still reads the
+    /// object a claim-checked body went to. One that cannot be published again is given
+    /// back the ordinary way (`Nak`), which gives back its whole envelope.
     pub async fn hand_back(&self, msgs: &[jetstream::Message]) {
         let copies: Vec<Handoff<'_>> = msgs
             .iter()
@@ -71,38 +95,80 @@ impl Outbox {
                 claim: None,
             })
             .collect();
-        for (copy, landed) in self.publish_by_subject(copies).await {
-            let kind = match landed {
-                Ok(_) => AckKind::Ack,
-                Err(_) => AckKind::Nak(None),
-            };
-            self.ack(copy.msg, kind).await;
+        let mut by_subject: BTreeMap<String, Vec<Handoff<'_>>> = BTreeMap::new();
+        for copy in copies {
+            by_subject.entry(copy.next.clone()).or_default().push(copy);
+        }
+        let mut sent = Vec::new();
+        for (subject, group) in by_subject {
+            for chunk in self.fitting(group) {
+                match self.publish_chunk(&subject, &chunk).await {
+                    Ok(ack) => sent.push((chunk, ack)),
+                    Err(_) => self.give_back(&chunk).await,
+                }
+            }
+        }
+        for (chunk, pub_ack) in sent {
+            match pub_ack.await {
+                Ok(_) => {
+                    for copy in &chunk {
+                        self.ack(copy.msg, AckKind::Ack).await;
+                    }
+                }
+                Err(_) => self.give_back(&chunk).await,
+            }
         }
     }
 
-    /// Publishes `items` through the postbox, all those for one subject at once; each
-    /// item with how its publish landed.
-    async fn publish_by_subject<'m>(
-        &self,
-        items: Vec<Handoff<'m>>,
-    ) -> Vec<(Handoff<'m>, Result<Landed, Refusal>)> {
-        let mut by_subject: BTreeMap<String, Vec<Handoff<'m>>> = BTreeMap::new();
-        for item in items {
-            by_subject.entry(item.next.clone()).or_default().push(item);
+    async fn give_back(&self, chunk: &[Handoff<'_>]) {
+        for copy in chunk {
+            self.ack(copy.msg, AckKind::Nak(None)).await;
         }
-        let groups = by_subject.into_iter().map(|(subject, group)| async move {
-            let work = group
-                .iter()
-                .map(|h| (h.headers.clone(), h.body.clone()))
-                .collect();
-            let landed = self.postbox.publish_all(&subject, work).await;
-            group.into_iter().zip(landed).collect::<Vec<_>>()
-        });
-        futures::future::join_all(groups)
+    }
+
+    /// Publishes `chunk` to `subject`: a message of its own when it is one, else one
+    /// envelope.
+    async fn publish_chunk(
+        &self,
+        subject: &str,
+        chunk: &[Handoff<'_>],
+    ) -> Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError> {
+        if let [one] = chunk {
+            return self
+                .js
+                .publish_with_headers(subject.to_owned(), one.headers.clone(), one.body.clone())
+                .await;
+        }
+        let letters: Vec<Letter> = chunk
+            .iter()
+            .map(|h| Letter::new(&h.headers, h.body.clone()))
+            .collect();
+        let body = envelope::encode(&letters).expect("a chunk holds 2 to 255 letters");
+        let mut h = HeaderMap::new();
+        h.insert(headers::ENVELOPE, letters.len().to_string());
+        self.js
+            .publish_with_headers(subject.to_owned(), h, body)
             .await
-            .into_iter()
-            .flatten()
-            .collect()
+    }
+
+    /// `group` cut into envelopes that each fit one NATS message (and hold at most 255
+    /// letters); a hand-off is never split.
+    fn fitting<'m>(&self, group: Vec<Handoff<'m>>) -> Vec<Vec<Handoff<'m>>> {
+        let mut chunks: Vec<Vec<Handoff<'m>>> = Vec::new();
+        let mut size = 2;
+        for handoff in group {
+            let adds = envelope::letter_size(&handoff.headers, handoff.body.len());
+            let full = chunks.last().is_none_or(|c| {
+                c.len() >= 255 || !payloads::fits_inline(&self.client, size + adds)
+            });
+            if full {
+                chunks.push(Vec::new());
+                size = 2;
+            }
+            size += adds;
+            chunks.last_mut().expect("pushed").push(handoff);
+        }
+        chunks
     }
 }
 

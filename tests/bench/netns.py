@@ -70,7 +70,8 @@ class Network:
 
     @property
     def label(self) -> str:
-        return f"{self.delay_ms:g} ms each way" if self.delay_ms else "no added delay"
+        """The delay of one hop each way: two veths, each delayed at both ends."""
+        return f"{2 * self.delay_ms:g} ms each way" if self.delay_ms else "no added delay"
 
     @property
     def note(self) -> str:

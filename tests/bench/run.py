@@ -20,6 +20,14 @@ an earlier ``natserve-ingress``/``natserve-agent``): the same alternation then m
 optimisation against its baseline on the same noisy machine. ``--against-src CHECKOUT``
 adds that checkout's Python package (its ``python-worker/`` first on ``PYTHONPATH``), so a
 change on both sides of the worker socket is measured whole.
+
+``net`` takes W2 (one agent, concurrency 32 and 128) and W4 (one agent, then two) off
+loopback: nats-server, the ingress and each agent run in network namespaces of their own,
+on one bridge, with ``tc netem`` adding 0.25 ms to each end of every veth, and wrk loads
+the ingress from the root namespace (``netns.py`` builds and removes it all). It shows
+what a real hop between hosts costs the batched path, and whether scale-out stays linear
+across one. Without root or iproute2 its rows say why; a kernel without ``sch_netem``
+still gets the namespaces, and the rows say the delay is missing.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+import netns
 import peers
 from procs import (
     NATS_SERVER,
@@ -315,6 +324,77 @@ def scale_out(agent_counts: List[int], concurrency: int, seconds: float, logs: P
     return rows
 
 
+def on_hosts(procs: Procs, net: netns.Network, tmp: Path, workload: str) -> tuple[Side, str]:
+    """nats-server and the ingress of ``workload`` each in their namespace (agents come
+    with `add_agent`): the ingress's side, seen from the root namespace, and the NATS URL."""
+    nats = netns.nats_server(procs, net, "nats", tmp)
+    rtt = [
+        f"{host} {netns.connect_ms(net, host, 'nats', netns.NATS_PORT):.2f}"
+        for host in net.addresses
+        if host != "nats"
+    ]
+    net.paths = [f"TCP connect to nats from {', '.join(rtt)} ms"]
+    procs.start(
+        f"net-{workload}-ingress",
+        net.exec("ingress", [str(NATSERVE_PY), str(APPS), "--role", "ingress", "--nats",
+                             nats.url, "--port", "8000", "--address", net.addr("ingress")]),
+        {**app_env("natserve", workload), **NATSERVE_ENV},
+    )  # fmt: skip
+    return Side("natserve", f"http://{net.addr('ingress')}:8000", nats.varz), nats.url
+
+
+def add_agent(
+    procs: Procs, net: netns.Network, side: Side, url: str, workload: str, n: int
+) -> None:
+    """Agent ``n`` (of one worker), in namespace ``agent-n``; returns once the ingress
+    serves and counts ``n`` workers."""
+    procs.start(
+        f"net-{workload}-agent-{n}",
+        net.exec(f"agent-{n}", [str(NATSERVE_PY), str(APPS), "--role", "agent", "--nats", url]),
+        {**app_env("natserve", workload), **NATSERVE_ENV},
+    )
+    wait_serving(side.base)
+    deadline = time.monotonic() + 60
+    while stage_workers(side.base) < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def across_hosts(seconds: float, logs: Path) -> List[Row]:
+    """W2 (one agent) and W4 (one agent, then two) with nats-server, the ingress and each
+    agent in a network namespace of its own (netns.py), wrk in the root one: what a real
+    network hop, with its latency, costs the batched path and the scale-out. Rows say why
+    when the namespaces cannot be set up (not root, no iproute2), and the run goes on."""
+    w2 = [Row("W2 across hosts (netns)", c) for c in (32, 128)]
+    w4 = [Row(f"W4 across hosts, {n} agent{'s' if n > 1 else ''}", 128) for n in (1, 2)]
+    try:
+        with netns.network(["nats", "ingress", "agent-1", "agent-2"]) as net:
+            with tempfile.TemporaryDirectory() as tmp, processes(logs) as procs:
+                side, url = on_hosts(procs, net, Path(tmp), "batched")
+                add_agent(procs, net, side, url, "batched", 1)
+                for row in w2:
+                    row.workload = f"W2 across hosts (netns, {net.label})"
+                alternate(w2, [side], wrk, seconds, warm_up=min(3.0, seconds))
+            with tempfile.TemporaryDirectory() as tmp, processes(logs) as procs:
+                side, url = on_hosts(procs, net, Path(tmp), "scaleout")
+                for n, row in enumerate(w4, start=1):
+                    add_agent(procs, net, side, url, "scaleout", n)
+                    wrk(side, row.concurrency, min(3.0, seconds))  # warm-up
+                    run = wrk(side, row.concurrency, seconds)
+                    row.runs.append(run)
+                    log_run(row, run)
+            for row in w2 + w4:
+                row.note = net.note
+    except netns.NetnsError as err:
+        print(f"  no namespaces: {err}", flush=True)
+        for row in w2 + w4:
+            row.missing["natserve"] = f"not measured: {err}"
+        return w2 + w4
+    one = w4[0].runs[0].rps
+    for row in w4:
+        row.note = f"{row.runs[0].rps / one:.2f}x one agent; {row.note}" if one else row.note
+    return w2 + w4
+
+
 def uneven(concurrency: int, seconds: float, logs: Path) -> List[Row]:
     """A slow agent (20 ms per batch of 8) beside a fast one (2 ms), with the agents'
     prefetch off (pull only for idle workers), on (one batch ahead per worker) and auto
@@ -400,7 +480,9 @@ def write_docs(md: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
-    parser.add_argument("--only", default="floor,W1,W2,W3,W4,W5,W6", help="comma-separated subset")
+    parser.add_argument(
+        "--only", default="floor,W1,W2,W3,W4,W5,W6,net", help="comma-separated subset"
+    )
     parser.add_argument("--no-docs", action="store_true", help="leave docs/benchmarks.md alone")
     parser.add_argument(
         "--against-bin", type=Path, help="compare with natserve binaries in this directory"
@@ -481,6 +563,9 @@ def main() -> int:
     if "W6" in only:
         print("W6 SSE time to first event (8 events, 1 ms apart)", flush=True)
         rows += time_to_first_event([1, 8], d, logs)
+    if "net" in only:
+        print("net: W2 and W4 across network namespaces (0.25 ms per veth end)", flush=True)
+        rows += across_hosts(d, logs)
 
     summaries = [summary(r, frameworks()) for r in rows]
     md_table = table(summaries, titles())

@@ -77,7 +77,7 @@ fuzz: install
 test: lint rust-test py-test fuzz-smoke compose-test
 
 # natserve vs Mosec 0.9.8, Ray Serve 2.60.0 and LitServe 0.2.19, same worker logic, wrk as
-# the load generator (~12 minutes; 2 more the first time). Installs wrk (apt), the floor;
+# the load generator (~13 minutes; 2 more the first time). Installs wrk (apt), the floor;
 # run.py installs each peer into its own virtualenv (.bench-venv, .bench-ray,
 # .bench-litserve) the first time, and leaves out, saying why, one that will not install.
 # BENCH_ARGS="--peers mosec" measures against Mosec alone.

@@ -49,12 +49,12 @@ from typing import Callable, Dict, List, Optional
 
 import netns
 import peers
+from load import WRK_THREADS, log_run, measured, parse_run, wrk
 from procs import (
     NATS_SERVER,
     REPO,
     Procs,
     Side,
-    broker_count,
     cpu_ticks,
     free_port,
     nats_server,
@@ -66,13 +66,11 @@ from sse import SSE_EVENTS, sse_clients, wait_streaming
 
 HERE = Path(__file__).resolve().parent
 APPS = HERE / "apps.py"
-LUA = HERE / "check.lua"
 NATSERVE_PY = REPO / ".venv" / "bin" / "python"
 FLOOR = REPO / "target" / "release" / "examples" / "floor"
 RESULTS = REPO / "bench-results"
 DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-WRK_THREADS = 1
 REPS = 2
 #: Set by --against-bin: a "baseline" side runs natserve with these binaries, no peers.
 AGAINST_BIN: Optional[Path] = None
@@ -151,48 +149,6 @@ def start_sides(
     return sides
 
 
-def measured(side: Side, run: Callable[[], Run]) -> Run:
-    """``run()`` with the broker messages it cost (``/varz`` before and after)."""
-    before = broker_count(side)
-    result = run()
-    after = broker_count(side)
-    if before is not None and after is not None:
-        result.broker_msgs = after - before
-    return result
-
-
-def wrk(side: Side, concurrency: int, seconds: float) -> Run:
-    def once() -> Run:
-        busy0, total0 = cpu_ticks()
-        out = subprocess.run(
-            [
-                "wrk", f"-t{min(WRK_THREADS, concurrency)}", f"-c{concurrency}",
-                f"-d{seconds:g}s", "--timeout", "10s", "-s", str(LUA), side.base + "/inference",
-            ],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-        busy1, total1 = cpu_ticks()
-        return parse_run(side.key, out, (busy1 - busy0) / max(1, total1 - total0))
-
-    return measured(side, once)
-
-
-def parse_run(framework: str, out: str, cpu_busy: float) -> Run:
-    line = next((x for x in out.splitlines() if x.startswith("BENCH_JSON ")), None)
-    if line is None:
-        raise RuntimeError(f"no BENCH_JSON line in:\n{out}")
-    d = json.loads(line[len("BENCH_JSON ") :])
-    return Run(
-        framework=framework,
-        requests=d["requests"],
-        seconds=d["duration_us"] / 1e6,
-        p50_ms=d["p50_us"] / 1e3,
-        p99_ms=d["p99_us"] / 1e3,
-        errors=d["non_2xx"] + d["bad_body"] + d["socket_errors"],
-        cpu_busy=cpu_busy,
-    )
-
-
 def alternate(
     rows: List[Row],
     sides: List[Side],
@@ -233,20 +189,6 @@ def time_to_first_event(concurrencies: List[int], seconds: float, logs: Path) ->
         sides = start_sides(procs, Path(tmp), "sse", rows, wait_streaming)
         alternate(rows, sides, sse_clients, seconds, warm_up=min(2.0, seconds))
     return rows
-
-
-def log_run(row: Row, run: Run) -> None:
-    print(
-        f"  {row.workload} c={row.concurrency} {run.framework:8} {run.rps:8.0f} req/s  "
-        f"p50 {run.p50_ms:7.2f} ms  p99 {run.p99_ms:7.2f} ms  errors {run.errors}  "
-        f"cpu {run.cpu_busy:.0%}"
-        + (
-            ""
-            if run.broker_msgs is None
-            else f"  msgs/req {run.broker_msgs / max(1, run.requests):.1f}"
-        ),
-        flush=True,
-    )
 
 
 def floor(concurrencies: List[int], seconds: float, logs: Path) -> List[Row]:

@@ -43,7 +43,6 @@ class Peer:
         return REPO / self.venv / "bin" / "python"
 
 
-STREAMING = "not ported (it has streaming): W6 runs natserve and Mosec only"
 PEERS: Dict[str, Peer] = {
     p.key: p
     for p in (
@@ -55,7 +54,6 @@ PEERS: Dict[str, Peer] = {
             "ray[serve]==2.60.0",
             "ray",
             PEER_APPS / "ray_app.py",
-            lacks={"sse": STREAMING},
             # A private Ray cluster starts first (GCS, raylet, Serve's controller and proxy).
             start_timeout_s=240.0,
             env={"RAY_DEDUP_LOGS": "0"},
@@ -67,7 +65,7 @@ PEERS: Dict[str, Peer] = {
             "litserve==0.2.19",
             "litserve",
             PEER_APPS / "litserve_app.py",
-            lacks={"pipeline": "no multi-stage pipeline in LitServe", "sse": STREAMING},
+            lacks={"pipeline": "no multi-stage pipeline in LitServe"},
         ),
     )
 }

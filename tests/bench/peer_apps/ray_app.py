@@ -3,8 +3,12 @@
 The worker logic is ``apps.py``'s: compact JSON in and out, echo for W1, 1 ms per batch
 of up to 16 (10 ms wait) for W2, and for W3 a preprocessing deployment of two replicas
 that calls a batched one (1 ms per batch of up to 8, 10 ms wait) through its handle, the
-composition Ray Serve offers for a pipeline. The model's 1 ms is a blocking sleep, as in
-``apps.py``: it holds its replica the way a model call holds a worker process.
+composition Ray Serve offers for a pipeline. For W6, ``Tokens`` streams ``apps.py``'s 8
+events (``data: {"token": n}``, 1 ms apart) as a ``StreamingResponse`` of
+``text/event-stream`` from a generator, one stream at a time (``max_ongoing_requests=1``:
+natserve's and Mosec's one worker runs one ``forward`` at a time). The model's 1 ms is a
+blocking sleep, as in ``apps.py``: it holds its replica the way a model call holds a
+worker process.
 
 Starts a private Ray cluster sized to this machine, Serve on ``--address``:``--port``
 with ``/inference`` routed to the application, then waits for SIGTERM.
@@ -29,7 +33,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Dict, List
+from typing import Any, AsyncIterator, Dict, List
 
 CORES = os.cpu_count() or 1
 # Read when Ray Serve is imported, here and in the processes this driver's cluster starts.
@@ -44,9 +48,11 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.serve.handle import DeploymentHandle  # noqa: E402
 from starlette.requests import Request  # noqa: E402
-from starlette.responses import Response  # noqa: E402
+from starlette.responses import Response, StreamingResponse  # noqa: E402
 
 Item = Dict[str, Any]
+#: Events per W6 stream (``apps.EVENTS``; ``apps.py`` itself imports natserve or Mosec).
+EVENTS = 8
 #: Ray's scheduling is by declared CPUs: three replicas (W3) fit the machine's cores.
 REPLICA_CPUS = CORES / 4
 
@@ -108,6 +114,26 @@ class Preprocess:
         return reply(await self.inference.remote({"x": int(data["x"])}))
 
 
+# One stream at a time, as natserve's and Mosec's one SSE worker (max_batch_size=1) runs
+# one forward at a time; the rest wait in the replica (direct ingress queues them).
+@serve.deployment(
+    num_replicas=1, max_ongoing_requests=1, ray_actor_options={"num_cpus": REPLICA_CPUS}
+)
+class Tokens:
+    """W6: streams EVENTS events 1 ms apart (a small model's tokens), then ends."""
+
+    async def __call__(self, request: Request) -> StreamingResponse:
+        json.loads(await request.body())
+        return StreamingResponse(self.events(), media_type="text/event-stream")
+
+    async def events(self) -> AsyncIterator[str]:
+        # The event is written to the socket by the time the generator resumes
+        # (direct ingress: uvicorn's send, on this loop), then the blocking 1 ms.
+        for n in range(EVENTS):
+            yield f"data: {json.dumps({'token': n})}\n\n"
+            time.sleep(0.001)
+
+
 def build(workload: str) -> Any:
     if workload == "echo":
         return Echo.bind()
@@ -115,7 +141,9 @@ def build(workload: str) -> Any:
         return Batched.bind()
     if workload == "pipeline":
         return Preprocess.bind(Inference.bind())
-    raise SystemExit(f"BENCH_WORKLOAD={workload!r}: Ray Serve has echo, batched and pipeline")
+    if workload == "sse":
+        return Tokens.bind()
+    raise SystemExit(f"BENCH_WORKLOAD={workload!r}: Ray Serve has echo, batched, pipeline and sse")
 
 
 def main() -> None:

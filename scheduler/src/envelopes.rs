@@ -13,6 +13,7 @@
 //! through: any held letter keeps the whole envelope alive.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
@@ -38,7 +39,13 @@ pub struct Envelopes {
     waiting: Mutex<VecDeque<jetstream::Message>>,
     /// Told when letters start waiting, so a pull loop idling on the server looks.
     spilled: Notify,
+    /// Letters per work message of the stage, in 256ths, averaged over arrivals (0
+    /// while none arrived): what sizes a pull request ([`Envelopes::messages_for`]).
+    per_message: AtomicUsize,
 }
+
+/// Fixed-point scale of [`Envelopes::per_message`].
+const SCALE: usize = 256;
 
 /// Whether `msg` carries an envelope of work.
 pub fn is_envelope(msg: &async_nats::Message) -> bool {
@@ -161,6 +168,34 @@ impl Envelopes {
         out
     }
 
+    /// Counts one work message of the stage that carried `letters` (1 for a plain
+    /// message). The average moves an eighth of the way to each arrival; a race between
+    /// two inboxes loses a sample, harmlessly.
+    pub fn observe_message(&self, letters: usize) {
+        let new = letters.max(1) * SCALE;
+        let old = self.per_message.load(Ordering::Relaxed);
+        let next = if old == 0 {
+            new
+        } else {
+            old - old / 8 + new / 8
+        };
+        self.per_message.store(next.max(SCALE), Ordering::Relaxed);
+    }
+
+    /// How many work messages a pull asks for to bring about `letters` letters: as many
+    /// as `letters` while messages carry one letter each, fewer when they come as
+    /// envelopes of several, and at least one. A pull sized in letters would otherwise
+    /// bring up to that many envelopes: a slow agent would hold what a faster one could
+    /// run (and hand it back), and a pull that has its batch from the first envelope
+    /// would stay open at the server, taking the next envelopes too.
+    /// While nothing has arrived yet, one: its answer says which it is.
+    pub fn messages_for(&self, letters: usize) -> usize {
+        match self.per_message.load(Ordering::Relaxed) {
+            0 => 1,
+            per => (letters * SCALE).div_ceil(per).clamp(1, letters.max(1)),
+        }
+    }
+
     pub fn waiting_count(&self) -> usize {
         self.waiting().len()
     }
@@ -226,6 +261,31 @@ mod tests {
             .await
             .unwrap();
         jetstream::new(client)
+    }
+
+    #[test]
+    fn pulls_are_sized_in_letters_as_the_stage_receives_them() {
+        let envelopes = Envelopes::default();
+        // Nothing arrived yet: one, to learn from; then plain messages, one per letter.
+        assert_eq!(envelopes.messages_for(8), 1);
+        envelopes.observe_message(1);
+        assert_eq!(envelopes.messages_for(8), 8);
+        // Envelopes of four: two messages bring a batch of eight.
+        for _ in 0..64 {
+            envelopes.observe_message(4);
+        }
+        assert_eq!(envelopes.messages_for(8), 2);
+        assert_eq!(envelopes.messages_for(3), 1);
+        // Never none, never more than a message per letter.
+        assert_eq!(envelopes.messages_for(0), 1);
+        for _ in 0..64 {
+            envelopes.observe_message(100);
+        }
+        assert_eq!(envelopes.messages_for(16), 1);
+        for _ in 0..64 {
+            envelopes.observe_message(0);
+        }
+        assert_eq!(envelopes.messages_for(16), 16);
     }
 
     #[tokio::test]

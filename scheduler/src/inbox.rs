@@ -198,7 +198,11 @@ async fn read(
 ) {
     while let Some(msg) = subscriber.next().await {
         let arrival = match msg.status {
-            None | Some(StatusCode::OK) => Arrival::Work(open(&envelopes, &context, msg).await),
+            None | Some(StatusCode::OK) => {
+                let letters = open(&envelopes, &context, msg).await;
+                envelopes.observe_message(letters.len());
+                Arrival::Work(letters)
+            }
             Some(StatusCode::IDLE_HEARTBEAT) => continue,
             Some(_) => Arrival::Status(msg),
         };
@@ -246,42 +250,38 @@ impl Source for PullInbox {
     type Item = jetstream::Message;
     type Error = PullError;
 
+    /// Takes waiting letters first; otherwise sends pull requests sized in messages for
+    /// the letters wanted ([`Envelopes::messages_for`]), and a further one while a
+    /// request was met in full and the batch is not (its envelopes were smaller than the
+    /// average), within the same `wait`.
     async fn pull(&mut self, max: usize, wait: Duration) -> Result<Vec<Self::Item>, Self::Error> {
         let waiting = self.envelopes.take(max);
         if !waiting.is_empty() {
             return Ok(waiting);
         }
-        self.requests += 1;
-        let connects = self.connects();
-        let reply = format!("{}.{}", self.prefix, self.requests);
-        // A zero wait is a `no_wait` request: the server answers at once with what it has
-        // (up to `max`), then a 404/408 status; otherwise it holds the request for `wait`.
-        let request = BatchConfig {
-            batch: max,
-            expires: (!wait.is_zero()).then_some(wait),
-            no_wait: wait.is_zero(),
-            ..Default::default()
-        };
-        *lock(&self.listening) = true;
-        let waited = self.wait(request, &reply, connects, max, wait).await;
-        // From here the reader leaves new work to the stage's queue; what it handed us
-        // meanwhile is taken now, and what does not fit the batch goes there too.
-        let listening_flag = self.listening.clone();
-        let mut listening = lock(&listening_flag);
-        *listening = false;
-        let mut out = match waited {
-            Ok(out) => out,
-            Err(e) => {
-                drop(listening);
-                return Err(e);
+        let until = tokio::time::Instant::now() + wait;
+        let mut out: Vec<jetstream::Message> = Vec::new();
+        while out.len() < max {
+            let left = max - out.len();
+            // A zero wait stays a `no_wait` request; a wait that ran out ends the pull.
+            let remaining = until.saturating_duration_since(tokio::time::Instant::now());
+            if !wait.is_zero() && remaining.is_zero() {
+                break;
             }
-        };
-        while let Ok(arrival) = self.arrivals.try_recv() {
-            if let Arrival::Work(letters) = arrival {
-                out.extend(letters);
+            let asked = self.envelopes.messages_for(left);
+            match self.request(asked, left, remaining).await {
+                Ok((more, met)) => {
+                    out.extend(more);
+                    if !met {
+                        break;
+                    }
+                }
+                Err(e) if out.is_empty() => return Err(e),
+                // Keep what was delivered: those messages are ours to run and ack. The
+                // next pull meets the error again.
+                Err(_) => break,
             }
         }
-        drop(listening);
         if out.len() > max {
             self.envelopes.spill(out.drain(max..));
         }
@@ -297,9 +297,48 @@ impl Source for PullInbox {
 }
 
 impl PullInbox {
-    /// Sends pull `request` (reply subject `reply`) and collects what it brings: at least
-    /// `max` letters, or what came when the server ended it or `wait` ran out. Letters
-    /// another loop spilled count too.
+    /// One pull request for `asked` messages, waiting `wait` for them (zero: `no_wait`):
+    /// the letters it brought, at least `left` unless the server ended it first, and
+    /// whether all `asked` messages came (the queue may hold more).
+    async fn request(
+        &mut self,
+        asked: usize,
+        left: usize,
+        wait: Duration,
+    ) -> Result<(Vec<jetstream::Message>, bool), PullError> {
+        self.requests += 1;
+        let connects = self.connects();
+        let reply = format!("{}.{}", self.prefix, self.requests);
+        // A zero wait is a `no_wait` request: the server answers at once with what it has
+        // (up to `asked`), then a 404/408 status; otherwise it holds the request for `wait`.
+        let request = BatchConfig {
+            batch: asked,
+            expires: (!wait.is_zero()).then_some(wait),
+            no_wait: wait.is_zero(),
+            ..Default::default()
+        };
+        *lock(&self.listening) = true;
+        let waited = self.wait(request, &reply, connects, left, wait).await;
+        // From here the reader leaves new work to the stage's queue; what it handed us
+        // meanwhile is taken now.
+        let listening_flag = self.listening.clone();
+        let mut listening = lock(&listening_flag);
+        *listening = false;
+        let (mut out, mut received) = waited?;
+        while let Ok(arrival) = self.arrivals.try_recv() {
+            if let Arrival::Work(letters) = arrival {
+                received += 1;
+                out.extend(letters);
+            }
+        }
+        drop(listening);
+        Ok((out, received >= asked))
+    }
+
+    /// Sends pull `request` (reply subject `reply`) and collects what it brings: all its
+    /// messages or at least `max` letters, or what came when the server ended it or
+    /// `wait` ran out, with the count of messages received. Letters another loop spilled
+    /// count too.
     async fn wait(
         &mut self,
         request: BatchConfig,
@@ -307,7 +346,8 @@ impl PullInbox {
         connects: u64,
         max: usize,
         wait: Duration,
-    ) -> Result<Vec<jetstream::Message>, PullError> {
+    ) -> Result<(Vec<jetstream::Message>, usize), PullError> {
+        let asked = request.batch;
         self.consumer
             .request_batch(request, reply.to_owned().into())
             .await?;
@@ -321,7 +361,7 @@ impl PullInbox {
         let mut out: Vec<jetstream::Message> = Vec::new();
         // Counted in messages, as the pull request is: an envelope brings several letters.
         let mut received = 0;
-        while received < max && out.len() < max {
+        while received < asked && out.len() < max {
             // Registered before looking, so letters spilled after the look wake us.
             let spilled = self.envelopes.spilled();
             tokio::pin!(spilled);
@@ -367,7 +407,7 @@ impl PullInbox {
                 }
             }
         }
-        Ok(out)
+        Ok((out, received))
     }
 
     fn connects(&self) -> u64 {

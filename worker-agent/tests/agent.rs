@@ -458,6 +458,41 @@ async fn a_lone_agent_keeps_the_envelope_it_pulled() {
     agent.stop().await.unwrap();
 }
 
+#[tokio::test]
+async fn a_pull_for_a_batch_takes_an_envelope_of_a_batch_not_a_batch_of_envelopes() {
+    let nats = NatsServer::start();
+    let logs = TempDir::new("sized");
+    let log = logs.0.join("sized.log");
+    let agent = echo_agent(&nats, &log, 400);
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    wait_ready(&client, 1).await;
+    let mut sub = client.subscribe("t.reply.sized.*").await.unwrap();
+    // Four envelopes of a batch (four) each, queued at once. The idle worker's pull takes
+    // the first; once it ran, the stage knows its messages carry four letters, so the
+    // next pull for a batch of four asks for one message, not four.
+    let mut all = Vec::new();
+    let mut js = None;
+    for e in 0..4 {
+        let ids: Vec<String> = (0..4).map(|i| format!("s{e}{i}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        js = Some(submit_envelope(&client, "echo", "t.reply.sized", &ids).await);
+        all.extend(ids.iter().map(|s| s.to_string()));
+    }
+    let js = js.unwrap();
+    let first: Vec<&str> = all[..4].iter().map(String::as_str).collect();
+    assert_eq!(echoed_replies(&mut sub, &first).await, echoes(&first));
+    // The second batch runs now (400 ms): the agent holds its one envelope.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let stream = js.get_stream(format!("{NS}_work_echo_0")).await.unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer("workers").await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(info.num_ack_pending, 1, "{info:?}");
+    let rest: Vec<&str> = all[4..].iter().map(String::as_str).collect();
+    assert_eq!(echoed_replies(&mut sub, &rest).await, echoes(&rest));
+    agent.stop().await.unwrap();
+}
+
 /// Publishes one work message to stage 0 of `slug` holding a request per id (body: the
 /// id as a JSON string, replies to `<reply_prefix>.<id>`); the JetStream context used.
 async fn submit_envelope(

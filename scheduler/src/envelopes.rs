@@ -182,18 +182,31 @@ impl Envelopes {
         self.per_message.store(next.max(SCALE), Ordering::Relaxed);
     }
 
-    /// How many work messages a pull asks for to bring about `letters` letters: as many
-    /// as `letters` while messages carry one letter each, fewer when they come as
-    /// envelopes of several, and at least one. A pull sized in letters would otherwise
-    /// bring up to that many envelopes: a slow agent would hold what a faster one could
-    /// run (and hand it back), and a pull that has its batch from the first envelope
-    /// would stay open at the server, taking the next envelopes too.
+    /// How many work messages a pull asks for to bring `letters` letters, when the
+    /// stage has room for `room` more beyond them (letters its other workers or its next
+    /// rounds would start soon, [`crate::pull`]): as many as `letters` while messages
+    /// carry one letter each, fewer when they come as envelopes of several, and at least
+    /// one. Rounded up where the room takes an average envelope's excess, down where it
+    /// does not (a stage whose batches are long next to a pull keeps nothing beyond its
+    /// batch: one more round trip to finish the batch costs it less than an excess that
+    /// waits a whole batch there, or goes back). A pull sized in letters would bring up
+    /// to that many envelopes, and one that had its batch from the first envelope would
+    /// stay open at the server, taking the next envelopes too.
+    ///
     /// While nothing has arrived yet, one: its answer says which it is.
-    pub fn messages_for(&self, letters: usize) -> usize {
-        match self.per_message.load(Ordering::Relaxed) {
-            0 => 1,
-            per => (letters * SCALE).div_ceil(per).clamp(1, letters.max(1)),
+    pub fn messages_for(&self, letters: usize, room: usize) -> usize {
+        let per = self.per_message.load(Ordering::Relaxed);
+        if per == 0 {
+            return 1;
         }
+        let up = (letters * SCALE).div_ceil(per);
+        let within = (letters + room) * SCALE / per;
+        up.min(within).clamp(1, letters.max(1))
+    }
+
+    /// About how many letters `messages` work messages of the stage carry.
+    pub fn letters_in(&self, messages: usize) -> usize {
+        messages * self.per_message.load(Ordering::Relaxed).max(SCALE) / SCALE
     }
 
     pub fn waiting_count(&self) -> usize {
@@ -267,25 +280,33 @@ mod tests {
     fn pulls_are_sized_in_letters_as_the_stage_receives_them() {
         let envelopes = Envelopes::default();
         // Nothing arrived yet: one, to learn from; then plain messages, one per letter.
-        assert_eq!(envelopes.messages_for(8), 1);
+        assert_eq!(envelopes.messages_for(8, 0), 1);
         envelopes.observe_message(1);
-        assert_eq!(envelopes.messages_for(8), 8);
+        assert_eq!(envelopes.messages_for(8, 0), 8);
         // Envelopes of four: two messages bring a batch of eight.
         for _ in 0..64 {
             envelopes.observe_message(4);
         }
-        assert_eq!(envelopes.messages_for(8), 2);
-        assert_eq!(envelopes.messages_for(3), 1);
+        assert_eq!(envelopes.messages_for(8, 0), 2);
+        assert_eq!(envelopes.messages_for(3, 8), 1);
+        // Envelopes of three: three bring nine, one more than a batch of eight. With no
+        // room beyond the batch, two (six), and the batch is finished by another pull.
+        for _ in 0..64 {
+            envelopes.observe_message(3);
+        }
+        assert_eq!(envelopes.messages_for(8, 8), 3);
+        assert_eq!(envelopes.messages_for(8, 0), 2);
+        assert_eq!(envelopes.messages_for(2, 0), 1);
         // Never none, never more than a message per letter.
-        assert_eq!(envelopes.messages_for(0), 1);
+        assert_eq!(envelopes.messages_for(0, 0), 1);
         for _ in 0..64 {
             envelopes.observe_message(100);
         }
-        assert_eq!(envelopes.messages_for(16), 1);
+        assert_eq!(envelopes.messages_for(16, 64), 1);
         for _ in 0..64 {
             envelopes.observe_message(0);
         }
-        assert_eq!(envelopes.messages_for(16), 16);
+        assert_eq!(envelopes.messages_for(16, 64), 16);
     }
 
     #[tokio::test]

@@ -27,9 +27,6 @@ use std::sync::{Arc, Mutex};
 
 use tracing::warn;
 
-/// How long a question to the server about the stage's consumer may take.
-const ASK_WITHIN: std::time::Duration = std::time::Duration::from_millis(250);
-
 use crate::batcher::Source;
 use crate::envelopes::{is_envelope, Envelopes};
 
@@ -116,6 +113,8 @@ pub struct PullInbox {
     requests: u64,
     statistics: std::sync::Arc<async_nats::Statistics>,
     envelopes: Arc<Envelopes>,
+    /// Letters the stage has room for beyond the batch pulled ([`PullInbox::set_room`]).
+    room: usize,
 }
 
 impl Drop for PullInbox {
@@ -152,16 +151,14 @@ impl PullInbox {
             requests: 0,
             statistics: client.statistics(),
             envelopes,
+            room: 0,
         })
     }
 
-    /// How many pull requests wait at the server for the stage's work now (every agent's,
-    /// this one's too); `None` when the server did not say within [`ASK_WITHIN`].
-    pub async fn waiting_pulls(&self) -> Option<usize> {
-        match tokio::time::timeout(ASK_WITHIN, self.consumer.get_info()).await {
-            Ok(Ok(info)) => Some(info.num_waiting),
-            _ => None,
-        }
+    /// Sets how many letters beyond the batch its next pulls may bring: what the stage's
+    /// workers would start soon, less what waits already ([`Envelopes::messages_for`]).
+    pub fn set_room(&mut self, letters: usize) {
+        self.room = letters;
     }
 
     /// Whether letters wait to run, which the next pull then takes without asking the
@@ -268,7 +265,15 @@ impl Source for PullInbox {
             if !wait.is_zero() && remaining.is_zero() {
                 break;
             }
-            let asked = self.envelopes.messages_for(left);
+            // A waiting request that got its letters from fewer messages than it asked
+            // for stays open at the server and takes the next envelopes too; a stage
+            // with no room beyond its batch asks for one message at a time while it
+            // waits (a `no_wait` request ends at once, with what is there).
+            let asked = if self.room == 0 && !wait.is_zero() {
+                1
+            } else {
+                self.envelopes.messages_for(left, self.room)
+            };
             match self.request(asked, left, remaining).await {
                 Ok((more, met)) => {
                     out.extend(more);

@@ -11,6 +11,7 @@
 pub mod batcher;
 pub mod cancel;
 pub mod envelopes;
+mod handback;
 pub mod ids;
 pub mod inbox;
 pub mod lookahead;

@@ -105,6 +105,15 @@ impl Lookahead {
         }
     }
 
+    /// A batch's measured service time, where it is longer than [`PAYS_WITHIN`] pull
+    /// round trips: what waits for the next batch here waits that long.
+    pub fn long_batch(&self) -> Option<Duration> {
+        let round_trip = self.round_trip_us.load(Ordering::Relaxed);
+        let service = self.service_us.load(Ordering::Relaxed);
+        (round_trip > 0 && service > PAYS_WITHIN * round_trip)
+            .then(|| Duration::from_micros(service))
+    }
+
     /// The current estimates (round trip, service time), for logs and tests.
     pub fn estimates(&self) -> (Duration, Duration) {
         let get = |a: &AtomicU64| Duration::from_micros(a.load(Ordering::Relaxed));

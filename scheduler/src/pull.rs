@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use crate::batcher::{collect_batch, split_expired, Limits, Source};
+use crate::handback::{hand_back_surplus, kept};
 use crate::inbox::{PullError, PullInbox};
 use crate::lookahead::Lookahead;
 use crate::outbox::{delivered, header, is_last_delivery, MISSING_REQUEST_ID};
@@ -65,7 +66,8 @@ pub(crate) async fn pull_loop(
     let mut held: Vec<jetstream::Message> = Vec::new();
     loop {
         if held.is_empty() && ctx.lookahead.ahead() {
-            let Some(batch) = pull(&ctx, &pool, &mut source, limits, &cancel).await else {
+            let Some(batch) = pull(&ctx, &consumer, &pool, &mut source, limits, &cancel).await
+            else {
                 break;
             };
             held = batch;
@@ -75,7 +77,8 @@ pub(crate) async fn pull_loop(
             break;
         };
         if held.is_empty() {
-            let Some(batch) = pull(&ctx, &pool, &mut source, limits, &cancel).await else {
+            let Some(batch) = pull(&ctx, &consumer, &pool, &mut source, limits, &cancel).await
+            else {
                 returns.put(worker);
                 break;
             };
@@ -202,6 +205,7 @@ fn drop_cancelled(
 /// `cancel` fires. A poll in flight is finished, not dropped, so no message is stranded.
 async fn pull(
     ctx: &StageContext,
+    consumer: &jetstream::consumer::PullConsumer,
     pool: &WorkerPool,
     source: &mut PullInbox,
     limits: Limits,
@@ -211,13 +215,16 @@ async fn pull(
         if cancel.is_cancelled() {
             return None;
         }
+        source.set_room(
+            kept(ctx, pool, limits.max_batch).saturating_sub(ctx.envelopes.waiting_count()),
+        );
         let mut timed = Timed {
             inner: &mut *source,
             lookahead: &ctx.lookahead,
         };
         match collect_batch(&mut timed, limits).await {
             Ok(Some(batch)) => {
-                hand_back_surplus(ctx, pool, source, limits.max_batch).await;
+                hand_back_surplus(ctx, consumer, pool, limits.max_batch).await;
                 return Some(batch);
             }
             Ok(None) => continue,
@@ -241,46 +248,6 @@ async fn pull(
                 }
             }
         }
-    }
-}
-
-/// Gives back the letters waiting on this agent beyond what its workers will start
-/// soon, while another agent asks for work: an envelope can bring more than one batch,
-/// and what a slow agent keeps waits behind its batches while a faster one idles. Kept:
-/// a batch for each of the stage's other free workers, and a batch per worker for each
-/// round that starts within a few pull round trips ([`Lookahead::rounds_kept`]): a fast
-/// stage keeps what it is about to run, a slow one only what it starts now. The rest,
-/// up to a batch per pull request of another agent waiting at the server (asked only
-/// when there is a rest: a lone agent keeps what it has), goes back to the stage's
-/// stream ([`crate::outbox::Outbox::hand_back`]).
-async fn hand_back_surplus(
-    ctx: &StageContext,
-    pool: &WorkerPool,
-    source: &PullInbox,
-    max_batch: usize,
-) {
-    let stats = pool.stats();
-    // This loop's own worker is free until its batch starts: not one of the others.
-    let others = stats.free().saturating_sub(1) as usize;
-    let ahead = ctx.lookahead.rounds_kept() * stats.ready() as usize;
-    let keep = (others + ahead) * max_batch;
-    if ctx.envelopes.waiting_count() <= keep {
-        return;
-    }
-    // The other free workers' loops are pulling too: theirs are not another agent's.
-    let Some(foreign) = source
-        .waiting_pulls()
-        .await
-        .map(|n| n.saturating_sub(others))
-    else {
-        return;
-    };
-    let surplus = ctx
-        .envelopes
-        .take_beyond(keep, foreign * max_batch, delivered);
-    if !surplus.is_empty() {
-        ctx.metrics.handed_back.inc_by(surplus.len() as u64);
-        ctx.outbox.hand_back(&surplus).await;
     }
 }
 

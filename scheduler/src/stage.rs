@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::envelopes::Envelopes;
+use crate::handback::keep_asking;
 use crate::lookahead::{Lookahead, Prefetch};
 use crate::outbox::Outbox;
 use crate::places::Places;
@@ -204,6 +205,7 @@ pub async fn run_stage(
             }
         }
     };
-    futures::future::join(futures::future::join_all(loops), keep_alive).await;
+    let asking = keep_asking(ctx.clone(), consumer.clone(), pool.clone(), cancel.clone());
+    futures::future::join3(futures::future::join_all(loops), keep_alive, asking).await;
     debug!(route = %ctx.spec.route, stage = ctx.spec.stage, "stopped pulling");
 }

@@ -439,22 +439,36 @@ async fn an_agent_gives_back_what_it_will_not_start_soon_while_another_asks_for_
 }
 
 #[tokio::test]
-async fn a_lone_agent_keeps_the_envelope_it_pulled() {
+async fn a_lone_agent_with_long_batches_returns_its_rest_to_a_short_stream_and_answers_each_once() {
     let nats = NatsServer::start();
     let logs = TempDir::new("lone");
     let log = logs.0.join("lone.log");
-    let agent = echo_agent(&nats, &log, 200);
+    let agent = echo_agent(&nats, &log, 300);
     let client = async_nats::connect(&nats.url).await.unwrap();
     wait_ready(&client, 1).await;
     let mut sub = client.subscribe("t.reply.lone.*").await.unwrap();
-    let ids: Vec<String> = (0..12).map(|i| format!("l{i}")).collect();
+    // One batch first, so the stage knows its batches are long next to a pull.
+    let js = submit_envelope(&client, "echo", "t.reply.lone", &["l0"]).await;
+    assert_eq!(echoed_replies(&mut sub, &["l0"]).await, echoes(&["l0"]));
+    // Twelve in one envelope, batches of four: the eight waiting behind the first batch
+    // would wait 300 ms here, and the stream is empty, so they go back to it, where this
+    // agent, alone, takes them next. Each letter is still run and answered once.
+    let ids: Vec<String> = (1..13).map(|i| format!("l{i}")).collect();
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-    let js = submit_envelope(&client, "echo", "t.reply.lone", &ids).await;
+    submit_envelope(&client, "echo", "t.reply.lone", &ids).await;
     assert_eq!(echoed_replies(&mut sub, &ids).await, echoes(&ids));
-    assert_eq!(ran(&log).len(), 12);
-    // No other agent asked for work: nothing went round the stream again.
+    let mut ran = ran(&log);
+    ran.sort();
+    let mut all: Vec<String> = std::iter::once("\"l0\"".to_owned())
+        .chain(ids.iter().map(|id| format!("\"{id}\"")))
+        .collect();
+    all.sort();
+    assert_eq!(ran, all, "each letter ran once");
     let mut stream = js.get_stream(format!("{NS}_work_echo_0")).await.unwrap();
-    assert_eq!(stream.info().await.unwrap().state.last_sequence, 1);
+    assert!(
+        stream.info().await.unwrap().state.last_sequence > 2,
+        "nothing went back"
+    );
     agent.stop().await.unwrap();
 }
 

@@ -1,0 +1,182 @@
+//! Hand-backs: the letters waiting on this agent beyond what its workers will start soon
+//! go back to the stage's stream while another agent asks for work. An envelope can
+//! bring more than one batch, and what a slow agent keeps waits behind its batches while
+//! a faster one idles.
+//!
+//! Asked when a pull leaves a rest ([`hand_back_surplus`]), and again while a rest is
+//! held on a stage whose batches are long next to a pull ([`keep_asking`]): the other
+//! agent may ask for work only after this one pulled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use tokio_util::sync::CancellationToken;
+
+use crate::outbox::delivered;
+use crate::pool::WorkerPool;
+use crate::stage::{StageContext, IDLE_POLL};
+
+/// How long a question to the server about the stage's consumer may take.
+const ASK_WITHIN: Duration = Duration::from_millis(250);
+
+/// How many times a stage's batch time apart [`keep_asking`] asks at the most, after
+/// answers that no other agent was asking.
+const MOST_APART: u32 = 4;
+
+/// How many letters may wait on this agent beyond the batch a loop is pulling: a batch
+/// for each of the stage's other free workers, and a batch per worker for each round
+/// that starts within a few pull round trips ([`crate::Lookahead::rounds_kept`]).
+pub(crate) fn kept(ctx: &StageContext, pool: &WorkerPool, max_batch: usize) -> usize {
+    // A pulling loop's own worker is free until its batch starts: not one of the others.
+    kept_beside(
+        ctx,
+        pool,
+        max_batch,
+        pool.stats().free().saturating_sub(1) as usize,
+    )
+}
+
+fn kept_beside(ctx: &StageContext, pool: &WorkerPool, max_batch: usize, others: usize) -> usize {
+    let ahead = ctx.lookahead.rounds_kept() * pool.stats().ready() as usize;
+    (others + ahead) * max_batch
+}
+
+/// After a pull: gives back what waits beyond [`kept`], up to a batch per pull request of
+/// another agent waiting at the server (asked only when there is a rest: a lone agent
+/// keeps what it has), to the stage's stream ([`crate::outbox::Outbox::hand_back`]).
+pub(crate) async fn hand_back_surplus(
+    ctx: &StageContext,
+    consumer: &PullConsumer,
+    pool: &WorkerPool,
+    max_batch: usize,
+) {
+    let others = pool.stats().free().saturating_sub(1) as usize;
+    let keep = kept_beside(ctx, pool, max_batch, others);
+    give_back(ctx, consumer, keep, others, max_batch).await;
+}
+
+/// Gives back what waits beyond `keep` letters, a batch per pull of another agent
+/// waiting (the server's count less `ours`, this agent's loops that are pulling). Whether
+/// another agent was asking; `None` when there was nothing to give or no answer.
+async fn give_back(
+    ctx: &StageContext,
+    consumer: &PullConsumer,
+    keep: usize,
+    ours: usize,
+    max_batch: usize,
+) -> Option<bool> {
+    if ctx.envelopes.waiting_count() <= keep {
+        return None;
+    }
+    let (pulls, queued) = queue_now(consumer).await?;
+    let foreign = pulls.saturating_sub(ours);
+    let most = most_back(
+        foreign,
+        ctx.lookahead.long_batch().is_some(),
+        ctx.envelopes.letters_in(queued),
+        max_batch,
+    );
+    let surplus = ctx.envelopes.take_beyond(keep, most, delivered);
+    if !surplus.is_empty() {
+        ctx.metrics.handed_back.inc_by(surplus.len() as u64);
+        ctx.outbox.hand_back(&surplus).await;
+    }
+    Some(foreign > 0)
+}
+
+/// How many of the letters beyond those kept go back: a batch per pull of another agent
+/// waiting at the server; where batches are long (what waits here waits a batch) and
+/// the stream holds less than a batch (what goes back is next in line for whichever
+/// agent pulls first, this one if it is alone), all of them; otherwise none: a lone
+/// agent whose batches are short starts them soon, and sending them round the stream
+/// would cost it a publish per pull for nothing.
+fn most_back(foreign: usize, long_batches: bool, queued: usize, max_batch: usize) -> usize {
+    if foreign > 0 {
+        foreign * max_batch
+    } else if long_batches && queued < max_batch {
+        usize::MAX
+    } else {
+        0
+    }
+}
+
+/// How many pull requests wait at the server for the stage's work now (every agent's,
+/// this one's too), and how many messages wait in its stream; `None` when the server
+/// did not say within [`ASK_WITHIN`].
+async fn queue_now(consumer: &PullConsumer) -> Option<(usize, usize)> {
+    let mut consumer = consumer.clone();
+    match tokio::time::timeout(ASK_WITHIN, consumer.info()).await {
+        Ok(Ok(info)) => Some((info.num_waiting, info.num_pending as usize)),
+        _ => None,
+    }
+}
+
+/// While letters wait beyond what the workers start soon, on a stage whose batches take
+/// longer than [`crate::lookahead::PAYS_WITHIN`] pull round trips: asks again every
+/// quarter of a batch whether another agent wants them. Otherwise they wait here for a
+/// whole batch, since the one question after the pull found no other agent asking at
+/// that moment. After answers that none was, it asks less often (down to one question
+/// per [`MOST_APART`] batches), so a lone agent with a backlog costs the server little.
+pub(crate) async fn keep_asking(
+    ctx: Arc<StageContext>,
+    consumer: PullConsumer,
+    pool: Arc<WorkerPool>,
+    cancel: CancellationToken,
+) {
+    let max_batch = ctx.spec.max_batch_size.get() as usize;
+    let mut apart = 1;
+    loop {
+        // A stage whose batches are short is looked at again after a while, not woken by
+        // every envelope it opens.
+        let Some(batch) = ctx.lookahead.long_batch() else {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+            }
+            continue;
+        };
+        let spilled = ctx.envelopes.spilled();
+        tokio::pin!(spilled);
+        spilled.as_mut().enable();
+        // Every free worker's loop takes letters itself: none of them is another agent's.
+        let free = pool.stats().free() as usize;
+        let keep = kept_beside(&ctx, &pool, max_batch, free);
+        if ctx.envelopes.waiting_count() <= keep {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = &mut spilled => {}
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(batch / 4 * apart) => {}
+        }
+        let free = pool.stats().free() as usize;
+        let keep = kept_beside(&ctx, &pool, max_batch, free);
+        match give_back(&ctx, &consumer, keep, free, max_batch).await {
+            Some(true) => apart = 1,
+            Some(false) => apart = (apart * 2).min(4 * MOST_APART),
+            None => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_goes_back_follows_who_asks_and_how_long_it_would_wait_here() {
+        // Another agent's pulls wait: a batch for each.
+        assert_eq!(most_back(2, false, 100, 8), 16);
+        assert_eq!(most_back(1, true, 100, 8), 8);
+        // Nobody asks, short batches: kept, it starts soon.
+        assert_eq!(most_back(0, false, 0, 8), 0);
+        // Nobody asks, long batches: back while the stream is short, kept behind a long one.
+        assert_eq!(most_back(0, true, 7, 8), usize::MAX);
+        assert_eq!(most_back(0, true, 8, 8), 0);
+    }
+}

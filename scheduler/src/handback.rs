@@ -20,21 +20,21 @@ use crate::stage::{StageContext, IDLE_POLL};
 /// How long a question to the server about the stage's consumer may take.
 const ASK_WITHIN: Duration = Duration::from_millis(250);
 
-/// How many times a stage's batch time apart [`keep_asking`] asks at the most, after
-/// answers that no other agent was asking.
-const MOST_APART: u32 = 4;
+/// How many quarters of a batch apart [`keep_asking`] asks at the most (four batches),
+/// after answers that no other agent was asking.
+const MOST_QUARTERS_APART: u32 = 16;
 
 /// How many letters may wait on this agent beyond the batch a loop is pulling: a batch
 /// for each of the stage's other free workers, and a batch per worker for each round
 /// that starts within a few pull round trips ([`crate::Lookahead::rounds_kept`]).
 pub(crate) fn kept(ctx: &StageContext, pool: &WorkerPool, max_batch: usize) -> usize {
-    // A pulling loop's own worker is free until its batch starts: not one of the others.
-    kept_beside(
-        ctx,
-        pool,
-        max_batch,
-        pool.stats().free().saturating_sub(1) as usize,
-    )
+    kept_beside(ctx, pool, max_batch, other_free(pool))
+}
+
+/// The stage's free workers other than a pulling loop's own, which is free until its
+/// batch starts.
+fn other_free(pool: &WorkerPool) -> usize {
+    pool.stats().free().saturating_sub(1) as usize
 }
 
 fn kept_beside(ctx: &StageContext, pool: &WorkerPool, max_batch: usize, others: usize) -> usize {
@@ -51,9 +51,8 @@ pub(crate) async fn hand_back_surplus(
     pool: &WorkerPool,
     max_batch: usize,
 ) {
-    let others = pool.stats().free().saturating_sub(1) as usize;
-    let keep = kept_beside(ctx, pool, max_batch, others);
-    give_back(ctx, consumer, keep, others, max_batch).await;
+    let keep = kept(ctx, pool, max_batch);
+    give_back(ctx, consumer, keep, other_free(pool), max_batch).await;
 }
 
 /// Gives back what waits beyond `keep` letters, a batch per pull of another agent
@@ -117,7 +116,7 @@ async fn queue_now(consumer: &PullConsumer) -> Option<(usize, usize)> {
 /// quarter of a batch whether another agent wants them. Otherwise they wait here for a
 /// whole batch, since the one question after the pull found no other agent asking at
 /// that moment. After answers that none was, it asks less often (down to one question
-/// per [`MOST_APART`] batches), so a lone agent with a backlog costs the server little.
+/// per four batches, [`MOST_QUARTERS_APART`]), so a lone agent with a backlog costs the server little.
 pub(crate) async fn keep_asking(
     ctx: Arc<StageContext>,
     consumer: PullConsumer,
@@ -125,6 +124,7 @@ pub(crate) async fn keep_asking(
     cancel: CancellationToken,
 ) {
     let max_batch = ctx.spec.max_batch_size.get() as usize;
+    // In quarters of a batch.
     let mut apart = 1;
     loop {
         // A stage whose batches are short is looked at again after a while, not woken by
@@ -158,7 +158,7 @@ pub(crate) async fn keep_asking(
         let keep = kept_beside(&ctx, &pool, max_batch, free);
         match give_back(&ctx, &consumer, keep, free, max_batch).await {
             Some(true) => apart = 1,
-            Some(false) => apart = (apart * 2).min(4 * MOST_APART),
+            Some(false) => apart = (apart * 2).min(MOST_QUARTERS_APART),
             None => {}
         }
     }

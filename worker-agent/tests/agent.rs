@@ -407,6 +407,35 @@ fn ran(log: &std::path::Path) -> Vec<String> {
     text.split_whitespace().map(str::to_owned).collect()
 }
 
+/// A NATS server and one ready [`echo_agent`] alone on it, with a client subscribed to
+/// the replies `t.reply.<name>.*`.
+struct LoneEcho {
+    agent: Agent,
+    client: async_nats::Client,
+    sub: async_nats::Subscriber,
+    log: std::path::PathBuf,
+    _logs: TempDir,
+    _nats: NatsServer,
+}
+
+async fn lone_echo(name: &str, sleep_ms: u32) -> LoneEcho {
+    let nats = NatsServer::start();
+    let logs = TempDir::new(name);
+    let log = logs.0.join(format!("{name}.log"));
+    let agent = echo_agent(&nats, &log, sleep_ms);
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    wait_ready(&client, 1).await;
+    let sub = client.subscribe(format!("t.reply.{name}.*")).await.unwrap();
+    LoneEcho {
+        agent,
+        client,
+        sub,
+        log,
+        _logs: logs,
+        _nats: nats,
+    }
+}
+
 #[tokio::test]
 async fn an_agent_gives_back_what_it_will_not_start_soon_while_another_asks_for_work() {
     let nats = NatsServer::start();
@@ -440,13 +469,15 @@ async fn an_agent_gives_back_what_it_will_not_start_soon_while_another_asks_for_
 
 #[tokio::test]
 async fn a_lone_agent_with_long_batches_returns_its_rest_to_a_short_stream_and_answers_each_once() {
-    let nats = NatsServer::start();
-    let logs = TempDir::new("lone");
-    let log = logs.0.join("lone.log");
-    let agent = echo_agent(&nats, &log, 300);
-    let client = async_nats::connect(&nats.url).await.unwrap();
-    wait_ready(&client, 1).await;
-    let mut sub = client.subscribe("t.reply.lone.*").await.unwrap();
+    // The server and the logs live as long as their bindings.
+    let LoneEcho {
+        agent,
+        client,
+        mut sub,
+        log,
+        _logs,
+        _nats,
+    } = lone_echo("lone", 300).await;
     // One batch first, so the stage knows its batches are long next to a pull.
     let js = submit_envelope(&client, "echo", "t.reply.lone", &["l0"]).await;
     assert_eq!(echoed_replies(&mut sub, &["l0"]).await, echoes(&["l0"]));
@@ -474,13 +505,14 @@ async fn a_lone_agent_with_long_batches_returns_its_rest_to_a_short_stream_and_a
 
 #[tokio::test]
 async fn a_pull_for_a_batch_takes_an_envelope_of_a_batch_not_a_batch_of_envelopes() {
-    let nats = NatsServer::start();
-    let logs = TempDir::new("sized");
-    let log = logs.0.join("sized.log");
-    let agent = echo_agent(&nats, &log, 400);
-    let client = async_nats::connect(&nats.url).await.unwrap();
-    wait_ready(&client, 1).await;
-    let mut sub = client.subscribe("t.reply.sized.*").await.unwrap();
+    let LoneEcho {
+        agent,
+        client,
+        mut sub,
+        log: _,
+        _logs,
+        _nats,
+    } = lone_echo("sized", 400).await;
     // Four envelopes of a batch (four) each, queued at once. The idle worker's pull takes
     // the first; once it ran, the stage knows its messages carry four letters, so the
     // next pull for a batch of four asks for one message, not four.

@@ -116,7 +116,8 @@ async fn queue_now(consumer: &PullConsumer) -> Option<(usize, usize)> {
 /// quarter of a batch whether another agent wants them. Otherwise they wait here for a
 /// whole batch, since the one question after the pull found no other agent asking at
 /// that moment. After answers that none was, it asks less often (down to one question
-/// per four batches, [`MOST_QUARTERS_APART`]), so a lone agent with a backlog costs the server little.
+/// per four batches, [`MOST_QUARTERS_APART`]), so a lone agent with a backlog costs the
+/// server little.
 pub(crate) async fn keep_asking(
     ctx: Arc<StageContext>,
     consumer: PullConsumer,

@@ -10,7 +10,9 @@
 //!   also between keep-alive requests;
 //! - speaks HTTP/1.1 and HTTP/2 over cleartext with prior knowledge (h2c), told apart by
 //!   the connection preface;
-//! - on shutdown stops accepting, lets open requests finish and closes idle connections.
+//! - on shutdown stops accepting, lets open requests finish and closes idle connections,
+//!   among them those that have not yet said anything (an HTTP client's pool opens some it
+//!   never uses), which would otherwise hold the stop until their header timeout.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 /// What one client may hold, and for how long.
@@ -56,6 +59,7 @@ pub async fn serve(
         .keep_alive_interval(limits.header_read_timeout)
         .keep_alive_timeout(limits.header_read_timeout);
     let graceful = GracefulShutdown::new();
+    let closing = CancellationToken::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
@@ -77,10 +81,15 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let closing = closing.clone();
         let service = TowerToHyperService::new(router.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            if !starts_in_time(&stream, limits.header_read_timeout).await {
+            let started = tokio::select! {
+                started = starts_in_time(&stream, limits.header_read_timeout) => started,
+                () = closing.cancelled() => false,
+            };
+            if !started {
                 debug!("closing a connection that sent nothing in time");
                 return;
             }
@@ -91,6 +100,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    closing.cancel();
     graceful.shutdown().await;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The HTTP edge against clients that misbehave on purpose: headers dribbled a byte at a
-//! time (slowloris), connections that say nothing, more connections than the cap, and
-//! HTTP/2 with prior knowledge.
+//! time (slowloris), connections that say nothing (also while the ingress stops), more
+//! connections than the cap, and HTTP/2 with prior knowledge.
 
 mod common;
 
@@ -85,6 +85,40 @@ async fn a_connection_that_says_nothing_is_closed() {
             .await
             .is_some(),
         "a silent connection stays open"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_closes_connections_that_have_said_nothing_yet() {
+    // An HTTP client's pool can open a connection it never uses. The stop must not wait
+    // for its header timeout (here a minute), nor for the backstop after the request
+    // timeout (here 10 s + a little).
+    let nats = NatsServer::start();
+    let ingress = Ingress::start(natserve_ingress::Config {
+        header_read_timeout: Duration::from_secs(60),
+        timeout: Duration::from_secs(10),
+        ..config(&nats.url)
+    })
+    .await;
+    let http = reqwest::Client::new();
+    eventually("the ingress to listen", || async {
+        http.get(ingress.url("/")).send().await.is_ok()
+    })
+    .await;
+    let mut silent = TcpStream::connect(host_port(&ingress)).await.unwrap();
+    // Accepted: a request on a connection opened after it is answered.
+    let fresh = reqwest::Client::new();
+    assert!(fresh.get(ingress.url("/")).send().await.is_ok());
+
+    let stopping = Instant::now();
+    ingress.stop().await.unwrap();
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(5), "the stop took {took:?}");
+    assert!(
+        read_until_closed(&mut silent, Duration::from_secs(2))
+            .await
+            .is_some(),
+        "the silent connection is still open"
     );
 }
 

@@ -23,6 +23,7 @@ use async_nats::{StatusCode, Subscriber};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tracing::warn;
@@ -115,6 +116,11 @@ pub struct PullInbox {
     envelopes: Arc<Envelopes>,
     /// Letters the stage has room for beyond the batch pulled ([`PullInbox::set_room`]).
     room: usize,
+    /// The waiting request still open at the server, if any.
+    standing: Option<Standing>,
+    /// Messages the last waiting request may still bring: the reader counts each work
+    /// message down.
+    owed: Arc<AtomicUsize>,
 }
 
 impl Drop for PullInbox {
@@ -135,11 +141,13 @@ impl PullInbox {
         let subscriber = client.subscribe(format!("{prefix}.*")).await?;
         let (arrived, arrivals) = mpsc::unbounded_channel();
         let listening = Arc::new(Mutex::new(false));
+        let owed = Arc::new(AtomicUsize::new(0));
         let reader = tokio::spawn(read(
             subscriber,
             context,
             envelopes.clone(),
             listening.clone(),
+            owed.clone(),
             arrived,
         ));
         Ok(Self {
@@ -152,6 +160,8 @@ impl PullInbox {
             statistics: client.statistics(),
             envelopes,
             room: 0,
+            standing: None,
+            owed,
         })
     }
 
@@ -191,11 +201,14 @@ async fn read(
     context: jetstream::Context,
     envelopes: Arc<Envelopes>,
     listening: Arc<Mutex<bool>>,
+    owed: Arc<AtomicUsize>,
     arrived: mpsc::UnboundedSender<Arrival>,
 ) {
     while let Some(msg) = subscriber.next().await {
         let arrival = match msg.status {
             None | Some(StatusCode::OK) => {
+                let _ =
+                    owed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
                 let letters = open(&envelopes, &context, msg).await;
                 envelopes.observe_message(letters.len());
                 Arrival::Work(letters)
@@ -247,10 +260,11 @@ impl Source for PullInbox {
     type Item = jetstream::Message;
     type Error = PullError;
 
-    /// Takes waiting letters first; otherwise sends pull requests sized in messages for
-    /// the letters wanted ([`Envelopes::messages_for`]), and a further one while a
-    /// request was met in full and the batch is not (its envelopes were smaller than the
-    /// average), within the same `wait`.
+    /// Takes waiting letters first; then waits on this loop's standing request while it
+    /// may still bring messages; otherwise sends pull requests sized in messages for the
+    /// letters wanted and the stage's room ([`Envelopes::messages_for`]), and a further
+    /// one while a request was met in full and the batch is not (its envelopes were
+    /// smaller than the average), within the same `wait`.
     async fn pull(&mut self, max: usize, wait: Duration) -> Result<Vec<Self::Item>, Self::Error> {
         let waiting = self.envelopes.take(max);
         if !waiting.is_empty() {
@@ -265,15 +279,36 @@ impl Source for PullInbox {
             if !wait.is_zero() && remaining.is_zero() {
                 break;
             }
-            // A waiting request that got its letters from fewer messages than it asked
-            // for stays open at the server and takes the next envelopes too; a stage
-            // with no room beyond its batch asks for one message at a time while it
-            // waits (a `no_wait` request ends at once, with what is there).
-            let asked = if self.room == 0 && !wait.is_zero() {
+            let owed = self.standing_owes();
+            if owed > 0 && !wait.is_zero() {
+                let more = self.on_standing(left, until).await?;
+                let got = !more.is_empty();
+                out.extend(more);
+                if got || self.standing_owes() > 0 {
+                    // Its wait ran out, or it brought what it could: the caller decides.
+                    break;
+                }
+                continue;
+            }
+            // A waiting request asks for the letters wanted and what the stage has room
+            // for beyond them: what comes after the batch waits here to run (spilled),
+            // and the request stays open at the server, so the pulls after this one
+            // wait on it rather than ask again. A stage with no room asks for one
+            // message at a time while it waits. A `no_wait` request ends at once, with
+            // what is there, and asks for no more than the standing request does not
+            // bring already.
+            let asked = if wait.is_zero() {
+                self.envelopes
+                    .messages_for(left, self.room)
+                    .saturating_sub(owed)
+            } else if self.room == 0 {
                 1
             } else {
-                self.envelopes.messages_for(left, self.room)
+                self.envelopes.messages_for(left + self.room, 0)
             };
+            if asked == 0 {
+                break;
+            }
             match self.request(asked, left, remaining).await {
                 Ok((more, met)) => {
                     out.extend(more);
@@ -301,10 +336,60 @@ impl Source for PullInbox {
     }
 }
 
+/// This loop's waiting pull request that the server still holds after the pull that sent
+/// it had its letters (it asked for the stage's room too).
+struct Standing {
+    reply: String,
+    /// When the server expires it.
+    ends: tokio::time::Instant,
+    /// The client's connect count when it was sent: a reconnect loses it.
+    connects: u64,
+}
+
 impl PullInbox {
+    /// How many more messages the standing request may bring: none once it expired, was
+    /// ended, or was lost to a reconnect.
+    fn standing_owes(&mut self) -> usize {
+        let live = self
+            .standing
+            .as_ref()
+            .is_some_and(|s| s.ends > tokio::time::Instant::now() && s.connects == self.connects());
+        if !live {
+            self.standing = None;
+            return 0;
+        }
+        self.owed.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `until` for what the standing request brings, without asking again.
+    async fn on_standing(
+        &mut self,
+        left: usize,
+        until: tokio::time::Instant,
+    ) -> Result<Vec<jetstream::Message>, PullError> {
+        let Some(standing) = self.standing.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let (reply, connects) = (standing.reply.clone(), standing.connects);
+        let owed = self.owed.load(Ordering::Relaxed);
+        let (out, _, ended) = self
+            .listen(&reply, connects, owed, left, until.min(standing.ends))
+            .await?;
+        if ended {
+            self.end_standing();
+        }
+        Ok(out)
+    }
+
+    fn end_standing(&mut self) {
+        self.standing = None;
+        self.owed.store(0, Ordering::Relaxed);
+    }
+
     /// One pull request for `asked` messages, waiting `wait` for them (zero: `no_wait`):
     /// the letters it brought, at least `left` unless the server ended it first, and
-    /// whether all `asked` messages came (the queue may hold more).
+    /// whether all `asked` messages came (the queue may hold more). A waiting request
+    /// that had `left` letters before all its messages came stays standing.
     async fn request(
         &mut self,
         asked: usize,
@@ -322,14 +407,49 @@ impl PullInbox {
             no_wait: wait.is_zero(),
             ..Default::default()
         };
+        let sent = tokio::time::Instant::now();
+        if !wait.is_zero() {
+            // The reader counts every work message down from here.
+            self.end_standing();
+            self.owed.store(asked, Ordering::Relaxed);
+        }
+        self.consumer
+            .request_batch(request, reply.clone().into())
+            .await?;
+        let give_up = sent + wait + STATUS_GRACE;
+        let (out, received, ended) = self.listen(&reply, connects, asked, left, give_up).await?;
+        let met = received >= asked;
+        if !wait.is_zero() && !ended && !met {
+            self.standing = Some(Standing {
+                reply,
+                ends: sent + wait,
+                connects,
+            });
+        } else if !wait.is_zero() {
+            self.end_standing();
+        }
+        Ok((out, met))
+    }
+
+    /// Collects what the request with reply subject `reply` brings: all `asked` of its
+    /// messages or at least `max` letters, or what came when the server ended it or
+    /// `give_up` passed, with the count of messages received and whether the server ended
+    /// it. Letters another loop spilled count too. From its end the reader leaves new work
+    /// to the stage's queue; what it handed over meanwhile is taken too.
+    async fn listen(
+        &mut self,
+        reply: &str,
+        connects: u64,
+        asked: usize,
+        max: usize,
+        give_up: tokio::time::Instant,
+    ) -> Result<(Vec<jetstream::Message>, usize, bool), PullError> {
         *lock(&self.listening) = true;
-        let waited = self.wait(request, &reply, connects, left, wait).await;
-        // From here the reader leaves new work to the stage's queue; what it handed us
-        // meanwhile is taken now.
+        let listened = self.collect(reply, connects, asked, max, give_up).await;
         let listening_flag = self.listening.clone();
         let mut listening = lock(&listening_flag);
         *listening = false;
-        let (mut out, mut received) = waited?;
+        let (mut out, mut received, ended) = listened?;
         while let Ok(arrival) = self.arrivals.try_recv() {
             if let Arrival::Work(letters) = arrival {
                 received += 1;
@@ -337,26 +457,17 @@ impl PullInbox {
             }
         }
         drop(listening);
-        Ok((out, received >= asked))
+        Ok((out, received, ended))
     }
 
-    /// Sends pull `request` (reply subject `reply`) and collects what it brings: all its
-    /// messages or at least `max` letters, or what came when the server ended it or
-    /// `wait` ran out, with the count of messages received. Letters another loop spilled
-    /// count too.
-    async fn wait(
+    async fn collect(
         &mut self,
-        request: BatchConfig,
         reply: &str,
         connects: u64,
+        asked: usize,
         max: usize,
-        wait: Duration,
-    ) -> Result<(Vec<jetstream::Message>, usize), PullError> {
-        let asked = request.batch;
-        self.consumer
-            .request_batch(request, reply.to_owned().into())
-            .await?;
-        let give_up = tokio::time::Instant::now() + wait + STATUS_GRACE;
+        give_up: tokio::time::Instant,
+    ) -> Result<(Vec<jetstream::Message>, usize, bool), PullError> {
         // Not `interval`: its first tick is due at once, an extra wake-up per pull.
         let mut check = tokio::time::interval_at(
             tokio::time::Instant::now() + RECONNECT_CHECK,
@@ -390,7 +501,7 @@ impl PullInbox {
                     };
                     match classify(&msg, reply) {
                         Delivery::Work | Delivery::Ignore => {}
-                        Delivery::Done => break,
+                        Delivery::Done => return Ok((out, received, true)),
                         Delivery::Failed if out.is_empty() => {
                             return Err(PullError::Status {
                                 status: msg.status.unwrap_or(StatusCode::OK),
@@ -398,7 +509,7 @@ impl PullInbox {
                             })
                         }
                         // Keep what was delivered: those messages are ours to run and ack.
-                        Delivery::Failed => break,
+                        Delivery::Failed => return Ok((out, received, true)),
                     }
                 }
                 _ = check.tick() => {
@@ -408,11 +519,11 @@ impl PullInbox {
                     if out.is_empty() {
                         return Err(PullError::Reconnected);
                     }
-                    break; // keep what was delivered: ours to run and ack
+                    return Ok((out, received, true)); // keep what was delivered: ours to run and ack
                 }
             }
         }
-        Ok((out, received))
+        Ok((out, received, false))
     }
 
     fn connects(&self) -> u64 {

@@ -5,12 +5,17 @@
 //!
 //! Asked when a pull leaves a rest ([`hand_back_surplus`]), and again while a rest is
 //! held on a stage whose batches are long next to a pull ([`keep_asking`]): the other
-//! agent may ask for work only after this one pulled.
+//! agent may ask for work only after this one pulled. A stage whose batches are short
+//! keeps its rest unless another agent asks, so after an answer that none did it does not
+//! ask again for a while ([`Questions`]): each question is three broker messages (the
+//! request, its answer and the server's API advisory), and a lone agent whose pulls bring
+//! a rest would otherwise ask after every pull.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::outbox::delivered;
@@ -23,6 +28,31 @@ const ASK_WITHIN: Duration = Duration::from_millis(250);
 /// How many quarters of a batch apart [`keep_asking`] asks at the most (four batches),
 /// after answers that no other agent was asking.
 const MOST_QUARTERS_APART: u32 = 16;
+
+/// How long a stage whose batches are short asks no more whether another agent pulls,
+/// after an answer that none did. A new agent pulls the stream itself meanwhile.
+const QUIET_AFTER_NONE: Duration = Duration::from_millis(50);
+
+/// When a stage whose batches are short may next ask whether another agent pulls.
+#[derive(Debug, Default)]
+pub struct Questions {
+    quiet_until: Mutex<Option<Instant>>,
+}
+
+impl Questions {
+    fn may_ask(&self, now: Instant) -> bool {
+        self.quiet().is_none_or(|until| now >= until)
+    }
+
+    /// After an answer: quiet for a while if no other agent was asking.
+    fn answered(&self, another_asked: bool, now: Instant) {
+        *self.quiet() = (!another_asked).then_some(now + QUIET_AFTER_NONE);
+    }
+
+    fn quiet(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.quiet_until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 /// How many letters may wait on this agent beyond the batch a loop is pulling: a batch
 /// for each of the stage's other free workers, and a batch per worker for each round
@@ -51,8 +81,15 @@ pub(crate) async fn hand_back_surplus(
     pool: &WorkerPool,
     max_batch: usize,
 ) {
+    let short = ctx.lookahead.long_batch().is_none();
+    if short && !ctx.questions.may_ask(Instant::now()) {
+        return;
+    }
     let keep = kept(ctx, pool, max_batch);
-    give_back(ctx, consumer, keep, other_free(pool), max_batch).await;
+    let asked = give_back(ctx, consumer, keep, other_free(pool), max_batch).await;
+    if let (true, Some(another)) = (short, asked) {
+        ctx.questions.answered(another, Instant::now());
+    }
 }
 
 /// Gives back what waits beyond `keep` letters, a batch per pull of another agent
@@ -179,5 +216,18 @@ mod tests {
         // Nobody asks, long batches: back while the stream is short, kept behind a long one.
         assert_eq!(most_back(0, true, 7, 8), usize::MAX);
         assert_eq!(most_back(0, true, 8, 8), 0);
+    }
+
+    #[test]
+    fn after_an_answer_that_nobody_asked_a_short_stage_asks_again_only_later() {
+        let questions = Questions::default();
+        let now = Instant::now();
+        assert!(questions.may_ask(now));
+        questions.answered(false, now);
+        assert!(!questions.may_ask(now + QUIET_AFTER_NONE / 2));
+        assert!(questions.may_ask(now + QUIET_AFTER_NONE));
+        // Another agent asked: ask after every pull.
+        questions.answered(true, now);
+        assert!(questions.may_ask(now));
     }
 }

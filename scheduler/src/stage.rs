@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::envelopes::Envelopes;
-use crate::handback::keep_asking;
+use crate::handback::{keep_asking, Questions};
 use crate::lookahead::{Lookahead, Prefetch};
 use crate::outbox::Outbox;
 use crate::places::Places;
@@ -95,6 +95,8 @@ pub struct StageContext {
     pub cancelled: Arc<Cancellations>,
     /// Work that came as envelopes, open until each letter is settled.
     pub envelopes: Arc<Envelopes>,
+    /// When the stage may next ask whether another agent pulls (hand-backs).
+    pub questions: Questions,
     names: Names,
     queue: QueueConfig,
 }
@@ -128,6 +130,7 @@ impl StageContext {
             outbox,
             lookahead: Lookahead::new(Prefetch::Auto),
             cancelled: Arc::default(),
+            questions: Questions::default(),
             names: names.clone(),
             queue,
         })

@@ -3,13 +3,19 @@
 //! async-nats's `batch()`/`fetch()` subscribe a fresh inbox for every pull and unsubscribe
 //! it afterwards: two more protocol operations and a subscription set-up per pull, on the
 //! path between a worker turning idle and its next batch. A stage runs one pull loop per
-//! worker process, each with its own `PullInbox` and at most one pull in flight, so each
-//! loop can instead subscribe once to `<inbox>.*` and send each pull request
+//! worker process, each with its own `PullInbox` and one pull it waits on at a time, so
+//! each loop can instead subscribe once to `<inbox>.*` and send each pull request
 //! (`$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`) with its own reply subject
 //! `<inbox>.<n>`. Work messages arrive with their stream subject; the server's status
 //! messages (404 no messages, 408 request expired, 409 ...) arrive on the reply subject
 //! of the request they end, so a late status of an earlier request is told apart and
 //! ignored.
+//!
+//! A waiting request asks for the letters its batch wants and the room the stage keeps
+//! beyond them (the look-ahead's). Once the batch is in, the request stays open at the
+//! server (standing): what it brings after waits on the agent to run, and the loop's next
+//! pulls wait on it rather than send another request while it may still bring messages.
+//! A fast stage then sends a pull request per few messages it runs, not one per message.
 //!
 //! A reconnect loses the pull request in flight (a restarted server forgets it), so the
 //! wait for it also watches the client's connect count and gives up at once

@@ -1,0 +1,134 @@
+"""Where natserve's broker messages go: one workload of ``apps.py`` on a nats-server of
+its own, a wrk run, and per request the messages each connection sent and received
+(nats-server's ``/connz``), then a second run with a ``>`` subscriber counting the
+messages by subject (ids folded to ``*``; it slows that run, so read its counts per
+request, not its speed).
+
+    .venv/bin/python tests/bench/census.py echo --concurrency 32 [--bin-dir DIR]
+
+Workloads: echo (W1), batched (W2), pipeline (W3). Not part of ``make bench``: a probe
+for deciding what to change, whose numbers docs/benchmarks.md cites with this command.
+"""
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PY = REPO / ".venv" / "bin" / "python"
+NATS_SERVER = REPO / ".venv" / "bin" / "nats-server"
+LUA = REPO / "tests" / "bench" / "check.lua"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.load(r)
+
+
+def wrk(base: str, concurrency: int, seconds: int) -> dict:
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{concurrency}", f"-d{seconds}s", "-s", str(LUA), base + "/inference"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    line = next(x for x in out.splitlines() if x.startswith("BENCH_JSON "))
+    return json.loads(line[len("BENCH_JSON ") :])
+
+
+async def by_subject(url: str, base: str, concurrency: int, seconds: int):
+    import nats
+
+    nc = await nats.connect(url)
+    counts: collections.Counter = collections.Counter()
+
+    async def count(msg) -> None:
+        subject = re.sub(r"[0-9a-f]{8,}|[A-Za-z0-9]{20,}", "*", msg.subject)
+        counts[re.sub(r"\.\d+(\.\d+)+(\.\*)?(\.\d+)?$", ".<ack>", subject)] += 1
+
+    await nc.subscribe(">", cb=count)
+    run = await asyncio.to_thread(wrk, base, concurrency, seconds)
+    await asyncio.sleep(1)
+    await nc.close()
+    return counts, run["requests"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("workload", choices=["echo", "batched", "pipeline"])
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--bin-dir", help="natserve binaries to run (NATSERVE_BIN_DIR)")
+    args = ap.parse_args()
+
+    nats_port, monitor, http = free_port(), free_port(), free_port()
+    env = {**os.environ, "BENCH_FRAMEWORK": "natserve", "BENCH_WORKLOAD": args.workload}
+    if args.bin_dir:
+        env["NATSERVE_BIN_DIR"] = args.bin_dir
+    with tempfile.TemporaryDirectory() as store:
+        broker = subprocess.Popen(
+            [str(NATS_SERVER), "-js", "-a", "127.0.0.1", "-p", str(nats_port),
+             "-m", str(monitor), "-sd", store],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        url = f"nats://127.0.0.1:{nats_port}"
+        app = subprocess.Popen(
+            [str(PY), str(REPO / "tests" / "bench" / "apps.py"), "--port", str(http),
+             "--address", "127.0.0.1", "--nats", url],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{http}"
+        try:
+            for _ in range(300):
+                try:
+                    urllib.request.urlopen(base + "/", timeout=1)
+                    break
+                except OSError:
+                    time.sleep(0.2)
+            wrk(base, args.concurrency, 2)  # warm-up
+            mon = f"http://127.0.0.1:{monitor}"
+            before = {c["cid"]: c for c in get(mon + "/connz?limit=100")["connections"]}
+            run = wrk(base, args.concurrency, args.seconds)
+            after = {c["cid"]: c for c in get(mon + "/connz?limit=100")["connections"]}
+            n = run["requests"]
+            rate = n / (run["duration_us"] / 1e6)
+            print(
+                f"{args.workload} c={args.concurrency}: {rate:.0f} req/s, "
+                f"p50 {run['p50_us'] / 1e3:.2f} ms, p99 {run['p99_us'] / 1e3:.2f} ms, "
+                f"non-2xx {run['non_2xx']}, wrong bodies {run['bad_body']}"
+            )
+            print("messages per request, by connection (in: it sent; out: it received)")
+            for cid, c in sorted(after.items()):
+                b = before.get(cid, {"in_msgs": 0, "out_msgs": 0})
+                print(
+                    f"  {c.get('name', '')[:32]:32s} in {(c['in_msgs'] - b['in_msgs']) / n:6.3f}"
+                    f"  out {(c['out_msgs'] - b['out_msgs']) / n:6.3f}"
+                )
+            counts, m = asyncio.run(by_subject(url, base, args.concurrency, 3))
+            print(f"messages per request, by subject (published once each; {m} requests)")
+            for subject, k in counts.most_common(20):
+                print(f"  {k / m:7.3f}  {subject}")
+        finally:
+            app.terminate()
+            app.wait(15)
+            broker.terminate()
+            broker.wait(15)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -32,18 +32,24 @@ async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Option<V
 
 async fn started(header_read_timeout: Duration, max_connections: usize) -> (NatsServer, Ingress) {
     let nats = NatsServer::start();
-    let ingress = Ingress::start(natserve_ingress::Config {
+    let ingress = listening(natserve_ingress::Config {
         header_read_timeout,
         max_connections,
         ..config(&nats.url)
     })
     .await;
+    (nats, ingress)
+}
+
+/// An ingress on `config`, once it answers HTTP.
+async fn listening(config: natserve_ingress::Config) -> Ingress {
+    let ingress = Ingress::start(config).await;
     let http = reqwest::Client::new();
     eventually("the ingress to listen", || async {
         http.get(ingress.url("/")).send().await.is_ok()
     })
     .await;
-    (nats, ingress)
+    ingress
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,15 +100,10 @@ async fn stopping_closes_connections_that_have_said_nothing_yet() {
     // for its header timeout (here a minute), nor for the backstop after the request
     // timeout (here 10 s + a little).
     let nats = NatsServer::start();
-    let ingress = Ingress::start(natserve_ingress::Config {
+    let ingress = listening(natserve_ingress::Config {
         header_read_timeout: Duration::from_secs(60),
         timeout: Duration::from_secs(10),
         ..config(&nats.url)
-    })
-    .await;
-    let http = reqwest::Client::new();
-    eventually("the ingress to listen", || async {
-        http.get(ingress.url("/")).send().await.is_ok()
     })
     .await;
     let mut silent = TcpStream::connect(host_port(&ingress)).await.unwrap();

@@ -123,7 +123,7 @@ pub struct PullInbox {
     /// Letters the stage has room for beyond the batch pulled ([`PullInbox::set_room`]).
     room: usize,
     /// The waiting request still open at the server, if any.
-    standing: Option<Standing>,
+    standing: Option<Waiting>,
     /// Messages the last waiting request may still bring: the reader counts each work
     /// message down.
     owed: Arc<AtomicUsize>,
@@ -342,9 +342,9 @@ impl Source for PullInbox {
     }
 }
 
-/// This loop's waiting pull request that the server still holds after the pull that sent
-/// it had its letters (it asked for the stage's room too).
-struct Standing {
+/// A waiting pull request of this loop, as sent; standing once the pull that sent it had
+/// its letters before all its messages came (it asked for the stage's room too).
+struct Waiting {
     reply: String,
     /// When the server expires it.
     ends: tokio::time::Instant,
@@ -373,16 +373,16 @@ impl PullInbox {
         left: usize,
         until: tokio::time::Instant,
     ) -> Result<Vec<jetstream::Message>, PullError> {
-        let Some(standing) = self.standing.as_ref() else {
+        let Some(standing) = self.standing.take() else {
             return Ok(Vec::new());
         };
-        let (reply, connects) = (standing.reply.clone(), standing.connects);
         let owed = self.owed.load(Ordering::Relaxed);
-        let (out, _, ended) = self
-            .listen(&reply, connects, owed, left, until.min(standing.ends))
-            .await?;
+        let give_up = until.min(standing.ends);
+        let (out, _, ended) = self.listen(&standing, owed, left, give_up).await?;
         if ended {
             self.end_standing();
+        } else {
+            self.standing = Some(standing);
         }
         Ok(out)
     }
@@ -422,36 +422,38 @@ impl PullInbox {
         self.consumer
             .request_batch(request, reply.clone().into())
             .await?;
-        let give_up = sent + wait + STATUS_GRACE;
-        let (out, received, ended) = self.listen(&reply, connects, asked, left, give_up).await?;
+        let waiting = Waiting {
+            reply,
+            ends: sent + wait,
+            connects,
+        };
+        let give_up = waiting.ends + STATUS_GRACE;
+        let (out, received, ended) = self.listen(&waiting, asked, left, give_up).await?;
         let met = received >= asked;
-        if !wait.is_zero() && !ended && !met {
-            self.standing = Some(Standing {
-                reply,
-                ends: sent + wait,
-                connects,
-            });
-        } else if !wait.is_zero() {
-            self.end_standing();
+        if !wait.is_zero() {
+            if ended || met {
+                self.end_standing();
+            } else {
+                self.standing = Some(waiting);
+            }
         }
         Ok((out, met))
     }
 
-    /// Collects what the request with reply subject `reply` brings: all `asked` of its
-    /// messages or at least `max` letters, or what came when the server ended it or
-    /// `give_up` passed, with the count of messages received and whether the server ended
-    /// it. Letters another loop spilled count too. From its end the reader leaves new work
-    /// to the stage's queue; what it handed over meanwhile is taken too.
+    /// Collects what request `waiting` brings: all `asked` of its messages or at least
+    /// `max` letters, or what came when the server ended it or `give_up` passed, with the
+    /// count of messages received and whether the server ended it. Letters another loop
+    /// spilled count too. From its end the reader leaves new work to the stage's queue;
+    /// what it handed over meanwhile is taken too.
     async fn listen(
         &mut self,
-        reply: &str,
-        connects: u64,
+        waiting: &Waiting,
         asked: usize,
         max: usize,
         give_up: tokio::time::Instant,
     ) -> Result<(Vec<jetstream::Message>, usize, bool), PullError> {
         *lock(&self.listening) = true;
-        let listened = self.collect(reply, connects, asked, max, give_up).await;
+        let listened = self.collect(waiting, asked, max, give_up).await;
         let listening_flag = self.listening.clone();
         let mut listening = lock(&listening_flag);
         *listening = false;
@@ -468,8 +470,7 @@ impl PullInbox {
 
     async fn collect(
         &mut self,
-        reply: &str,
-        connects: u64,
+        waiting: &Waiting,
         asked: usize,
         max: usize,
         give_up: tokio::time::Instant,
@@ -505,7 +506,7 @@ impl PullInbox {
                         }
                         Ok(Some(Arrival::Status(msg))) => msg,
                     };
-                    match classify(&msg, reply) {
+                    match classify(&msg, &waiting.reply) {
                         Delivery::Work | Delivery::Ignore => {}
                         Delivery::Done => return Ok((out, received, true)),
                         Delivery::Failed if out.is_empty() => {
@@ -519,7 +520,7 @@ impl PullInbox {
                     }
                 }
                 _ = check.tick() => {
-                    if self.connects() == connects {
+                    if self.connects() == waiting.connects {
                         continue;
                     }
                     if out.is_empty() {

@@ -13,8 +13,8 @@
 //! through: any held letter keeps the whole envelope alive.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
@@ -30,15 +30,28 @@ struct Open {
     all_terminated: bool,
 }
 
-/// The envelopes of one stage whose letters are not all settled, by ack subject, and the
-/// letters pulled beyond a batch, which the stage's next free worker takes first (any
+/// Envelopes whose letters are not all settled, by ack subject. One agent's stages share
+/// it: a letter handed to the next stage on the same agent ([`crate::local`]) carries its
+/// input's ack subject there, and is settled there.
+#[derive(Debug, Default)]
+pub struct OpenEnvelopes(Mutex<HashMap<String, Open>>);
+
+/// The envelopes of one stage whose letters are not all settled (in the map its agent's
+/// stages share), and the letters ready to run here: pulled beyond a batch, or handed on
+/// by the stage before on this agent. The stage's next free worker takes them first (any
 /// of its pull loops: one envelope's letters spread over the agent's workers).
 #[derive(Debug, Default)]
 pub struct Envelopes {
-    open: Mutex<HashMap<String, Open>>,
+    open: Arc<OpenEnvelopes>,
     waiting: Mutex<VecDeque<jetstream::Message>>,
+    /// Set once the stage stops pulling: letters offered from another stage then go to
+    /// the stream instead ([`Envelopes::offer`]).
+    closed: AtomicBool,
     /// Told when letters start waiting, so a pull loop idling on the server looks.
     spilled: Notify,
+    /// Told when waiting letters are taken, so the stage before on this agent, which
+    /// pulls only while few wait here ([`crate::local`]), looks again.
+    taken: Notify,
     /// Letters per work message of the stage, in 256ths, averaged over arrivals (0
     /// while none arrived): what sizes a pull request ([`Envelopes::messages_for`]).
     per_message: AtomicUsize,
@@ -53,8 +66,16 @@ pub fn is_envelope(msg: &async_nats::Message) -> bool {
 }
 
 impl Envelopes {
+    /// A stage's envelopes, open ones kept in `open` (its agent's, shared by its stages).
+    pub fn sharing(open: Arc<OpenEnvelopes>) -> Self {
+        Self {
+            open,
+            ..Self::default()
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Open>> {
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
+        self.open.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// One message per letter of the envelope `msg`, each to be settled through
@@ -139,33 +160,84 @@ impl Envelopes {
         self.spilled.notify_waiters();
     }
 
+    /// Leaves `letters` from another stage of this agent for the stage's next free
+    /// worker, unless the stage stopped pulling: then they come back, to be published.
+    pub fn offer(&self, letters: Vec<jetstream::Message>) -> Vec<jetstream::Message> {
+        let mut waiting = self.waiting();
+        if self.closed.load(Ordering::Relaxed) {
+            return letters;
+        }
+        waiting.extend(letters);
+        drop(waiting);
+        self.spilled.notify_waiters();
+        Vec::new()
+    }
+
+    /// Refuses every later [`Envelopes::offer`], and takes what waits (the stage stops
+    /// pulling, so nothing here would run).
+    pub fn close(&self) -> Vec<jetstream::Message> {
+        let mut waiting = self.waiting();
+        self.closed.store(true, Ordering::Relaxed);
+        let all = waiting.drain(..).collect();
+        drop(waiting);
+        self.taken.notify_waiters();
+        all
+    }
+
+    /// Whether the stage stopped pulling ([`Envelopes::close`]).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
     /// Up to `max` waiting letters, oldest first.
     pub fn take(&self, max: usize) -> Vec<jetstream::Message> {
         let mut waiting = self.waiting();
         let n = max.min(waiting.len());
-        waiting.drain(..n).collect()
+        let out: Vec<jetstream::Message> = waiting.drain(..n).collect();
+        drop(waiting);
+        if !out.is_empty() {
+            self.taken.notify_waiters();
+        }
+        out
+    }
+
+    /// Resolves when waiting letters are taken after it was enabled (or first polled).
+    pub fn taken(&self) -> tokio::sync::futures::Notified<'_> {
+        self.taken.notified()
     }
 
     /// Up to `most` of the newest waiting letters beyond the oldest `keep`, taken out to
-    /// go back to the stage's stream ([`crate::outbox::Outbox::hand_back`]); a letter
-    /// delivered before stays, since a copy would start its delivery count again and it
-    /// may be what killed a worker (it must run alone, and be answered if it does so
-    /// twice).
+    /// go back to the stage's stream ([`crate::outbox::Outbox::hand_back`]); those
+    /// `stays` names stay, in their order: a letter delivered before, since a copy would
+    /// start its delivery count again and it may be what killed a worker (it must run
+    /// alone, and be answered if it does so twice), and one the stage before handed on
+    /// here ([`crate::local`]), which never went through this stream.
     pub fn take_beyond(
         &self,
         keep: usize,
         most: usize,
-        delivered: impl Fn(&jetstream::Message) -> i64,
+        stays: impl Fn(&jetstream::Message) -> bool,
     ) -> Vec<jetstream::Message> {
         let mut waiting = self.waiting();
-        let from = waiting.len().saturating_sub(most).max(keep);
-        if from >= waiting.len() {
-            return Vec::new();
+        let mut out = Vec::new();
+        let mut at = waiting.len();
+        while at > keep && out.len() < most {
+            at -= 1;
+            if !stays(&waiting[at]) {
+                out.push(waiting.remove(at).expect("in range"));
+            }
         }
-        let beyond: Vec<jetstream::Message> = waiting.drain(from..).collect();
-        let (stay, out): (Vec<_>, Vec<_>) = beyond.into_iter().partition(|m| delivered(m) > 1);
-        waiting.extend(stay);
+        drop(waiting);
+        if !out.is_empty() {
+            self.taken.notify_waiters();
+        }
+        out.reverse();
         out
+    }
+
+    /// How many waiting letters `counts` counts.
+    pub fn waiting_where(&self, counts: impl Fn(&jetstream::Message) -> bool) -> usize {
+        self.waiting().iter().filter(|m| counts(m)).count()
     }
 
     /// Counts one work message of the stage that carried `letters` (1 for a plain

@@ -14,7 +14,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{self, consumer::PullConsumer};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -102,7 +102,7 @@ async fn give_back(
     ours: usize,
     max_batch: usize,
 ) -> Option<bool> {
-    if ctx.envelopes.waiting_count() <= keep {
+    if !may_give_back(ctx, keep) {
         return None;
     }
     let (pulls, queued) = queue_now(consumer).await?;
@@ -113,12 +113,26 @@ async fn give_back(
         ctx.envelopes.letters_in(queued),
         max_batch,
     );
-    let surplus = ctx.envelopes.take_beyond(keep, most, delivered);
+    let surplus = ctx.envelopes.take_beyond(keep, most, |m| stays(ctx, m));
     if !surplus.is_empty() {
         ctx.metrics.handed_back.inc_by(surplus.len() as u64);
         ctx.outbox.hand_back(&surplus).await;
     }
     Some(foreign > 0)
+}
+
+/// Whether a letter waiting here must not go back to the stream: one delivered before
+/// (see [`crate::envelopes::Envelopes::take_beyond`]), or one the stage before handed on
+/// here. Those the stage before hands on are bounded where they are made instead: it
+/// pulls only while few wait here ([`crate::local`]).
+fn stays(ctx: &StageContext, msg: &jetstream::Message) -> bool {
+    delivered(msg) > 1 || crate::local::handed_on_here(ctx, msg)
+}
+
+/// Whether letters beyond the `keep` the workers start soon wait here, any of which
+/// may go back: only then is the server asked whether another agent wants them.
+fn may_give_back(ctx: &StageContext, keep: usize) -> bool {
+    ctx.envelopes.waiting_count() > keep && ctx.envelopes.waiting_where(|m| !stays(ctx, m)) > 0
 }
 
 /// How many of the letters beyond those kept go back: a batch per pull of another agent
@@ -180,7 +194,7 @@ pub(crate) async fn keep_asking(
         // Every free worker's loop takes letters itself: none of them is another agent's.
         let free = pool.stats().free() as usize;
         let keep = kept_beside(&ctx, &pool, max_batch, free);
-        if ctx.envelopes.waiting_count() <= keep {
+        if !may_give_back(&ctx, keep) {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = &mut spilled => {}

@@ -36,6 +36,7 @@ use tracing::warn;
 
 use crate::batcher::Source;
 use crate::envelopes::{is_envelope, Envelopes};
+use crate::stage::IDLE_POLL;
 
 /// How long after a pull request should have ended we stop waiting for the server's word
 /// (a lost status, a reconnect that dropped the request).
@@ -183,9 +184,10 @@ impl PullInbox {
         self.envelopes.has_waiting()
     }
 
-    /// The letters waiting to run, which this loop will not run (it stops).
+    /// The letters waiting to run, which this loop will not run (it stops); the stage
+    /// takes no more from its other stages here ([`Envelopes::close`]).
     pub fn take_overflow(&mut self) -> Vec<jetstream::Message> {
-        self.envelopes.take(usize::MAX)
+        self.envelopes.close()
     }
 }
 
@@ -274,6 +276,9 @@ impl Source for PullInbox {
     async fn pull(&mut self, max: usize, wait: Duration) -> Result<Vec<Self::Item>, Self::Error> {
         let waiting = self.envelopes.take(max);
         if !waiting.is_empty() {
+            if waiting.iter().any(|m| self.handed_on_here(m)) {
+                self.stand(max).await;
+            }
             return Ok(waiting);
         }
         let until = tokio::time::Instant::now() + wait;
@@ -385,6 +390,51 @@ impl PullInbox {
             self.standing = Some(standing);
         }
         Ok(out)
+    }
+
+    /// Whether `msg` was handed on here by the stage before ([`crate::local`]): its ack
+    /// subject is another stream's.
+    fn handed_on_here(&self, msg: &jetstream::Message) -> bool {
+        let stream = &self.consumer.cached_info().stream_name;
+        msg.info().is_ok_and(|i| i.stream != stream)
+    }
+
+    /// Keeps a waiting request open at the server while the loop runs letters the stage
+    /// before on this agent handed on: what the stream holds meanwhile (another agent's
+    /// hand-offs, a result too large to hand on here) then arrives behind them and runs
+    /// in turn, rather than waiting until they run out. It asks for a batch of `max` and the stage's room,
+    /// and lasts an idle poll; a stream with nothing in it costs a request a poll.
+    async fn stand(&mut self, max: usize) {
+        if self.standing_owes() > 0 {
+            return;
+        }
+        self.requests += 1;
+        let connects = self.connects();
+        let reply = format!("{}.{}", self.prefix, self.requests);
+        let asked = self.envelopes.messages_for(max + self.room, 0);
+        let request = BatchConfig {
+            batch: asked,
+            expires: Some(IDLE_POLL),
+            ..Default::default()
+        };
+        self.end_standing();
+        self.owed.store(asked, Ordering::Relaxed);
+        let ends = tokio::time::Instant::now() + IDLE_POLL;
+        if self
+            .consumer
+            .request_batch(request, reply.clone().into())
+            .await
+            .is_err()
+        {
+            // The next pull that goes to the server meets the error.
+            self.end_standing();
+            return;
+        }
+        self.standing = Some(Waiting {
+            reply,
+            ends,
+            connects,
+        });
     }
 
     fn end_standing(&mut self) {

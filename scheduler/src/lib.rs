@@ -14,6 +14,7 @@ pub mod envelopes;
 mod handback;
 pub mod ids;
 pub mod inbox;
+pub mod local;
 pub mod lookahead;
 pub mod metrics;
 pub mod outbox;
@@ -24,6 +25,7 @@ pub mod run;
 pub mod stage;
 
 pub use cancel::Cancellations;
+pub use local::LocalStages;
 pub use lookahead::{Lookahead, Prefetch};
 pub use metrics::{AgentMetrics, StageMetrics};
 pub use pool::{

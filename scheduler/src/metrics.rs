@@ -12,6 +12,7 @@ pub struct StageMetrics {
     pub queue_wait_seconds: Histogram,
     pub worker_failures: IntCounter,
     pub handed_back: IntCounter,
+    pub handed_on_here: IntCounter,
     items: IntCounterVec,
     results: IntCounterVec,
     route: String,
@@ -44,6 +45,7 @@ pub struct AgentMetrics {
     results: IntCounterVec,
     worker_failures: IntCounterVec,
     handed_back: IntCounterVec,
+    handed_on_here: IntCounterVec,
 }
 
 impl AgentMetrics {
@@ -99,6 +101,14 @@ impl AgentMetrics {
             ),
             &["route", "stage"],
         )?;
+        let handed_on_here = IntCounterVec::new(
+            opts!(
+                "natserve_agent_handed_on_here_total",
+                "Results handed to the next stage of their route on this agent, without its \
+                 stream: their inputs are acked once the next stage settles them"
+            ),
+            &["route", "stage"],
+        )?;
         let build_info = IntGaugeVec::new(
             opts!(
                 "natserve_build_info",
@@ -117,6 +127,7 @@ impl AgentMetrics {
         registry.register(Box::new(results.clone()))?;
         registry.register(Box::new(worker_failures.clone()))?;
         registry.register(Box::new(handed_back.clone()))?;
+        registry.register(Box::new(handed_on_here.clone()))?;
         Ok(Self {
             batch_size,
             batch_seconds,
@@ -125,6 +136,7 @@ impl AgentMetrics {
             results,
             worker_failures,
             handed_back,
+            handed_on_here,
         })
     }
 
@@ -137,6 +149,7 @@ impl AgentMetrics {
             queue_wait_seconds: self.queue_wait_seconds.with_label_values(&labels),
             worker_failures: self.worker_failures.with_label_values(&labels),
             handed_back: self.handed_back.with_label_values(&labels),
+            handed_on_here: self.handed_on_here.with_label_values(&labels),
             items: self.items.clone(),
             results: self.results.clone(),
             route: route.to_owned(),

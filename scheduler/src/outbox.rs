@@ -28,6 +28,7 @@ use natserve_protocol::{headers, ItemResult, Names, Outcome, Rejection, Results}
 use tracing::warn;
 
 use crate::envelopes::Envelopes;
+use crate::local::LocalStages;
 use crate::places::Places;
 use crate::StageMetrics;
 
@@ -54,10 +55,14 @@ pub struct Outbox {
     payloads: Payloads,
     /// Work that came as envelopes: a letter's ack waits for its batch-mates in it.
     envelopes: Arc<Envelopes>,
+    /// The agent's stages, which take hand-offs to them without the stream.
+    locals: Arc<LocalStages>,
 }
 
 impl Outbox {
-    /// The way out of stage `spec`, which serves `places`.
+    /// The way out of stage `spec`, which serves `places` on the agent whose stages are
+    /// `locals`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: async_nats::Client,
         places: Places,
@@ -66,10 +71,12 @@ impl Outbox {
         results: Results,
         metrics: StageMetrics,
         replicas: usize,
+        locals: Arc<LocalStages>,
     ) -> Self {
         let js = jetstream::new(client.clone());
         Self {
-            envelopes: Arc::default(),
+            envelopes: Arc::new(Envelopes::sharing(locals.open_envelopes())),
+            locals,
             payloads: Payloads::new(js.clone(), &names).with_replicas(replicas),
             js,
             client,
@@ -125,6 +132,21 @@ impl Outbox {
     /// Where the stage's items come from and go.
     pub fn places(&self) -> &Places {
         &self.places
+    }
+
+    /// Waits while the stage after this one, where this agent hosts it, has more
+    /// waiting than it starts soon ([`LocalStages::wait_for_room`]).
+    pub async fn wait_for_next(&self, cancel: &tokio_util::sync::CancellationToken) {
+        if let Some(next) = &self.places.home().next_subject {
+            self.locals.wait_for_room(next, cancel).await;
+        }
+    }
+
+    /// How many more letters the stage after this one takes soon, where this agent hosts
+    /// it ([`LocalStages::room`]): a bound on what this stage pulls ahead.
+    pub fn next_room(&self) -> Option<usize> {
+        let next = self.places.home().next_subject.as_ref()?;
+        self.locals.room(next)
     }
 
     /// Sends every result where it belongs, then acks each input once its result is safe:

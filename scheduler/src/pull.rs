@@ -56,7 +56,10 @@ pub(crate) async fn pull_loop(
             Err(e) => {
                 warn!(route = %ctx.spec.route, stage = ctx.spec.stage, error = %e, "cannot subscribe a pull inbox");
                 tokio::select! {
-                    _ = cancel.cancelled() => return,
+                    _ = cancel.cancelled() => {
+                        ctx.outbox.release(&ctx.envelopes.close()).await;
+                        return;
+                    }
                     _ = tokio::time::sleep(IDLE_POLL) => {}
                 }
             }
@@ -212,12 +215,15 @@ async fn pull(
     cancel: &CancellationToken,
 ) -> Option<Vec<jetstream::Message>> {
     loop {
+        // What it pulls goes on to the next stage here: only while that one keeps up.
+        ctx.outbox.wait_for_next(cancel).await;
         if cancel.is_cancelled() {
             return None;
         }
-        source.set_room(
-            kept(ctx, pool, limits.max_batch).saturating_sub(ctx.envelopes.waiting_count()),
-        );
+        // What it pulls beyond the batch, its pulls that stay open at the server bring
+        // later: no more than the next stage here takes soon too.
+        let room = kept(ctx, pool, limits.max_batch).saturating_sub(ctx.envelopes.waiting_count());
+        source.set_room(ctx.outbox.next_room().map_or(room, |next| room.min(next)));
         let mut timed = Timed {
             inner: &mut *source,
             lookahead: &ctx.lookahead,

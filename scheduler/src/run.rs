@@ -194,14 +194,15 @@ pub(crate) async fn run_batch(
 
 /// How long each message waited in the stage's queue, from its publish (the NATS
 /// server's clock) to now, the start of its batch (this host's): a skew between the two
-/// clocks shows up as a shift, a negative wait counts as none.
+/// clocks shows up as a shift, a negative wait counts as none. A letter the stage before
+/// handed on here ([`crate::local`]) was never in the stage's stream: not counted.
 fn observe_queue_wait(ctx: &StageContext, msgs: &[jetstream::Message]) {
     let now_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i128)
         .unwrap_or(0);
     for msg in msgs {
-        if let Ok(info) = msg.info() {
+        if let Some(info) = msg.info().ok().filter(|i| i.stream == ctx.stream) {
             let waited_ns = (now_ns - info.published.unix_timestamp_nanos()).max(0);
             ctx.metrics
                 .queue_wait_seconds

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::envelopes::Envelopes;
 use crate::handback::{keep_asking, Questions};
+use crate::local::LocalStages;
 use crate::lookahead::{Lookahead, Prefetch};
 use crate::outbox::Outbox;
 use crate::places::Places;
@@ -97,12 +98,17 @@ pub struct StageContext {
     pub envelopes: Arc<Envelopes>,
     /// When the stage may next ask whether another agent pulls (hand-backs).
     pub questions: Questions,
+    /// The stage's work stream: what a letter handed on here by the stage before was
+    /// never in.
+    pub stream: String,
     names: Names,
     queue: QueueConfig,
 }
 
 impl StageContext {
-    /// The context of stage `spec`, which serves `places` (its home first).
+    /// The context of stage `spec`, which serves `places` (its home first) on the agent
+    /// whose stages are `locals`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         spec: StageSpec,
         places: Places,
@@ -111,6 +117,7 @@ impl StageContext {
         client: async_nats::Client,
         results: Results,
         metrics: StageMetrics,
+        locals: Arc<LocalStages>,
     ) -> Result<Self, StageError> {
         let outbox = Outbox::new(
             client.clone(),
@@ -120,8 +127,14 @@ impl StageContext {
             results,
             metrics.clone(),
             queue.replicas,
+            locals,
         );
+        let stream = names.stream_at(&natserve_protocol::StageAt {
+            route: spec.route.clone(),
+            stage: spec.stage,
+        })?;
         Ok(Self {
+            stream,
             js: jetstream::new(client.clone()),
             spec,
             client,

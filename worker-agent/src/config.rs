@@ -62,6 +62,13 @@ pub struct Args {
     /// `off` (or false): pull only for idle workers.
     #[arg(long, env = "NATSERVE_PREFETCH", default_value = "auto", value_name = "auto|on|off", value_parser = parse_prefetch)]
     pub prefetch: Prefetch,
+    /// Hand a result to the next stage of its route directly when this agent hosts that
+    /// stage and its workers have room, instead of through the stage's stream (where
+    /// other agents would share it). The input is acked only once the next stage is done
+    /// with it, so a dead agent's request runs again from the earlier stage. `off` sends
+    /// every hand-off through the stream.
+    #[arg(long, env = "NATSERVE_LOCAL_HANDOFFS", default_value = "on", value_name = "on|off", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub local_handoffs: bool,
     /// Where stage queues are stored.
     #[arg(long, env = "NATSERVE_STORAGE", value_enum, default_value_t = Storage::Memory)]
     pub storage: Storage,
@@ -106,6 +113,8 @@ pub struct AgentSettings {
     pub grace: Duration,
     pub queue: QueueConfig,
     pub prefetch: Prefetch,
+    /// Whether a stage hands results to the next one on this agent without the stream.
+    pub local_handoffs: bool,
     /// The log format the worker processes are told to use.
     pub log_format: LogFormat,
 }
@@ -127,6 +136,7 @@ impl AgentSettings {
                 replicas: 1,
             },
             prefetch: Prefetch::Auto,
+            local_handoffs: true,
             log_format: LogFormat::Text,
         }
     }
@@ -151,6 +161,7 @@ impl From<&Args> for AgentSettings {
                 replicas: args.replicas,
             },
             prefetch: args.prefetch,
+            local_handoffs: args.local_handoffs,
             log_format: args.log_format,
         }
     }

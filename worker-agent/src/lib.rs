@@ -26,7 +26,9 @@ use natserve_protocol::nats::settled;
 use natserve_protocol::{AgentConfig, Names, Results, StageSpec};
 use natserve_scheduler::places::Places;
 use natserve_scheduler::stage::StageContext;
-use natserve_scheduler::{ensure_stage, run_stage, AgentMetrics, Cancellations, WorkerPool};
+use natserve_scheduler::{
+    ensure_stage, run_stage, AgentMetrics, Cancellations, LocalStages, WorkerPool,
+};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -203,6 +205,7 @@ pub async fn run(
     let batches = TaskTracker::new();
     let supervisors = TaskTracker::new();
     let worker_cmd = Arc::new(config.worker_cmd.clone());
+    let locals = Arc::new(LocalStages::new(settings.local_handoffs));
     for (spec, pool) in config.stages.iter().zip(pools) {
         let places = Places::new(&names, &config.places(spec))?;
         let consumer = settled("stage queue", AgentError::may_pass, || async {
@@ -233,11 +236,14 @@ pub async fn run(
             client.clone(),
             results.clone(),
             metrics.stage(&spec.route, spec.stage),
+            locals.clone(),
         )?
         .with_prefetch(settings.prefetch)
         .with_cancellations(cancelled.clone());
+        let ctx = Arc::new(ctx);
+        locals.host(&ctx, pool.stats().clone());
         pullers.spawn(run_stage(
-            Arc::new(ctx),
+            ctx,
             consumer,
             pool,
             draining.clone(),

@@ -369,7 +369,11 @@ async fn an_envelope_of_work_runs_each_letter_in_batches_no_larger_than_the_stag
 #[tokio::test]
 async fn a_batchs_results_go_to_the_next_stage_as_one_envelope() {
     let nats = NatsServer::start();
-    let agent = Agent::start_with(&nats, pipeline("/two", 2, 1, None), Prefetch::Off);
+    // Through the stream, as between agents: not to stage 1 on this agent directly.
+    let mut settings = AgentSettings::new(&nats.url, NS);
+    settings.prefetch = Prefetch::Off;
+    settings.local_handoffs = false;
+    let agent = Agent::start_settings(settings, pipeline("/two", 2, 1, None));
     let client = async_nats::connect(&nats.url).await.unwrap();
     wait_ready(&client, 1).await;
     let mut sub = client.subscribe("t.reply.two.*").await.unwrap();
@@ -537,49 +541,4 @@ async fn a_pull_for_a_batch_takes_an_envelope_of_a_batch_not_a_batch_of_envelope
     let rest: Vec<&str> = all[4..].iter().map(String::as_str).collect();
     assert_eq!(echoed_replies(&mut sub, &rest).await, echoes(&rest));
     agent.stop().await.unwrap();
-}
-
-/// Publishes one work message to stage 0 of `slug` holding a request per id (body: the
-/// id as a JSON string, replies to `<reply_prefix>.<id>`); the JetStream context used.
-async fn submit_envelope(
-    client: &async_nats::Client,
-    slug: &str,
-    reply_prefix: &str,
-    ids: &[&str],
-) -> async_nats::jetstream::Context {
-    let letters: Vec<envelope::Letter> = ids
-        .iter()
-        .map(|id| {
-            let h = work_headers(id, &format!("{reply_prefix}.{id}"));
-            envelope::Letter::new(&h, Bytes::from(format!("\"{id}\"")))
-        })
-        .collect();
-    let mut h = HeaderMap::new();
-    h.insert(headers::ENVELOPE, letters.len().to_string());
-    let js = async_nats::jetstream::new(client.clone());
-    let subject = Names::new(NS).unwrap().work_subject(slug, 0);
-    js.publish_with_headers(subject, h, envelope::encode(&letters).unwrap())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    js
-}
-
-/// The replies to `ids`, sorted, within 15 s.
-async fn echoed_replies(sub: &mut async_nats::Subscriber, ids: &[&str]) -> Vec<(String, String)> {
-    let mut got = replies(sub, ids.len(), Duration::from_secs(15)).await;
-    got.sort();
-    got
-}
-
-/// What the fake worker answers each id: `ok` and its body back.
-/// What [`echoed_replies`] reads when each of `ids` is echoed once, sorted as it sorts.
-fn echoes(ids: &[&str]) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = ids
-        .iter()
-        .map(|id| ("ok".to_owned(), format!("\"{id}\"")))
-        .collect();
-    out.sort();
-    out
 }

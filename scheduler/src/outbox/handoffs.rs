@@ -6,6 +6,9 @@
 //! envelope have none, and a rerun's copies run again at the next stage and are
 //! answered once (the first reply wins).
 //!
+//! A next stage this agent hosts takes results without the stream while its workers
+//! have room ([`crate::local`]).
+//!
 //! Hand-backs: work an agent pulled but will not start soon goes to its own stage's
 //! stream again ([`Outbox::hand_back`]), the same way.
 
@@ -31,9 +34,29 @@ pub(super) struct Handoff<'m> {
     pub claim: Option<String>,
 }
 
+impl Handoff<'_> {
+    /// The result as a letter for the next stage on this agent: its input's ack
+    /// subject, so settling the letter settles the input.
+    fn letter(&self) -> jetstream::Message {
+        jetstream::Message {
+            message: async_nats::Message {
+                subject: self.next.as_str().into(),
+                reply: self.msg.reply.clone(),
+                length: self.body.len(),
+                headers: Some(self.headers.clone()),
+                payload: self.body.clone(),
+                status: None,
+                description: None,
+            },
+            context: self.msg.context.clone(),
+        }
+    }
+}
+
 impl Outbox {
     /// Publishes `handoffs`, grouped by next stage, and acks each input once JetStream
-    /// acked its hand-off; one that cannot be handed on is answered now.
+    /// acked its hand-off; one that cannot be handed on is answered now. Those the next
+    /// stage on this agent takes skip the stream, and their inputs stay unacked.
     pub(super) async fn hand_off(&self, handoffs: Vec<Handoff<'_>>) {
         let mut by_next: BTreeMap<String, Vec<Handoff<'_>>> = BTreeMap::new();
         for handoff in handoffs {
@@ -44,6 +67,7 @@ impl Outbox {
         }
         let mut sent = Vec::new();
         for (next, group) in by_next {
+            let group = self.keep_here(&next, group);
             for chunk in self.fitting(group) {
                 match self.publish_chunk(&next, &chunk).await {
                     Ok(ack) => sent.push((chunk, ack)),
@@ -74,6 +98,31 @@ impl Outbox {
                 }
             }
         }
+    }
+
+    /// Leaves `group` (for stage `next`) with that stage where this agent hosts it
+    /// ([`crate::local`]): each as a letter with its input's ack subject, the input
+    /// settled with it there. What it did not take, to publish.
+    fn keep_here<'m>(&self, next: &str, group: Vec<Handoff<'m>>) -> Vec<Handoff<'m>> {
+        if !self.locals.hosts(next) {
+            return group;
+        }
+        // A claim check is read, and deleted, by the stage that settles its message.
+        let (here, rest): (Vec<_>, Vec<_>) = group
+            .into_iter()
+            .partition(|h| h.claim.is_none() && payloads::claim(h.msg.headers.as_ref()).is_none());
+        if here.is_empty() {
+            return rest;
+        }
+        let letters = here.iter().map(Handoff::letter).collect();
+        if !self.locals.offer(next, letters).is_empty() {
+            // It stopped pulling: through the stream, all of them.
+            let mut all = here;
+            all.extend(rest);
+            return all;
+        }
+        self.metrics.handed_on_here.inc_by(here.len() as u64);
+        rest
     }
 
     /// Gives back work this agent will not start soon, so an idle agent takes it now:

@@ -336,3 +336,54 @@ pub async fn run_logged(
     let batches = std::fs::read_to_string(&log).unwrap_or_default();
     (got, batches.lines().map(str::to_owned).collect())
 }
+
+/// Publishes one work message to stage 0 of `slug` holding a request per id (body: the
+/// id as a JSON string, replies to `<reply_prefix>.<id>`); the JetStream context used.
+pub async fn submit_envelope(
+    client: &async_nats::Client,
+    slug: &str,
+    reply_prefix: &str,
+    ids: &[&str],
+) -> async_nats::jetstream::Context {
+    let letters: Vec<natserve_protocol::envelope::Letter> = ids
+        .iter()
+        .map(|id| {
+            let h = work_headers(id, &format!("{reply_prefix}.{id}"));
+            natserve_protocol::envelope::Letter::new(&h, Bytes::from(format!("\"{id}\"")))
+        })
+        .collect();
+    let mut h = HeaderMap::new();
+    h.insert(headers::ENVELOPE, letters.len().to_string());
+    let js = async_nats::jetstream::new(client.clone());
+    let subject = Names::new(NS).unwrap().work_subject(slug, 0);
+    js.publish_with_headers(
+        subject,
+        h,
+        natserve_protocol::envelope::encode(&letters).unwrap(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    js
+}
+
+/// The replies to `ids`, sorted, within 15 s.
+pub async fn echoed_replies(
+    sub: &mut async_nats::Subscriber,
+    ids: &[&str],
+) -> Vec<(String, String)> {
+    let mut got = replies(sub, ids.len(), Duration::from_secs(15)).await;
+    got.sort();
+    got
+}
+
+/// What [`echoed_replies`] reads when each of `ids` is echoed once, sorted as it sorts.
+pub fn echoes(ids: &[&str]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = ids
+        .iter()
+        .map(|id| ("ok".to_owned(), format!("\"{id}\"")))
+        .collect();
+    out.sort();
+    out
+}

@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+import pytest
+
 from harness import (
     APPS,
     EXAMPLES,
@@ -30,9 +32,12 @@ BEHAVE = APPS / "behave.py"
 POISON = APPS / "poison.py"
 
 
-def test_an_agent_killed_mid_load_loses_no_request(cluster: Cluster) -> None:
+@pytest.mark.parametrize("stages", ["1", "2"])
+def test_an_agent_killed_mid_load_loses_no_request(cluster: Cluster, stages: str) -> None:
+    # Two stages: each agent hands its first stage's results to its own second stage,
+    # their inputs unacked until the second is done, so the kill catches both kinds.
     nats = cluster.nats()
-    env = {"BEHAVE_WORKERS": "2"}
+    env = {"BEHAVE_WORKERS": "2", "BEHAVE_STAGES": stages}
     doomed = cluster.app(BEHAVE, "--role", "agent", "--nats", nats, name="agent-1", env=env)
     cluster.app(BEHAVE, "--role", "agent", "--nats", nats, name="agent-2", env=env)
     base = cluster.ingress(BEHAVE, nats, "--timeout", "3000", name="ingress")
@@ -84,7 +89,8 @@ def test_an_agent_killed_mid_load_loses_no_request(cluster: Cluster) -> None:
     redelivered = max(e for _, e in held) - killed_at
     slowest = max(e - s for _, s, e, _ in results)
     print(
-        f"\nagent kill -9 under load: {len(results)} requests, all 200; {len(held)} held by "
+        f"\nagent kill -9 under load, {stages} stage(s): {len(results)} requests, all 200; "
+        f"{len(held)} held by "
         f"the dead agent, answered {redelivered:.2f} s after the kill; slowest {slowest:.2f} s"
     )
     assert slowest < 3.0

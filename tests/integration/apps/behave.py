@@ -4,6 +4,8 @@
 {"action": "raise"}                -> the worker raises RuntimeError (500)
 {"action": "crash"}                -> the worker process dies mid-batch (500, restarted)
 {"action": "sleep", "seconds": s}  -> sleeps, then echoes
+
+With BEHAVE_STAGES=2 a stage that passes each request on runs first: a pipeline.
 """
 
 from __future__ import annotations
@@ -36,8 +38,15 @@ class Behave(Worker):
         }
 
 
+class Pass(Worker):
+    def forward(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        return data
+
+
 if __name__ == "__main__":
     server = Server()
+    if os.environ.get("BEHAVE_STAGES") == "2":
+        server.append_worker(Pass, num=int(os.environ.get("BEHAVE_WORKERS", "1")))
     server.append_worker(
         Behave,
         num=int(os.environ.get("BEHAVE_WORKERS", "1")),

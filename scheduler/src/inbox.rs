@@ -38,6 +38,9 @@ use crate::batcher::Source;
 use crate::envelopes::{is_envelope, Envelopes};
 use crate::stage::IDLE_POLL;
 
+mod delivery;
+pub use delivery::{classify, Delivery};
+
 /// How long after a pull request should have ended we stop waiting for the server's word
 /// (a lost status, a reconnect that dropped the request).
 const STATUS_GRACE: Duration = Duration::from_secs(5);
@@ -73,32 +76,6 @@ impl PullError {
             }
             _ => false,
         }
-    }
-}
-
-/// What one message on the inbox means for the pull request in flight.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Delivery {
-    /// A work message: hand it on.
-    Work,
-    /// The request in flight is over (no messages now, expired, or ended by the server).
-    Done,
-    /// Nothing for us: a heartbeat, or a status ending an earlier request.
-    Ignore,
-    /// The request in flight failed.
-    Failed,
-}
-
-/// Classifies `msg` for the request whose reply subject is `current`.
-pub fn classify(msg: &async_nats::Message, current: &str) -> Delivery {
-    match msg.status {
-        None | Some(StatusCode::OK) => Delivery::Work,
-        Some(StatusCode::IDLE_HEARTBEAT) => Delivery::Ignore,
-        Some(_) if msg.subject.as_str() != current => Delivery::Ignore,
-        Some(StatusCode::NOT_FOUND | StatusCode::TIMEOUT) => Delivery::Done,
-        // 409 (consumer deleted, too many waiting pulls, ...), 503 (no consumer): an error
-        // the stage reports and backs off from, rather than a pull to repeat at once.
-        Some(_) => Delivery::Failed,
     }
 }
 
@@ -276,7 +253,11 @@ impl Source for PullInbox {
     async fn pull(&mut self, max: usize, wait: Duration) -> Result<Vec<Self::Item>, Self::Error> {
         let waiting = self.envelopes.take(max);
         if !waiting.is_empty() {
-            if waiting.iter().any(|m| self.handed_on_here(m)) {
+            let stream = &self.consumer.cached_info().stream_name;
+            if waiting
+                .iter()
+                .any(|m| crate::local::from_another_stream(m, stream))
+            {
                 self.stand(max).await;
             }
             return Ok(waiting);
@@ -390,13 +371,6 @@ impl PullInbox {
             self.standing = Some(standing);
         }
         Ok(out)
-    }
-
-    /// Whether `msg` was handed on here by the stage before ([`crate::local`]): its ack
-    /// subject is another stream's.
-    fn handed_on_here(&self, msg: &jetstream::Message) -> bool {
-        let stream = &self.consumer.cached_info().stream_name;
-        msg.info().is_ok_and(|i| i.stream != stream)
     }
 
     /// Keeps a waiting request open at the server while the loop runs letters the stage
@@ -587,54 +561,5 @@ impl PullInbox {
         self.statistics
             .connects
             .load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use bytes::Bytes;
-
-    fn message(subject: &str, status: Option<StatusCode>) -> async_nats::Message {
-        async_nats::Message {
-            subject: subject.into(),
-            reply: None,
-            payload: Bytes::new(),
-            headers: None,
-            status,
-            description: None,
-            length: 0,
-        }
-    }
-
-    #[test]
-    fn work_arrives_on_its_stream_subject() {
-        let msg = message("ns.work.inference.0", None);
-        assert_eq!(classify(&msg, "_INBOX.a.7"), Delivery::Work);
-    }
-
-    #[test]
-    fn a_status_ends_only_its_own_request() {
-        for status in [StatusCode::NOT_FOUND, StatusCode::TIMEOUT] {
-            assert_eq!(
-                classify(&message("_INBOX.a.7", Some(status)), "_INBOX.a.7"),
-                Delivery::Done
-            );
-            // A late status of request 6 must not end request 7.
-            assert_eq!(
-                classify(&message("_INBOX.a.6", Some(status)), "_INBOX.a.7"),
-                Delivery::Ignore
-            );
-        }
-    }
-
-    #[test]
-    fn heartbeats_are_ignored_and_other_statuses_fail() {
-        let beat = message("_INBOX.a.7", Some(StatusCode::IDLE_HEARTBEAT));
-        assert_eq!(classify(&beat, "_INBOX.a.7"), Delivery::Ignore);
-        for status in [StatusCode::NO_RESPONDERS, StatusCode::REQUEST_TERMINATED] {
-            let bad = message("_INBOX.a.7", Some(status));
-            assert_eq!(classify(&bad, "_INBOX.a.7"), Delivery::Failed);
-        }
     }
 }

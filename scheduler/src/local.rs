@@ -157,8 +157,13 @@ impl LocalStages {
     }
 }
 
-/// Whether `msg`, waiting at stage `ctx`, was handed on here by the stage before: its ack
-/// subject is that of another stream.
+/// Whether `msg`, waiting at stage `ctx`, was handed on here by the stage before.
 pub fn handed_on_here(ctx: &StageContext, msg: &jetstream::Message) -> bool {
-    msg.info().is_ok_and(|i| i.stream != ctx.stream)
+    from_another_stream(msg, &ctx.stream)
+}
+
+/// Whether `msg`'s ack subject is that of a stream other than `stream`: a letter the
+/// stage before on this agent handed on to the stage whose stream that is.
+pub fn from_another_stream(msg: &jetstream::Message, stream: &str) -> bool {
+    msg.info().is_ok_and(|i| i.stream != stream)
 }

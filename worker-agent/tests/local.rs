@@ -19,6 +19,17 @@ async fn consumer(client: &async_nats::Client, slug: &str, stage: u32) -> PullCo
     stream.get_consumer("workers").await.unwrap()
 }
 
+/// `/two`, one worker a stage, whose stage 1 runs one request at a time, `ms` each.
+fn slow_second_stage(ms: u32) -> AgentConfig {
+    let mut config = pipeline("/two", 2, 1, None);
+    config.stages[1].max_batch_size = NonZeroU32::new(1).unwrap();
+    config.stages[1].env = Some(vec![BTreeMap::from([(
+        "FAKE_SLEEP_MS".to_owned(),
+        ms.to_string(),
+    )])]);
+    config
+}
+
 /// Waits until stage 0 of `slug` holds nothing unacked: every input settled.
 async fn all_settled(client: &async_nats::Client, slug: &str) -> u64 {
     let mut first = consumer(client, slug, 0).await;
@@ -87,13 +98,8 @@ async fn a_pipeline_on_one_agent_hands_on_without_the_next_stages_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_envelope_of_inputs_is_acked_only_once_the_next_stage_settled_every_letter() {
     let nats = NatsServer::start();
-    let mut config = pipeline("/two", 2, 1, None);
     // Stage 0 runs the four as one batch; stage 1 one at a time, 300 ms each.
-    config.stages[1].max_batch_size = NonZeroU32::new(1).unwrap();
-    config.stages[1].env = Some(vec![BTreeMap::from([(
-        "FAKE_SLEEP_MS".to_owned(),
-        "300".to_owned(),
-    )])]);
+    let config = slow_second_stage(300);
     let agent = Agent::start(&nats, config);
     let client = async_nats::connect(&nats.url).await.unwrap();
     wait_ready(&client, 1).await;
@@ -167,13 +173,8 @@ async fn a_letter_whose_worker_died_at_the_next_stage_runs_again_from_the_stage_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_pulls_only_while_the_next_stage_here_keeps_up() {
     let nats = NatsServer::start();
-    let mut config = pipeline("/two", 2, 1, None);
     // Stage 1 runs one at a time, 100 ms each: stage 0 could run all twenty at once.
-    config.stages[1].max_batch_size = NonZeroU32::new(1).unwrap();
-    config.stages[1].env = Some(vec![BTreeMap::from([(
-        "FAKE_SLEEP_MS".to_owned(),
-        "100".to_owned(),
-    )])]);
+    let config = slow_second_stage(100);
     let agent = Agent::start(&nats, config);
     let client = async_nats::connect(&nats.url).await.unwrap();
     wait_ready(&client, 1).await;

@@ -1,10 +1,13 @@
 """Where natserve's broker messages go: one workload of ``apps.py`` on a nats-server of
 its own, a wrk run, and per request the messages each connection sent and received
-(nats-server's ``/connz``), then a second run with a ``>`` subscriber counting the
-messages by subject (ids folded to ``*``; it slows that run, so read its counts per
-request, not its speed).
+(nats-server's ``/connz``) and the CPU time each process spent (``/proc``), then a
+second run with a ``>`` subscriber counting the messages by subject (ids folded to
+``*``; it slows that run, so read its counts per request, not its speed).
 
     .venv/bin/python tests/bench/census.py echo --concurrency 32 [--bin-dir DIR]
+
+``--framework mosec`` runs the same workload under Mosec (from ``.bench-venv``, which
+``run.py`` installs) for its CPU per request; it has no broker to count.
 
 Workloads: echo (W1), batched (W2), pipeline (W3). Not part of ``make bench``: a probe
 for deciding what to change, whose numbers docs/benchmarks.md cites with this command.
@@ -24,6 +27,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from natserve._nats_server import server_env
+
 REPO = Path(__file__).resolve().parents[2]
 PY = REPO / ".venv" / "bin" / "python"
 NATS_SERVER = REPO / ".venv" / "bin" / "nats-server"
@@ -34,6 +39,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_by_process(roots: list) -> dict:
+    """CPU seconds (user + system) of each process under ``roots``, by pid: (name, s)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2 :].split()
+        stats[int(entry)] = (name, int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    tree, todo = {}, list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in stats and pid not in tree:
+            tree[pid] = (stats[pid][0], stats[pid][2])
+            todo += [p for p, (_, ppid, _) in stats.items() if ppid == pid]
+    return tree
 
 
 def get(url: str) -> dict:
@@ -73,22 +101,27 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--bin-dir", help="natserve binaries to run (NATSERVE_BIN_DIR)")
+    ap.add_argument("--framework", choices=["natserve", "mosec"], default="natserve")
     args = ap.parse_args()
+    mosec = args.framework == "mosec"
 
     nats_port, monitor, http = free_port(), free_port(), free_port()
-    env = {**os.environ, "BENCH_FRAMEWORK": "natserve", "BENCH_WORKLOAD": args.workload}
+    env = {**os.environ, "BENCH_FRAMEWORK": args.framework, "BENCH_WORKLOAD": args.workload}
     if args.bin_dir:
         env["NATSERVE_BIN_DIR"] = args.bin_dir
     with tempfile.TemporaryDirectory() as store:
         broker = subprocess.Popen(
             [str(NATS_SERVER), "-js", "-a", "127.0.0.1", "-p", str(nats_port),
              "-m", str(monitor), "-sd", store],
+            env=server_env(os.environ, os.cpu_count()),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         url = f"nats://127.0.0.1:{nats_port}"
+        python = REPO / ".bench-venv" / "bin" / "python" if mosec else PY
+        served = [] if mosec else ["--nats", url]
         app = subprocess.Popen(
-            [str(PY), str(REPO / "tests" / "bench" / "apps.py"), "--port", str(http),
-             "--address", "127.0.0.1", "--nats", url],
+            [str(python), str(REPO / "tests" / "bench" / "apps.py"), "--port", str(http),
+             "--address", "127.0.0.1", *served],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         base = f"http://127.0.0.1:{http}"
@@ -101,16 +134,31 @@ def main() -> int:
                     time.sleep(0.2)
             wrk(base, args.concurrency, 2)  # warm-up
             mon = f"http://127.0.0.1:{monitor}"
-            before = {c["cid"]: c for c in get(mon + "/connz?limit=100")["connections"]}
+            roots = [app.pid] if mosec else [broker.pid, app.pid]
+            connz = mon + "/connz?limit=100"
+            before = {} if mosec else {c["cid"]: c for c in get(connz)["connections"]}
+            cpu_before = cpu_by_process(roots)
             run = wrk(base, args.concurrency, args.seconds)
-            after = {c["cid"]: c for c in get(mon + "/connz?limit=100")["connections"]}
+            cpu_after = cpu_by_process(roots)
+            after = {} if mosec else {c["cid"]: c for c in get(connz)["connections"]}
             n = run["requests"]
             rate = n / (run["duration_us"] / 1e6)
             print(
                 f"{args.workload} c={args.concurrency}: {rate:.0f} req/s, "
                 f"p50 {run['p50_us'] / 1e3:.2f} ms, p99 {run['p99_us'] / 1e3:.2f} ms, "
+                f"max {run['max_us'] / 1e3:.1f} ms, "
                 f"non-2xx {run['non_2xx']}, wrong bodies {run['bad_body']}"
             )
+            print("CPU per request, by process (wrk's own not counted)")
+            total = 0.0
+            for pid, (name, secs) in sorted(cpu_after.items()):
+                spent = (secs - cpu_before.get(pid, (name, 0.0))[1]) / n * 1e6
+                total += spent
+                if spent >= 0.5:
+                    print(f"  {name[:24]:24s} pid {pid:7d}  {spent:7.1f} us")
+            print(f"  {'all':24s} {'':11s}  {total:7.1f} us")
+            if mosec:
+                return 0
             print("messages per request, by connection (in: it sent; out: it received)")
             for cid, c in sorted(after.items()):
                 b = before.get(cid, {"in_msgs": 0, "out_msgs": 0})

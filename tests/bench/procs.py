@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
+from natserve._nats_server import server_env
+
 REPO = Path(__file__).resolve().parents[2]
 NATS_SERVER = REPO / ".venv" / "bin" / "nats-server"
 
@@ -151,7 +153,8 @@ def nats_server(procs: Procs, tmp: Path, name: str = "nats-server") -> NatsServe
         f'listen: "127.0.0.1:{port}"\nhttp: "127.0.0.1:{http_port}"\nmax_payload: 16MB\n'
         f'jetstream {{ store_dir: "{tmp / "js"}" }}\n'
     )
-    procs.start(name, [str(NATS_SERVER), "-c", str(conf)])
+    # Its threads as the launcher's own nats-server has them (half the cores).
+    procs.start(name, [str(NATS_SERVER), "-c", str(conf)], server_env(os.environ, os.cpu_count()))
     server = NatsServer(f"nats://127.0.0.1:{port}", f"http://127.0.0.1:{http_port}/varz")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

@@ -18,7 +18,7 @@ import pytest
 from natserve import Server, Worker, _launcher
 from natserve._binaries import BinaryNotFoundError, find
 from natserve._launcher import agent_argv, ingress_argv
-from natserve._nats_server import LocalNatsServer, NatsServerError
+from natserve._nats_server import LocalNatsServer, NatsServerError, server_env
 from natserve._settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -234,6 +234,14 @@ def test_without_nats_flag_a_local_nats_server_is_started(tmp_path: Path) -> Non
     assert launch.proc.returncode == 0, err
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), 1).close()
+
+
+def test_the_local_nats_server_takes_half_the_cores_unless_told() -> None:
+    assert server_env({}, 2)["GOMAXPROCS"] == "1"
+    assert server_env({}, 16)["GOMAXPROCS"] == "8"
+    assert server_env({}, None)["GOMAXPROCS"] == "1"
+    told = server_env({"GOMAXPROCS": "6", "HOME": "/h"}, 2)
+    assert told == {"GOMAXPROCS": "6", "HOME": "/h"}
 
 
 @pytest.mark.parametrize("role", ["agent", "ingress"])

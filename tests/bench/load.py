@@ -55,14 +55,16 @@ def parse_run(framework: str, out: str, cpu_busy: float) -> Run:
         p99_ms=d["p99_us"] / 1e3,
         errors=d["non_2xx"] + d["bad_body"] + d["socket_errors"],
         cpu_busy=cpu_busy,
+        max_ms=d["max_us"] / 1e3,
     )
 
 
 def log_run(row: Row, run: Run) -> None:
     print(
         f"  {row.workload} c={row.concurrency} {run.framework:8} {run.rps:8.0f} req/s  "
-        f"p50 {run.p50_ms:7.2f} ms  p99 {run.p99_ms:7.2f} ms  errors {run.errors}  "
-        f"cpu {run.cpu_busy:.0%}"
+        f"p50 {run.p50_ms:7.2f} ms  p99 {run.p99_ms:7.2f} ms"
+        + ("" if run.max_ms is None else f"  max {run.max_ms:7.1f} ms")
+        + f"  errors {run.errors}  cpu {run.cpu_busy:.0%}"
         + (
             ""
             if run.broker_msgs is None

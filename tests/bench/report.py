@@ -22,6 +22,8 @@ class Run:
     cpu_busy: float  # share of all cores busy during the run, 0..1
     #: nats-server's in_msgs + out_msgs over the run (``/varz``); None without a broker.
     broker_msgs: Optional[int] = None
+    #: The slowest request (wrk's max), in the log line: a stall shows there first.
+    max_ms: Optional[float] = None
 
     @property
     def rps(self) -> float:

@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from natserve._nats_server import server_env
+from procs import process_stats
 
 REPO = Path(__file__).resolve().parents[2]
 PY = REPO / ".venv" / "bin" / "python"
@@ -43,24 +44,15 @@ def free_port() -> int:
 
 def cpu_by_process(roots: list) -> dict:
     """CPU seconds (user + system) of each process under ``roots``, by pid: (name, s)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        name = raw[raw.index("(") + 1 : raw.rindex(")")]
-        fields = raw[raw.rindex(")") + 2 :].split()
-        stats[int(entry)] = (name, int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    tree, todo = {}, list(roots)
+    stats = process_stats()
+    children = collections.defaultdict(list)
+    for pid, stat in stats.items():
+        children[stat.ppid].append(pid)
+    tree, todo = {}, [pid for pid in roots if pid in stats]
     while todo:
         pid = todo.pop()
-        if pid in stats and pid not in tree:
-            tree[pid] = (stats[pid][0], stats[pid][2])
-            todo += [p for p, (_, ppid, _) in stats.items() if ppid == pid]
+        tree[pid] = (stats[pid].name, stats[pid].cpu_s)
+        todo += children[pid]
     return tree
 
 

@@ -84,17 +84,43 @@ class Procs:
             self.procs.remove(p)
 
 
+@dataclass
+class ProcStat:
+    """What ``/proc/<pid>/stat`` says of one process."""
+
+    name: str
+    ppid: int
+    session: int
+    cpu_s: float  # user + system
+
+
+def process_stats() -> Dict[int, ProcStat]:
+    """Every live process, by pid."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: Dict[int, ProcStat] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            raw = stat.read_text()
+            # After "(comm)": state ppid pgrp session ... utime (12th) stime (13th).
+            fields = raw.rsplit(")", 1)[1].split()
+            out[int(stat.parent.name)] = ProcStat(
+                name=raw[raw.index("(") + 1 : raw.rindex(")")],
+                ppid=int(fields[1]),
+                session=int(fields[3]),
+                cpu_s=(int(fields[11]) + int(fields[12])) / tick,
+            )
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
 def kill_session(sid: int) -> None:
     """SIGKILL to every process left in session ``sid`` (Ray's actors each take a
     process group of their own, but stay in their driver's session)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == sid:  # after "(comm)": state ppid pgrp session
+    for pid, stat in process_stats().items():
+        if stat.session == sid:
             with suppress(ProcessLookupError, PermissionError):
-                os.kill(int(stat.parent.name), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
 
 
 @contextmanager

@@ -10,8 +10,11 @@
 //! entry the server sent with nothing pending behind it, or the bucket's stream info
 //! naming a leader and no message the watch has not delivered), and agents' time runs
 //! only up to [`GRACE`] past the last proof. When proof comes again, the time in
-//! between, less the grace, is not counted: a live agent then has what was left of its
-//! three heartbeats to be heard again, and a dead one is found gone that much later.
+//! between, less the grace, is not counted, and an agent that was live when the clock
+//! stopped has three whole heartbeats from then on to be heard again
+//! ([`AgentClock::heard`]): its own writes waited out the same outage, and land some
+//! retries after the bucket is back. A dead one is found gone three heartbeats after
+//! the outage.
 //!
 //! The watcher's side of it lives here too: what a look at the bucket's stream says
 //! ([`Look`]) and its account of what it delivered and proved ([`Progress`]).
@@ -25,8 +28,7 @@ use crate::routes::SharedRoutes;
 
 /// How long agents' time runs on past the last proof. Proof comes at least every
 /// [`PROBE_EVERY`] while the bucket is healthy, so a gap longer than this is an outage
-/// (or a watch that fell behind); an outage costs an agent at most this much of its
-/// three heartbeats, plus the beat it was between.
+/// (or a watch that fell behind).
 pub const GRACE: Duration = Duration::from_secs(1);
 
 /// Counted time: real time, less the outages of the agents bucket seen so far.
@@ -37,6 +39,8 @@ pub struct AgentClock {
     proof: Option<Instant>,
     /// Time not counted: each gap between two proofs longer than [`GRACE`], less it.
     skipped: Duration,
+    /// Where the counted clock stood still through the latest outage.
+    resumed: Option<Instant>,
 }
 
 impl AgentClock {
@@ -56,9 +60,25 @@ impl AgentClock {
             if at <= proof {
                 return;
             }
-            self.skipped += at.saturating_duration_since(proof + GRACE);
+            let gap = at.saturating_duration_since(proof + GRACE);
+            self.skipped += gap;
+            self.proof = Some(at);
+            if !gap.is_zero() {
+                self.resumed = Some(self.at(at));
+            }
+            return;
         }
         self.proof = Some(at);
+    }
+
+    /// When an agent last heard at `seen` (on this clock) and allowed silence `ttl`
+    /// counts as heard: at `seen`, or where the clock stood still through the latest
+    /// outage if it was live then.
+    pub fn heard(&self, seen: Instant, ttl: Duration) -> Instant {
+        match self.resumed {
+            Some(resumed) if seen + ttl > resumed => seen.max(resumed),
+            _ => seen,
+        }
     }
 
     /// How long real time has run without proof, as of `now`; `None` before the first.
@@ -244,6 +264,24 @@ mod tests {
         clock.caught_up(t0 + 8 * S);
         assert_eq!(clock.at(t0 + 8 * S), during);
         assert_eq!(clock.at(t0 + 9 * S) - during, S);
+    }
+
+    #[test]
+    fn an_agent_live_when_the_clock_stopped_is_heard_anew_where_it_resumed() {
+        let t0 = Instant::now();
+        let ttl = 3 * S;
+        let mut clock = AgentClock::default();
+        clock.caught_up(t0);
+        let late = clock.at(t0); // heard just before the outage
+        let early = t0.checked_sub(5 * S).unwrap_or(t0); // silent for five seconds by then
+        assert_eq!(clock.heard(late, ttl), late, "no outage yet");
+        clock.caught_up(t0 + 9 * S);
+        let resumed = clock.at(t0 + 9 * S);
+        assert_eq!(resumed, late + GRACE);
+        assert_eq!(clock.heard(late, ttl), resumed);
+        assert_eq!(clock.heard(early, ttl), early, "gone before it began");
+        let after = clock.at(t0 + 10 * S);
+        assert_eq!(clock.heard(after, ttl), after, "heard since");
     }
 
     #[test]

@@ -38,10 +38,10 @@ struct SeenAgent {
 }
 
 impl SeenAgent {
-    /// `now` is on the [`AgentClock`].
-    fn is_live(&self, now: Instant) -> bool {
+    /// `now` is on `clock`.
+    fn is_live(&self, clock: &AgentClock, now: Instant) -> bool {
         let ttl = Duration::from_millis(self.record.heartbeat_ms) * MISSED_HEARTBEATS;
-        now.saturating_duration_since(self.seen) < ttl
+        now.saturating_duration_since(clock.heard(self.seen, ttl)) < ttl
     }
 }
 
@@ -176,7 +176,7 @@ impl RouteTable {
         let now = self.clock.at(now);
         self.agents
             .values()
-            .filter(move |a| a.is_live(now))
+            .filter(move |a| a.is_live(&self.clock, now))
             .flat_map(|a| a.record.stages.iter())
             .filter(move |s| s.route == route && s.stage == stage)
     }
@@ -401,15 +401,28 @@ mod tests {
         // The bucket lost its leader right after: ten seconds without proof, far past
         // three heartbeats, and the agent still counts.
         assert!(t.is_served("/x", 0, t0 + 10 * s));
-        // Proof again from 10 s on: what was left of its three heartbeats runs from there.
-        for ms in (10_000..=12_000).step_by(500) {
+        // Proof again from 10 s on: its writes waited out the same outage, so it has
+        // three whole heartbeats from there to be heard.
+        for ms in (10_000..=13_000).step_by(500) {
             t.agents_caught_up(t0 + Duration::from_millis(ms));
         }
-        assert!(t.is_served("/x", 0, t0 + 11 * s));
+        assert!(t.is_served("/x", 0, t0 + Duration::from_millis(12_900)));
         assert!(
-            !t.is_served("/x", 0, t0 + 12 * s),
-            "gone 2 s after the proof"
+            !t.is_served("/x", 0, t0 + 13 * s),
+            "gone three heartbeats after the proof"
         );
+        // One already gone when the bucket lost its leader is not brought back by it.
+        let mut t = RouteTable::default();
+        t.agents_caught_up(t0);
+        t.put_agent_revision("c", agent("c", 1000, &[("/x", 0, 1)]), 1, t0);
+        for ms in (500..=3000).step_by(500) {
+            t.agents_caught_up(t0 + Duration::from_millis(ms));
+        }
+        assert!(!t.is_served("/x", 0, t0 + 3 * s));
+        for ms in (10_000..=11_000).step_by(500) {
+            t.agents_caught_up(t0 + Duration::from_millis(ms));
+        }
+        assert!(!t.is_served("/x", 0, t0 + 10 * s));
         // With proof coming all along, an agent that stops is gone after three beats.
         let mut t = RouteTable::default();
         t.put_agent_revision("b", agent("b", 1000, &[("/x", 0, 1)]), 1, t0);

@@ -245,6 +245,18 @@ class Run:
     killed_at: float
 
 
+def liveness_lines(cluster: Cluster) -> List[str]:
+    """What the ingress and the agents logged of the agents bucket and their heartbeats:
+    when each lost and found it again, so a refusal can be placed against the outage."""
+    marks = ("heartbeat", "agents bucket", "kv watch", "kv bucket")
+    lines = []
+    for log in sorted(cluster.tmp.glob("*.log")):
+        if log.name.startswith(("ingress", "agent")):
+            text = log.read_text(errors="replace").splitlines()
+            lines += [f"{log.stem}: {line[:220]}" for line in text if any(m in line for m in marks)]
+    return lines
+
+
 def kill_under_load(
     cluster: Cluster, base: str, nodes: List[NatsNode], victim: NatsNode, label: str
 ) -> Run:
@@ -347,7 +359,11 @@ def test_the_agents_bucket_losing_its_leader_counts_no_agent_as_gone(cluster: Cl
     run = kill_under_load(cluster, base, nodes, victim, "the agents bucket's leader")
     # The agents could not heartbeat while the bucket had no leader: that silence is no
     # death, and the ingress kept serving them, at natserve's default deadline.
-    assert not run.refused, Counter(o.response.body[:40] for o in run.refused if o.response)
+    assert not run.refused, (
+        Counter(o.response.body[:40] for o in run.refused if o.response),
+        f"first refused {min(o.ended for o in run.refused) - run.killed_at:.2f} s after the kill",
+        liveness_lines(cluster),
+    )
 
 
 def test_the_results_bucket_losing_its_leader_holds_back_no_reply(cluster: Cluster) -> None:

@@ -40,11 +40,12 @@ pub fn inline_limit(max_payload: usize) -> usize {
     max_payload.saturating_sub(HEADER_RESERVE)
 }
 
-/// Whether a body of `len` bytes goes inline on `client`'s connection. True while the
-/// server has not announced its `max_payload` (nothing to compare with; a publish then
-/// fails on its own).
+/// Whether a body of `len` bytes goes inline on `client`'s connection, under the
+/// `max_payload` its server announced (NATS's default before it did). Asked for every
+/// message: `Client::max_payload` is one atomic load, where `server_info` would copy
+/// the server's whole `INFO`, a dozen strings.
 pub fn fits_inline(client: &async_nats::Client, len: usize) -> bool {
-    match client.server_info().max_payload {
+    match client.max_payload() {
         0 => true,
         max => len <= inline_limit(max),
     }
@@ -205,7 +206,7 @@ impl Payloads {
             message,
         };
         let (open, _) = self.opened().await.map_err(failed)?;
-        let chunk = match self.js.client().server_info().max_payload {
+        let chunk = match self.js.client().max_payload() {
             0 => MAX_CHUNK,
             max => MAX_CHUNK.min(inline_limit(max)).max(1),
         };

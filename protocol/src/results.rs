@@ -134,7 +134,7 @@ impl Results {
     }
 
     fn check_size(&self, size: usize) -> Result<(), ResultsError> {
-        let max = self.js.client().server_info().max_payload;
+        let max = self.js.client().max_payload();
         let limit = max.saturating_sub(RECORD_HEADER_RESERVE);
         if max > 0 && size > limit {
             return Err(ResultsError::TooLarge { size, limit });
@@ -226,7 +226,7 @@ impl Results {
                             return Ok(Finished::AlreadyDone);
                         }
                         Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
-                            let limit = self.js.client().server_info().max_payload;
+                            let limit = self.js.client().max_payload();
                             return Err(ResultsError::TooLarge {
                                 size: value.len(),
                                 limit,

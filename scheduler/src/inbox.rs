@@ -443,9 +443,19 @@ impl PullInbox {
             self.end_standing();
             self.owed.store(asked, Ordering::Relaxed);
         }
-        self.consumer
+        // Listening before the request goes: its first messages can come before `listen`
+        // begins, and the reader would spill them to the stage's queue uncounted; a
+        // request met in full then ends with no status, and the pull would wait out its
+        // expiry and the grace for its messages (seen: a stage idle 5 s under load).
+        *lock(&self.listening) = true;
+        if let Err(e) = self
+            .consumer
             .request_batch(request, reply.clone().into())
-            .await?;
+            .await
+        {
+            *lock(&self.listening) = false;
+            return Err(e.into());
+        }
         let waiting = Waiting {
             reply,
             ends: sent + wait,
@@ -454,6 +464,14 @@ impl PullInbox {
         let give_up = waiting.ends + STATUS_GRACE;
         let (out, received, ended) = self.listen(&waiting, asked, left, give_up).await?;
         let met = received >= asked;
+        if !ended && !met && out.len() < left && tokio::time::Instant::now() >= give_up {
+            warn!(
+                asked,
+                received,
+                grace_ms = STATUS_GRACE.as_millis() as u64,
+                "a pull request's end never came; gave up waiting on it"
+            );
+        }
         if !wait.is_zero() {
             if ended || met {
                 self.end_standing();

@@ -127,11 +127,12 @@ async fn main() -> Result<(), async_nats::Error> {
     let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)));
     println!(
         "BENCH_JSON {{\"requests\": {}, \"duration_us\": {}, \"p50_us\": {}, \"p99_us\": {}, \
-         \"non_2xx\": {errors}, \"bad_body\": 0, \"socket_errors\": 0}}",
+         \"max_us\": {}, \"non_2xx\": {errors}, \"bad_body\": 0, \"socket_errors\": 0}}",
         all.len(),
         duration.as_micros(),
         pct(0.50).copied().unwrap_or(0),
         pct(0.99).copied().unwrap_or(0),
+        all.last().copied().unwrap_or(0),
     );
     let _ = js.delete_stream(STREAM).await;
     Ok(())

@@ -56,19 +56,16 @@ impl AgentClock {
     /// Marks proof, at `at`, that everything written to the bucket was seen and that the
     /// bucket could take writes. Proof older than the last one changes nothing.
     pub fn caught_up(&mut self, at: Instant) {
-        if let Some(proof) = self.proof {
-            if at <= proof {
-                return;
-            }
-            let gap = at.saturating_duration_since(proof + GRACE);
-            self.skipped += gap;
-            self.proof = Some(at);
-            if !gap.is_zero() {
-                self.resumed = Some(self.at(at));
-            }
-            return;
-        }
+        let gap = match self.proof {
+            Some(proof) if at <= proof => return,
+            Some(proof) => at.saturating_duration_since(proof + GRACE),
+            None => Duration::ZERO,
+        };
+        self.skipped += gap;
         self.proof = Some(at);
+        if !gap.is_zero() {
+            self.resumed = Some(self.at(at));
+        }
     }
 
     /// When an agent last heard at `seen` (on this clock) and allowed silence `ttl`
